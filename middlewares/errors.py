@@ -1,0 +1,103 @@
+"""Outermost layer: build the request context, and turn every failure into a native error.
+
+Contract:
+- Maps the raw path to an inbound family (404 `not_found_error` when none owns it) and creates the
+  `RequestContext`, reusing a client `x-request-id` as the gateway request id.
+- A `GatewayError` before the first byte becomes the family's native error response with
+  `x-gateway-*` headers; after the first byte of a stream it becomes the family's error frame and
+  the stream ends (never as a clean success); after the first byte of a plain body the connection
+  is dropped so the client sees a truncated response, not a false success.
+- Any other exception is logged server-side and answered as a native 500 without a traceback.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import orjson
+import structlog
+
+from config.models import Config
+from proxy.context import RequestContext, set_context
+from proxy.errors import GatewayError
+from proxy.runtime import Runtime
+from providers import route
+
+log = structlog.get_logger("llm_gateway")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson", b"application/vnd.amazon.eventstream")
+
+
+async def send_plain_404(send: Any, message: str) -> None:
+    body = orjson.dumps({"error": {"message": message, "type": "not_found_error"}})
+    await send({"type": "http.response.start", "status": 404,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class ErrorMiddleware:
+    def __init__(self, app: Any, config: Config, *, deps: Runtime) -> None:
+        self.app = app
+        self.adapters = deps.adapters
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if raw_path else scope["path"]
+        path = path.split("?", 1)[0]
+        root = scope.get("root_path") or ""
+        if root and path.startswith(root):  # mounted under a prefix: route on what follows it
+            path = path[len(root):] or "/"
+        headers = scope["headers"]
+        has_version = any(k == b"anthropic-version" for k, _ in headers)
+        found = route(path, has_version)
+        if found is None:
+            await send_plain_404(send, f"unknown path {scope['path']!r}")
+            return
+        family, rel = found
+        client_id = next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), None)
+        request_id = client_id if client_id and _REQUEST_ID.match(client_id) else f"gw-{uuid.uuid4().hex}"
+        ctx = RequestContext(
+            request_id=request_id, family=family, adapter=self.adapters[family], method=scope["method"],
+            path=rel, query=scope.get("query_string", b"").decode("latin-1"), headers=headers,
+        )
+        set_context(scope, ctx)
+        state = {"started": False, "streaming": False}
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                state["started"] = True
+                ctype = next((v for k, v in message.get("headers", ()) if k == b"content-type"), b"")
+                state["streaming"] = any(t in ctype for t in _STREAM_TYPES)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except GatewayError as err:
+            await self._fail(ctx, err, state, send)
+        except Exception:  # noqa: BLE001 - last line of defence: never a traceback to the client
+            log.exception("unhandled_error", request_id=ctx.request_id, family=ctx.family)
+            await self._fail(ctx, GatewayError("gateway_internal", "internal gateway error"), state, send)
+
+    async def _fail(self, ctx: RequestContext, err: GatewayError, state: dict[str, bool], send: Any) -> None:
+        ctx.error_code = err.code
+        if ctx.client_disconnected:
+            return
+        if state["started"]:
+            if state["streaming"]:
+                await send({"type": "http.response.body", "body": ctx.adapter.error_frame(err), "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return  # a plain body cannot carry an error: leave it incomplete so the client sees the cut
+        status, headers, body = ctx.adapter.render_error(err, ctx.request_id)
+        ctx.status = status
+        headers = headers + [(k.encode(), v.encode()) for k, v in err.headers.items()]
+        headers += [(b"content-length", str(len(body)).encode()),
+                    (b"x-gateway-request-id", ctx.request_id.encode()),
+                    (b"x-gateway-attempts", str(ctx.attempts).encode())]
+        if ctx.deployment is not None and ctx.attempts:
+            headers.append((b"x-gateway-provider", ctx.deployment.name.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

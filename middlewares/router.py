@@ -1,0 +1,80 @@
+"""Router: pick the deployment for this attempt, and answer model lists from the deployments.
+
+Contract:
+- Candidates are the enabled deployments of the request's family that list the model, or list no
+  models; none is a native 404 for the model. The routing strategy orders them (`first` here:
+  config order); deployments already tried in this request go last.
+- Sets `ctx.candidates` and `ctx.deployment`, then calls the forwarder.
+- A model list (`GET /v1/models`, `/api/tags`) is answered in the family's own shape with the union
+  of the configured `models`; a deployment without a list is asked (once per request, bounded by
+  its connect timeout) and its answer merged. An unreachable deployment contributes nothing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import structlog
+
+from config.models import Config, Deployment
+from proxy.context import RequestContext, get_context
+from proxy.errors import GatewayError
+from proxy.runtime import Runtime
+
+log = structlog.get_logger("llm_gateway")
+
+
+class RouterMiddleware:
+    def __init__(self, app: Any, config: Config, *, deps: Runtime) -> None:
+        self.app = app
+        self.runtime = deps
+        self.by_family: dict[str, list[Deployment]] = {}
+        for dep in config.enabled_providers:
+            self.by_family.setdefault(dep.family, []).append(dep)
+
+    def candidates(self, ctx: RequestContext) -> list[Deployment]:
+        deps = [d for d in self.by_family.get(ctx.family, ()) if d.serves(ctx.model)]
+        return sorted(deps, key=lambda d: d.name in ctx.tried)  # stable: config order otherwise
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = get_context(scope)
+        if ctx.model_list:
+            await self._model_list(ctx, send)
+            return
+        ctx.candidates = self.candidates(ctx)
+        if not ctx.candidates:
+            if not self.by_family.get(ctx.family):
+                raise GatewayError("caller_not_found", f"no deployment serves the {ctx.family} API")
+            raise GatewayError("caller_not_found", f"The model '{ctx.model}' does not exist or is not served by this gateway")
+        ctx.deployment = ctx.candidates[0]
+        await self.app(scope, receive, send)
+
+    async def _model_list(self, ctx: RequestContext, send: Any) -> None:
+        models: list[str] = []
+        for dep in self.by_family.get(ctx.family, ()):
+            listed = dep.models or await self._ask(ctx, dep)
+            models.extend(m for m in listed if m not in models)
+        principal = ctx.principal
+        if principal is not None and principal.models:
+            models = [m for m in models if m in principal.models]
+        body = ctx.adapter.model_list_response(models)
+        ctx.status = 200
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"x-gateway-request-id", ctx.request_id.encode())]})
+        await send({"type": "http.response.body", "body": b"" if ctx.method == "HEAD" else body})
+
+    async def _ask(self, ctx: RequestContext, dep: Deployment) -> list[str]:
+        up = ctx.adapter.upstream(ctx, dep)
+        timeout = httpx.Timeout(dep.timeouts.connect, read=min(dep.timeouts.first_byte, 10.0))
+        try:
+            response = await self.runtime.client.request("GET", up.url, headers=up.headers, timeout=timeout)
+            if response.status_code == 200:
+                return ctx.adapter.models_from_response(response.content)
+        except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+            pass
+        log.warning("model_list_unavailable", deployment=dep.name)
+        return []

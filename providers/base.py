@@ -1,0 +1,212 @@
+"""What every provider adapter is: the seam between the gateway kernel and one API family.
+
+Contract: an `Adapter` knows, for its inbound family,
+- how the client presents its key (`credential`);
+- where the model is and whether the call streams (`inspect`);
+- how to rewrite the request for one deployment (`upstream`; called per attempt);
+- how to read usage from a body or stream without touching the bytes (`tap`);
+- how to classify an upstream failure (`classify`);
+- how to render a gateway error natively, before (`render_error`) and after (`error_frame`) the
+  first byte, and how to answer a model list.
+Adapters never import middlewares; they import only the kernel's context and error types.
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Protocol
+from urllib.parse import unquote
+
+from config.models import Deployment
+from proxy.context import RequestContext
+from proxy.errors import GatewayError
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+    b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
+})
+# Never forwarded upstream: client credentials and framing we recompute.
+_REQUEST_DROP = HOP_BY_HOP | {
+    b"host", b"content-length", b"authorization", b"x-api-key", b"api-key", b"x-amz-date",
+    b"x-amz-security-token", b"x-amz-content-sha256", b"expect", b"accept-encoding", b"cookie",
+    b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip",
+}
+_TAPPABLE_ENCODINGS = ("gzip", "deflate", "identity")
+UPSTREAM_PICKERS = frozenset({"api_base", "api-base", "base_url", "base-url", "azure_endpoint", "api_key"})
+
+Classification = str  # "ok" | "transient" | "rate_limited" | "quota" | "credential" | "caller"
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class UsageTap(Protocol):
+    def feed(self, chunk: bytes) -> None: ...
+    def finish(self) -> None: ...
+
+
+def connection_listed(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    names: set[bytes] = set()
+    for key, value in headers:
+        if key == b"connection":
+            names.update(p.strip().lower() for p in value.split(b",") if p.strip())
+    return frozenset(names)
+
+
+def forward_request_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Client headers minus hop-by-hop, credentials, framing and `x-gateway-*`."""
+    listed = connection_listed(headers)
+    out: list[tuple[str, str]] = []
+    accept: str | None = None
+    for key, value in headers:
+        if key in _REQUEST_DROP or key in listed or key.startswith(b"x-gateway-"):
+            if key == b"accept-encoding":
+                accept = value.decode("latin-1")
+            continue
+        out.append((key.decode("latin-1"), value.decode("latin-1")))
+    # Only ask for encodings the usage tap can read; the bytes still pass through compressed.
+    if accept is not None:
+        kept = [p.strip() for p in accept.split(",") if p.split(";")[0].strip().lower() in _TAPPABLE_ENCODINGS]
+        if kept:
+            out.append(("accept-encoding", ", ".join(kept)))
+    return out
+
+
+def forward_response_headers(headers: list[tuple[bytes, bytes]], *, drop_length: bool) -> list[tuple[bytes, bytes]]:
+    listed = connection_listed(headers)
+    return [
+        (k, v) for k, v in headers
+        if k not in HOP_BY_HOP and k not in listed and not (drop_length and k == b"content-length")
+    ]
+
+
+def bearer(ctx: RequestContext) -> str | None:
+    value = ctx.header(b"authorization")
+    if value and value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None
+
+
+def check_path(path: str) -> None:
+    """No segment may decode to '.' or '..', nor smuggle a NUL or backslash."""
+    for segment in path.split("/"):
+        decoded = unquote(unquote(segment))
+        if decoded in (".", "..") or "\x00" in decoded or "\\" in decoded:
+            raise GatewayError("caller_invalid_request", "invalid path segment")
+
+
+def reject_upstream_pickers(ctx: RequestContext) -> None:
+    """A client may never choose the upstream: no top-level body field or header naming one."""
+    if isinstance(ctx.json, dict):
+        for key in UPSTREAM_PICKERS:
+            if key in ctx.json:
+                raise GatewayError("caller_invalid_request", f"field {key!r} is not allowed: upstreams come from the gateway config")
+    for key, _ in ctx.headers:
+        if key in (b"api-base", b"api_base", b"base-url", b"base_url", b"azure-endpoint", b"azure_endpoint"):
+            raise GatewayError("caller_invalid_request", f"header {key.decode()!r} is not allowed")
+
+
+class Decompressor:
+    """A side copy for the tap: inflates gzip/deflate so usage can be read; the client gets the raw bytes."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, encoding: str) -> None:
+        self._obj = zlib.decompressobj(47 if encoding == "gzip" else 15) if encoding in ("gzip", "deflate") else None
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if self._obj is None:
+            return chunk
+        try:
+            return self._obj.decompress(chunk)
+        except zlib.error:
+            self._obj = None
+            return b""
+
+
+class SSEReader:
+    """Split an SSE byte stream into (event name, data) pairs, whatever the chunk boundaries."""
+
+    __slots__ = ("_buf", "_wanted")
+
+    def __init__(self, wanted: Callable[[bytes], bool]) -> None:
+        self._buf = b""
+        self._wanted = wanted
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
+        data = self._buf + chunk if self._buf else chunk
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        *events, self._buf = data.split(b"\n\n")
+        out: list[tuple[bytes, bytes]] = []
+        for raw in events:
+            if not self._wanted(raw):
+                continue
+            name, payload = b"", []
+            for line in raw.split(b"\n"):
+                if line.startswith(b"event:"):
+                    name = line[6:].strip()
+                elif line.startswith(b"data:"):
+                    payload.append(line[5:].lstrip(b" "))
+            out.append((name, b"\n".join(payload)))
+        return out
+
+
+_MODEL_SAFE = re.compile(r"^[A-Za-z0-9._:/@+-]{1,256}$")
+
+
+def valid_model(model: object) -> str:
+    if not isinstance(model, str) or not _MODEL_SAFE.match(model):
+        raise GatewayError("caller_invalid_request", "model must be a non-empty model name")
+    return model
+
+
+class Adapter:
+    """Base adapter; one subclass per inbound family."""
+
+    family: str = ""
+    operations: dict[str, str] = {}
+
+    def credential(self, ctx: RequestContext) -> str | None:
+        return bearer(ctx)
+
+    def inspect(self, ctx: RequestContext) -> None:
+        raise NotImplementedError
+
+    def upstream(self, ctx: RequestContext, dep: Deployment) -> UpstreamRequest:
+        raise NotImplementedError
+
+    def tap(self, ctx: RequestContext, headers: list[tuple[bytes, bytes]]) -> UsageTap | None:
+        return None
+
+    def stream_filter(self, ctx: RequestContext) -> Callable[[bytes], bytes] | None:
+        return None
+
+    def classify(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Classification:
+        if status < 400:
+            return "ok"
+        if status == 429:
+            return "rate_limited"
+        if status in (408, 500, 502, 503, 504, 529):
+            return "transient"
+        if status in (401, 403):
+            return "credential"
+        return "caller"
+
+    def render_error(self, err: GatewayError, request_id: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        raise NotImplementedError
+
+    def error_frame(self, err: GatewayError) -> bytes:
+        raise NotImplementedError
+
+    def model_list_response(self, models: list[str]) -> bytes:
+        raise NotImplementedError
+
+    def models_from_response(self, body: bytes) -> list[str]:
+        return []

@@ -1,0 +1,200 @@
+"""OpenAI family adapter (also Azure OpenAI and any OpenAI-compatible upstream).
+
+Contract:
+- Paths are family-relative (`/v1/...`); the deployment `base_url` already ends in `/v1`.
+- The one body rewrite the gateway makes: a streamed chat/completions call without
+  `stream_options.include_usage` gets it injected so tokens can be metered, and the extra usage chunk
+  (`choices: []`) is removed again before it reaches that client.
+- Usage comes from the JSON body, the SSE usage chunk, or Responses' `response.completed`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+from urllib.parse import unquote
+
+import orjson
+
+from config.models import Deployment
+from proxy.context import RequestContext
+from proxy.errors import GatewayError
+from providers.base import (
+    Adapter, Decompressor, SSEReader, UpstreamRequest, UsageTap, forward_request_headers, valid_model,
+)
+
+_OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion",
+               "/v1/embeddings": "embeddings", "/v1/responses": "chat"}
+_USAGE_INJECTED = {"/v1/chat/completions", "/v1/completions"}
+_TYPES = {
+    "caller_invalid_request": ("invalid_request_error", None),
+    "caller_missing_credentials": ("invalid_request_error", "invalid_api_key"),
+    "caller_invalid_credentials": ("invalid_request_error", "invalid_api_key"),
+    "caller_invalid_signature": ("invalid_request_error", "invalid_api_key"),
+    "caller_forbidden": ("permission_error", "model_not_allowed"),
+    "caller_not_found": ("invalid_request_error", "model_not_found"),
+    "caller_method_not_allowed": ("invalid_request_error", "method_not_allowed"),
+    "caller_payload_too_large": ("invalid_request_error", "request_too_large"),
+    "policy_rate_limited": ("requests", "rate_limit_exceeded"),
+    "policy_concurrency_limited": ("requests", "rate_limit_exceeded"),
+    "upstream_rate_limited": ("requests", "rate_limit_exceeded"),
+}
+
+
+class _Tap:
+    __slots__ = ("ctx", "sse", "buf", "inflate", "limit")
+
+    def __init__(self, ctx: RequestContext, sse: bool, encoding: str) -> None:
+        self.ctx, self.inflate, self.limit = ctx, Decompressor(encoding), 8 * 1024 * 1024
+        self.sse = SSEReader(lambda raw: b'"usage"' in raw and b'"usage":null' not in raw) if sse else None
+        self.buf = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        chunk = self.inflate(chunk)
+        if self.sse is None:
+            if len(self.buf) < self.limit:
+                self.buf += chunk
+            return
+        for _, data in self.sse.feed(chunk):
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                self._read(obj.get("response") if isinstance(obj.get("response"), dict) else obj)
+
+    def finish(self) -> None:
+        if self.buf:
+            try:
+                obj = orjson.loads(bytes(self.buf))
+            except orjson.JSONDecodeError:
+                return
+            if isinstance(obj, dict):
+                self._read(obj)
+
+    def _read(self, obj: dict) -> None:
+        usage = obj.get("usage")
+        if not isinstance(usage, dict):
+            return
+        u = self.ctx.usage
+        u.input_tokens = usage.get("prompt_tokens", usage.get("input_tokens"))
+        u.output_tokens = usage.get("completion_tokens", usage.get("output_tokens", 0 if u.input_tokens is not None else None))
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+            u.cached_tokens = details["cached_tokens"]
+
+
+class _StripUsageChunk:
+    """Drops the injected usage chunk (`"choices":[]` with usage) from an SSE stream."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf = b""
+
+    def __call__(self, chunk: bytes) -> bytes:
+        data = self.buf + chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self.buf = data
+            return b""
+        self.buf = data[cut + 2:]
+        events = data[: cut + 2]
+        if b'"choices":[]' not in events and b'"choices": []' not in events:
+            return events
+        kept = [e for e in events.split(b"\n\n") if not (b'"usage"' in e and (b'"choices":[]' in e or b'"choices": []' in e))]
+        return b"\n\n".join(kept)
+
+
+class OpenAIAdapter(Adapter):
+    family = "openai"
+
+    def inspect(self, ctx: RequestContext) -> None:
+        path = ctx.path
+        ctx.operation = _OPERATIONS.get(path, "other")
+        if path == "/v1/models" and ctx.method in ("GET", "HEAD"):
+            ctx.model_list = True
+            return
+        if path.startswith("/v1/models/") and ctx.method == "GET":
+            ctx.model = valid_model(unquote(path[len("/v1/models/"):]))
+            return
+        body = ctx.json
+        if not isinstance(body, dict):
+            if path in _OPERATIONS:
+                raise GatewayError("caller_invalid_request", "the request body must be a JSON object")
+            return
+        if "model" in body or path in _OPERATIONS:
+            ctx.model = valid_model(body.get("model"))
+        ctx.stream = body.get("stream") is True
+        if ctx.stream and path in _USAGE_INJECTED:
+            options = body.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                ctx.strip_usage = True
+                ctx.body = _inject_include_usage(ctx.body, body)
+
+    def upstream(self, ctx: RequestContext, dep: Deployment) -> UpstreamRequest:
+        headers = forward_request_headers(ctx.headers)
+        rest = ctx.path[3:]  # drop "/v1": the base_url carries it
+        query = ctx.query
+        if dep.type == "azure_openai":
+            name = dep.deployment_map.get(ctx.model or "", ctx.model or "")
+            if not name or not all(c.isalnum() or c in "-_." for c in name):
+                raise GatewayError("caller_not_found", "no Azure deployment for this model")
+            base = dep.base_url.removesuffix("/openai")
+            rest = f"/openai/deployments/{name}{rest}" if ctx.model else f"/openai{rest}"
+            version = f"api-version={dep.api_version or '2024-10-21'}"
+            query = f"{query}&{version}" if query else version
+            headers.append(("api-key", dep.api_key))
+            url = base + rest
+        else:
+            url = dep.base_url + rest
+            if dep.api_key:
+                headers.append(("authorization", f"Bearer {dep.api_key}"))
+        return UpstreamRequest(ctx.method, url + (f"?{query}" if query else ""), headers, ctx.body)
+
+    def tap(self, ctx: RequestContext, headers: list[tuple[bytes, bytes]]) -> UsageTap | None:
+        ctype = encoding = b""
+        for k, v in headers:
+            if k == b"content-type":
+                ctype = v
+            elif k == b"content-encoding":
+                encoding = v
+        if b"json" not in ctype and b"event-stream" not in ctype:
+            return None
+        return _Tap(ctx, b"event-stream" in ctype, encoding.decode("latin-1").strip().lower())
+
+    def stream_filter(self, ctx: RequestContext) -> Callable[[bytes], bytes] | None:
+        return _StripUsageChunk() if ctx.strip_usage else None
+
+    def classify(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> str:
+        if status == 429 and b"insufficient_quota" in body:
+            return "quota"
+        return super().classify(status, headers, body)
+
+    def render_error(self, err: GatewayError, request_id: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        return err.status, [(b"content-type", b"application/json")], orjson.dumps({"error": self._error(err)})
+
+    def error_frame(self, err: GatewayError) -> bytes:
+        return b"data: " + orjson.dumps({"error": self._error(err)}) + b"\n\n"
+
+    def _error(self, err: GatewayError) -> dict:
+        kind, code = _TYPES.get(err.code, ("server_error" if err.status >= 500 else "invalid_request_error", err.code))
+        if err.detail in ("requests", "tokens"):
+            kind = err.detail
+        return {"message": err.message, "type": kind, "param": None, "code": code}
+
+    def model_list_response(self, models: list[str]) -> bytes:
+        now = int(time.time())
+        return orjson.dumps({"object": "list", "data": [
+            {"id": m, "object": "model", "created": now, "owned_by": "llm-gateway"} for m in models]})
+
+    def models_from_response(self, body: bytes) -> list[str]:
+        data = orjson.loads(body).get("data") or []
+        return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def _inject_include_usage(raw: bytes, body: dict) -> bytes:
+    if "stream_options" not in body:
+        start = raw.index(b"{") + 1  # a minimal splice keeps every other byte as sent
+        return raw[:start] + b'"stream_options":{"include_usage":true},' + raw[start:]
+    options = body["stream_options"] if isinstance(body["stream_options"], dict) else {}
+    return orjson.dumps({**body, "stream_options": {**options, "include_usage": True}})

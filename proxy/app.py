@@ -1,0 +1,99 @@
+"""The composition root: `build_app(config)` assembles the middleware stack into one ASGI app.
+
+Contract:
+- Accepts a loaded `Config` or a path; returns `GatewayApp`, an ASGI callable.
+- The stack order is defined here and only here (outermost first):
+  errors -> telemetry -> auth -> inspect -> router -> forwarder.
+- `/healthz` (live) and `/readyz` (ready) are answered before the stack. Everything else goes to
+  the stack, which 404s paths no family owns.
+- Works standalone (lifespan opens/closes resources) and mounted under a Starlette `Mount`
+  (no lifespan: resources open lazily, and the host calls `aclose()` on shutdown).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from config import Config, ConfigError, load_config
+from middlewares.auth import AuthMiddleware
+from middlewares.errors import ErrorMiddleware
+from middlewares.inspect import InspectMiddleware
+from middlewares.router import RouterMiddleware
+from middlewares.telemetry import TelemetryMiddleware
+from proxy.forward import Forwarder
+from proxy.logs import configure_logging
+from proxy.runtime import Runtime
+
+log = structlog.get_logger("llm_gateway")
+
+# Outermost first. Each entry is constructed as Middleware(app, config, deps=runtime).
+STACK = (ErrorMiddleware, TelemetryMiddleware, AuthMiddleware, InspectMiddleware, RouterMiddleware)
+
+
+def _json(status: int, payload: object) -> tuple[dict[str, Any], dict[str, Any]]:
+    body = orjson.dumps(payload)
+    return ({"type": "http.response.start", "status": status,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]},
+            {"type": "http.response.body", "body": body})
+
+
+class GatewayApp:
+    def __init__(self, config: Config) -> None:
+        if not config.enabled_providers:
+            raise ConfigError(str(config.source or "<config>"), None, "providers",
+                              "no provider is enabled: " + ("; ".join(config.warnings) or "none configured"))
+        self.config = config
+        self.runtime = Runtime(config)
+        app: Any = Forwarder(config, deps=self.runtime)
+        for middleware in reversed(STACK):
+            app = middleware(app, config, deps=self.runtime)
+        self.stack = app
+        for warning in config.warnings:
+            log.warning("config_warning", detail=warning)
+        if config.auth.mode == "none":
+            log.warning("auth_disabled", detail="auth.mode is 'none': every request is accepted (development only)")
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            root = scope.get("root_path") or ""
+            if root and path.startswith(root):
+                path = path[len(root):]
+            if path in ("/healthz", "/readyz"):
+                start, body = _json(200, {"status": "ok"} if path == "/healthz" else self.readiness())
+                await send(start)
+                await send(body)
+                return
+            await self.stack(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:  # websockets are not part of any provider API we serve
+            await send({"type": "websocket.close", "code": 1008})
+
+    def readiness(self) -> dict[str, Any]:
+        return {"status": "ready", "providers": [d.name for d in self.config.enabled_providers]}
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def aclose(self) -> None:
+        await self.runtime.aclose()
+
+
+def build_app(config: Config | str | os.PathLike[str] | None = None) -> GatewayApp:
+    configure_logging()
+    if not isinstance(config, Config):
+        config = load_config(Path(config) if config else None)
+    return GatewayApp(config)

@@ -1,0 +1,131 @@
+"""The typed per-request context that middlewares share.
+
+Contract: exactly one `RequestContext` per client request, created by the outermost middleware and
+reached through `get_context(scope)` (stored at `scope["state"]["gateway"]`). Middlewares talk to
+each other only through it; nothing per-request is ever kept on a middleware instance.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from proxy.errors import GatewayError
+
+if TYPE_CHECKING:
+    from config.models import Deployment
+    from providers.base import Adapter
+
+STATE_KEY = "gateway"
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts read from a response without changing it. None = not reported."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_tokens: int | None = None  # cache reads (+ writes where the provider counts them apart)
+
+    @property
+    def known(self) -> bool:
+        return self.input_tokens is not None or self.output_tokens is not None
+
+    @property
+    def total(self) -> int:
+        return (self.input_tokens or 0) + (self.output_tokens or 0)
+
+
+@dataclass(slots=True)
+class Principal:
+    """Who is calling: a static or managed key, or anonymous in `auth.mode: none`."""
+
+    key_id: str
+    models: tuple[str, ...] = ()
+    families: tuple[str, ...] = ()
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def allows(self, family: str, model: str | None) -> bool:
+        if self.families and family not in self.families:
+            return False
+        return not self.models or model is None or model in self.models
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    family: str
+    adapter: "Adapter"
+    method: str
+    path: str  # family-relative raw path, percent-encoding kept ("/v1/chat/completions", "/model/x%3A1/invoke")
+    query: str
+    headers: list[tuple[bytes, bytes]]  # as received, lower-case names
+    started: float = field(default_factory=time.perf_counter)
+    principal: Principal | None = None
+    body: bytes = b""
+    json: Any = None
+    model: str | None = None
+    stream: bool = False
+    operation: str = "other"
+    model_list: bool = False  # answered by the gateway from the deployments' models
+    strip_usage: bool = False  # OpenAI include_usage was injected: hide the extra chunk
+    estimated_tokens: int = 0
+    reservation: Any = None
+    deployment: "Deployment | None" = None
+    candidates: list["Deployment"] = field(default_factory=list)
+    tried: list[str] = field(default_factory=list)
+    attempts: int = 0
+    committed: bool = False
+    status: int | None = None
+    error_code: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    upstream_started: float | None = None
+    upstream_ttfb: float | None = None
+    upstream_seconds: float = 0.0
+    client_disconnected: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def header(self, name: bytes) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+
+def get_context(scope: dict[str, Any]) -> RequestContext:
+    return scope["state"][STATE_KEY]
+
+
+def set_context(scope: dict[str, Any], ctx: RequestContext) -> None:
+    state = scope.get("state")
+    if state is None:
+        scope["state"] = state = {}
+    state[STATE_KEY] = ctx
+
+
+async def read_body(ctx: RequestContext, receive: Any, limit: int) -> None:
+    """Read the whole request body once, bounded by `limit` (413 past it)."""
+    if ctx.extra.get("body_read"):
+        return
+    declared = ctx.header(b"content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise GatewayError("caller_payload_too_large", f"request body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            ctx.client_disconnected = True
+            raise GatewayError("caller_invalid_request", "client disconnected while sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError("caller_payload_too_large", f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    ctx.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    ctx.extra["body_read"] = True

@@ -1,0 +1,122 @@
+"""The terminal ASGI app: send one attempt upstream with httpx and relay the response unchanged.
+
+Contract:
+- Builds the upstream request with the inbound adapter for `ctx.deployment` (URL, auth, signing).
+- Timeouts: connect, first byte (bounded by what is left of `gateway.timeout`) and stream idle;
+  httpx's default 5 s read timeout never applies.
+- Before the first byte, failures raise `GatewayError` (504 timeout, 502 unreachable) so outer
+  layers can retry or render them. After it, bytes flow as they arrive, untouched except for the
+  documented OpenAI usage-chunk removal; a failure then raises `upstream_stream_error` with
+  `ctx.committed` set so the error layer writes the family's error frame.
+- A client disconnect cancels the relay and closes the upstream stream at once.
+- Usage is read by the adapter's tap into `ctx.usage` on every path.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+
+from config.models import Config
+from proxy.context import RequestContext, get_context
+from proxy.errors import GatewayError
+from proxy.runtime import Runtime
+from providers.base import forward_response_headers
+
+_STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson", b"application/vnd.amazon.eventstream")
+
+
+class Forwarder:
+    def __init__(self, config: Config, *, deps: Runtime) -> None:
+        self.config = config
+        self.runtime = deps
+        self.budget = config.gateway.timeout
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        ctx = get_context(scope)
+        dep = ctx.deployment
+        assert dep is not None, "the router runs before the forwarder"
+        adapter = ctx.adapter
+        up = adapter.upstream(ctx, dep)
+        remaining = max(0.001, self.budget - (time.perf_counter() - ctx.started)) if self.budget else None
+        t = dep.timeouts
+        timeouts = {
+            "connect": min(t.connect, remaining) if remaining else t.connect,
+            "read": min(t.first_byte, remaining) if remaining else t.first_byte,
+            "write": t.connect if not remaining else min(max(t.connect, 30.0), remaining),
+            "pool": t.connect,
+        }
+        client = self.runtime.client
+        request = client.build_request(up.method, up.url, headers=up.headers, content=up.body,
+                                       extensions={"timeout": timeouts})
+        ctx.attempts += 1
+        ctx.tried.append(dep.name)
+        ctx.upstream_started = time.perf_counter()
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, ctx, asyncio.current_task()))
+        try:
+            try:
+                response = await client.send(request, stream=True)
+            except httpx.TimeoutException:
+                raise GatewayError("upstream_timeout", f"deployment {dep.name!r} did not answer in time") from None
+            except (httpx.TransportError, OSError):
+                raise GatewayError("upstream_unreachable", f"deployment {dep.name!r} is unreachable") from None
+            timeouts["read"] = t.idle  # httpcore reads this when the body iteration starts
+            ctx.upstream_ttfb = time.perf_counter() - ctx.upstream_started
+            try:
+                await self._relay(ctx, response, send)
+            finally:
+                await response.aclose()
+        except asyncio.CancelledError:
+            if not ctx.client_disconnected:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+        finally:
+            ctx.extra["relay_done"] = True
+            watcher.cancel()
+            ctx.upstream_seconds += time.perf_counter() - (ctx.upstream_started or time.perf_counter())
+
+    async def _relay(self, ctx: RequestContext, response: httpx.Response, send: Any) -> None:
+        raw_headers = response.headers.raw
+        adapter = ctx.adapter
+        ctype = next((v for k, v in raw_headers if k == b"content-type"), b"")
+        streaming = any(t in ctype for t in _STREAM_TYPES)
+        flt = adapter.stream_filter(ctx) if streaming else None
+        headers = forward_response_headers(raw_headers, drop_length=flt is not None)
+        headers += [(b"x-gateway-request-id", ctx.request_id.encode()),
+                    (b"x-gateway-provider", ctx.deployment.name.encode()),  # type: ignore[union-attr]
+                    (b"x-gateway-attempts", str(ctx.attempts).encode())]
+        tap = adapter.tap(ctx, raw_headers) if response.status_code < 400 else None
+        ctx.status = response.status_code
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        ctx.committed = True
+        try:
+            async for chunk in response.aiter_raw():
+                if tap is not None:
+                    tap.feed(chunk)
+                if flt is not None:
+                    chunk = flt(chunk)
+                    if not chunk:
+                        continue
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            if tap is not None:
+                tap.finish()
+            kind = "idle timeout" if isinstance(exc, httpx.TimeoutException) else "connection lost"
+            raise GatewayError("upstream_stream_error", f"upstream stream failed ({kind})",
+                               status=504 if isinstance(exc, httpx.TimeoutException) else 502) from None
+        if tap is not None:
+            tap.finish()
+        ctx.extra["relay_done"] = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _watch_disconnect(receive: Any, ctx: RequestContext, task: asyncio.Task[Any] | None) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not ctx.extra.get("relay_done") and task is not None:
+                ctx.client_disconnected = True
+                task.cancel()
+            return
