@@ -22,7 +22,7 @@ import yaml
 
 from config import models as m
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-)?")  # the head of ${VAR} / ${VAR:-default}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.I)
 _SIZE_UNITS = {None: 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
@@ -58,27 +58,38 @@ class _Doc:
         return ConfigError(self.source, line, path, message)
 
     def expand(self, path: str, text: str) -> str:
-        def sub(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
+        """Expand `${VAR}` and `${VAR:-default}`; a default may itself hold `${...}` (expanded only if used)."""
+        out: list[str] = []
+        i = 0
+        while (start := text.find("${", i)) >= 0:
+            out.append(text[i:start])
+            match = _VAR.match(text, start)
+            end = _closing_brace(text, match.end()) if match else -1
+            if match is None or end < 0 or (match.group(2) is None and end != match.end()):
+                out.append("${")  # not a variable reference: keep it as written
+                i = start + 2
+                continue
+            name = match.group(1)
             value = self.env.get(name)
-            if value is None or (value == "" and default is not None):
-                if default is not None:
-                    return default
+            if match.group(2) is not None and not value:  # unset or empty: the default
+                value = self.expand(path, text[match.end():end])
+            elif value is None:
                 self.unset.setdefault(path, []).append(name)
-                return ""
-            return value
-
-        return _VAR.sub(sub, text)
+                value = ""
+            out.append(value)
+            i = end + 1
+        out.append(text[i:])
+        return "".join(out)
 
     def walk(self, node: yaml.Node, path: str) -> Any:
-        self.lines[path] = node.start_mark.line + 1
+        self.lines.setdefault(path, node.start_mark.line + 1)  # a mapping entry has its key's line
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:
                 key = str(key_node.value)
                 child = f"{path}.{key}" if path else key
+                self.lines[child] = key_node.start_mark.line + 1
                 if key in out:
-                    self.lines[child] = key_node.start_mark.line + 1
                     raise self.error(child, "duplicate key")
                 out[key] = self.walk(value_node, child)
             return out
@@ -89,6 +100,21 @@ class _Doc:
             expanded = self.expand(path, value)
             return yaml.safe_load(expanded) if node.style is None and expanded else expanded
         return yaml.safe_load(value) if node.style is None and value else value
+
+
+def _closing_brace(text: str, pos: int) -> int:
+    """Index of the `}` closing a `${` whose body starts at `pos` (nested `${...}` skipped), or -1."""
+    depth = 1
+    while pos < len(text):
+        if text.startswith("${", pos):
+            depth, pos = depth + 1, pos + 2
+            continue
+        if text[pos] == "}":
+            depth -= 1
+            if depth == 0:
+                return pos
+        pos += 1
+    return -1
 
 
 def parse_duration(value: Any) -> float:
@@ -188,6 +214,8 @@ def _provider(doc: _Doc, name: str, data: Any) -> m.Deployment:
     path = f"providers.{name}"
     if not _NAME.match(name):
         raise doc.error(path, "provider names use letters, digits, '.', '_' and '-'")
+    if data is not None and not isinstance(data, dict):
+        raise doc.error(path, "expected a mapping")
     data = dict(data or {})
     kind = data.pop("type", name)
     if kind not in m.DEPLOYMENT_TYPES:
@@ -256,7 +284,7 @@ def parse_config(text: str, source: str = "<config>", env: Mapping[str, str] | N
 def _validate(doc: _Doc, cfg: m.Config) -> None:
     def choice(path: str, value: str, allowed: tuple[str, ...]) -> None:
         if value not in allowed:
-            raise doc.error(path, f"{value!r} is not one of: {', '.join(allowed)}")
+            raise doc.error(path, f"{value!r} is not one of: {', '.join(a for a in allowed if a)}")
 
     choice("gateway.routing_strategy", cfg.gateway.routing_strategy, m.ROUTING_STRATEGIES + ("",)) \
         if "." not in cfg.gateway.routing_strategy else None  # dotted = a strategy by import path

@@ -92,6 +92,8 @@ class GatewaySettings:
     timeout: float = 60.0
     max_body_bytes: int = 32 * 1024 * 1024
     rate_limit: RateLimit = field(default_factory=RateLimit)
+    default_output_tokens: int = 1024  # token reservation when a request names no max_tokens
+    model_output_tokens: dict[str, str] = field(default_factory=dict)  # per-model override of that
 
 
 @dataclass(slots=True)

@@ -4,7 +4,8 @@ Contract:
 - Maps the raw path to an inbound family (404 `not_found_error` when none owns it) and creates the
   `RequestContext`, reusing a client `x-request-id` as the gateway request id.
 - A `GatewayError` before the first byte becomes the family's native error response with
-  `x-gateway-*` headers; after the first byte of a stream it becomes the family's error frame and
+  `x-gateway-*` headers (`x-gateway-error` names the code, so the gateway's own 429
+  `policy_rate_limited` is told apart from a provider's); after the first byte of a stream it becomes the family's error frame and
   the stream ends (never as a clean success); after the first byte of a plain body the connection
   is dropped so the client sees a truncated response, not a false success.
 - Any other exception is logged server-side and answered as a native 500 without a traceback.
@@ -96,7 +97,8 @@ class ErrorMiddleware:
         headers = headers + [(k.encode(), v.encode()) for k, v in err.headers.items()]
         headers += [(b"content-length", str(len(body)).encode()),
                     (b"x-gateway-request-id", ctx.request_id.encode()),
-                    (b"x-gateway-attempts", str(ctx.attempts).encode())]
+                    (b"x-gateway-attempts", str(ctx.attempts).encode()),
+                    (b"x-gateway-error", err.code.encode())]
         if ctx.deployment is not None and ctx.attempts:
             headers.append((b"x-gateway-provider", ctx.deployment.name.encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})

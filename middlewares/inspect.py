@@ -7,8 +7,9 @@ Contract:
 - The family adapter sets `ctx.model`, `ctx.stream` and `ctx.operation` (it may rewrite the body for
   the documented OpenAI `include_usage` case).
 - A model outside the principal's allowlist is a native 403.
-- `ctx.estimated_tokens` = prompt bytes / 4 + `max_tokens` (or the family's output field), the
-  figure rate limiting reserves before the real usage is known.
+- `ctx.estimated_tokens` = prompt bytes / 4 + `max_tokens` (or the family's output field; else
+  `gateway.model_output_tokens[model]`, else `gateway.default_output_tokens`), the figure rate
+  limiting reserves before the real usage is known.
 """
 from __future__ import annotations
 
@@ -37,10 +38,11 @@ def estimate_tokens(ctx: RequestContext, default_output: int) -> int:
 
 
 class InspectMiddleware:
-    def __init__(self, app: Any, config: Config, *, deps: Runtime, default_output_tokens: int = 1024) -> None:
+    def __init__(self, app: Any, config: Config, *, deps: Runtime) -> None:
         self.app = app
         self.max_body = config.gateway.max_body_bytes
-        self.default_output = default_output_tokens
+        self.default_output = config.gateway.default_output_tokens
+        self.per_model = {m: int(v) for m, v in config.gateway.model_output_tokens.items()}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -61,5 +63,5 @@ class InspectMiddleware:
         principal = ctx.principal
         if principal is not None and not principal.allows(ctx.family, ctx.model):
             raise GatewayError("caller_forbidden", f"this key may not use model {ctx.model!r}")
-        ctx.estimated_tokens = estimate_tokens(ctx, self.default_output)
+        ctx.estimated_tokens = estimate_tokens(ctx, self.per_model.get(ctx.model or "", self.default_output))
         await self.app(scope, receive, send)

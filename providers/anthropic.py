@@ -11,6 +11,7 @@ Contract:
 """
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from urllib.parse import unquote
 
 import orjson
@@ -19,7 +20,7 @@ from config.models import Deployment
 from proxy.context import RequestContext
 from proxy.errors import GatewayError
 from providers.base import (
-    Adapter, Decompressor, SSEReader, UpstreamRequest, UsageTap, bearer, forward_request_headers,
+    Adapter, Decompressor, RateState, SSEReader, UpstreamRequest, UsageTap, bearer, forward_request_headers,
     valid_model,
 )
 
@@ -146,3 +147,14 @@ class AnthropicAdapter(Adapter):
     def models_from_response(self, body: bytes) -> list[str]:
         data = orjson.loads(body).get("data") or []
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    def rate_limit_headers(self, requests: RateState | None, tokens: RateState | None) -> list[tuple[bytes, bytes]]:
+        out = super().rate_limit_headers(requests, tokens)
+        now = datetime.now(timezone.utc)
+        for kind, state in (("requests", requests), ("tokens", tokens)):
+            if state:
+                reset = (now + timedelta(milliseconds=state[2])).replace(microsecond=0)
+                out += [(f"anthropic-ratelimit-{kind}-limit".encode(), str(state[0]).encode()),
+                        (f"anthropic-ratelimit-{kind}-remaining".encode(), str(state[1]).encode()),
+                        (f"anthropic-ratelimit-{kind}-reset".encode(), reset.isoformat().replace("+00:00", "Z").encode())]
+        return out

@@ -12,6 +12,7 @@ Adapters never import middlewares; they import only the kernel's context and err
 """
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ _REQUEST_DROP = HOP_BY_HOP | {
 _TAPPABLE_ENCODINGS = ("gzip", "deflate", "identity")
 UPSTREAM_PICKERS = frozenset({"api_base", "api-base", "base_url", "base-url", "azure_endpoint", "api_key"})
 
+# (limit, remaining, reset in ms, scope name) of the most constraining scope
+RateState = tuple[int, int, int, str]
 Classification = str  # "ok" | "transient" | "rate_limited" | "quota" | "credential" | "caller"
 
 
@@ -78,11 +81,15 @@ def forward_request_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[st
     return out
 
 
+# The gateway's own HTTP server writes Date and Server; relaying the upstream's would send them twice.
+_RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
+
+
 def forward_response_headers(headers: list[tuple[bytes, bytes]], *, drop_length: bool) -> list[tuple[bytes, bytes]]:
     listed = connection_listed(headers)
     return [
         (k, v) for k, v in headers
-        if k not in HOP_BY_HOP and k not in listed and not (drop_length and k == b"content-length")
+        if k not in _RESPONSE_DROP and k not in listed and not (drop_length and k == b"content-length")
     ]
 
 
@@ -210,3 +217,16 @@ class Adapter:
 
     def models_from_response(self, body: bytes) -> list[str]:
         return []
+
+    def rate_limit_headers(self, requests: RateState | None, tokens: RateState | None) -> list[tuple[bytes, bytes]]:
+        """IETF RateLimit-Policy / RateLimit (draft-11) for the most constraining scope; families add theirs."""
+        policies, states = [], []
+        if requests:
+            policies.append(f'"requests";q={requests[0]};w=60')
+            states.append(f'"requests";r={requests[1]};t={math.ceil(requests[2] / 1000)}')
+        if tokens:
+            policies.append(f'"tokens";q={tokens[0]};w=60;llmgw-unit="tokens"')
+            states.append(f'"tokens";r={tokens[1]};t={math.ceil(tokens[2] / 1000)}')
+        if not policies:
+            return []
+        return [(b"ratelimit-policy", ", ".join(policies).encode()), (b"ratelimit", ", ".join(states).encode())]

@@ -19,7 +19,7 @@ from config.models import Deployment
 from proxy.context import RequestContext
 from proxy.errors import GatewayError
 from providers.base import (
-    Adapter, Decompressor, SSEReader, UpstreamRequest, UsageTap, forward_request_headers, valid_model,
+    Adapter, Decompressor, RateState, SSEReader, UpstreamRequest, UsageTap, forward_request_headers, valid_model,
 )
 
 _OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion",
@@ -190,6 +190,26 @@ class OpenAIAdapter(Adapter):
     def models_from_response(self, body: bytes) -> list[str]:
         data = orjson.loads(body).get("data") or []
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+    def rate_limit_headers(self, requests: RateState | None, tokens: RateState | None) -> list[tuple[bytes, bytes]]:
+        out = super().rate_limit_headers(requests, tokens)
+        for kind, state in (("requests", requests), ("tokens", tokens)):
+            if state:
+                out += [(f"x-ratelimit-limit-{kind}".encode(), str(state[0]).encode()),
+                        (f"x-ratelimit-remaining-{kind}".encode(), str(state[1]).encode()),
+                        (f"x-ratelimit-reset-{kind}".encode(), go_duration(state[2]).encode())]
+        return out
+
+
+def go_duration(ms: int) -> str:
+    """OpenAI's reset format: a Go duration such as `120ms`, `1.5s`, `6m0s`."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:g}s"
 
 
 def _inject_include_usage(raw: bytes, body: dict) -> bytes:

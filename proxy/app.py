@@ -3,8 +3,11 @@
 Contract:
 - Accepts a loaded `Config` or a path; returns `GatewayApp`, an ASGI callable.
 - The stack order is defined here and only here (outermost first):
-  errors -> telemetry -> auth -> inspect -> router -> forwarder.
-- `/healthz` (live) and `/readyz` (ready) are answered before the stack. Everything else goes to
+  errors -> telemetry -> auth -> inspect -> router -> ratelimit -> forwarder.
+  The router orders the candidate deployments before rate limiting so that one atomic Redis call
+  can both admit the request and reserve the first deployment whose own limits allow it.
+- `/healthz` (live) and `/readyz` (ready; reports degraded state but stays ready) and `/admin/*`
+  are answered before the stack. Everything else goes to
   the stack, which 404s paths no family owns.
 - Works standalone (lifespan opens/closes resources) and mounted under a Starlette `Mount`
   (no lifespan: resources open lazily, and the host calls `aclose()` on shutdown).
@@ -22,8 +25,10 @@ from config import Config, ConfigError, load_config
 from middlewares.auth import AuthMiddleware
 from middlewares.errors import ErrorMiddleware
 from middlewares.inspect import InspectMiddleware
+from middlewares.ratelimit import RateLimitMiddleware
 from middlewares.router import RouterMiddleware
 from middlewares.telemetry import TelemetryMiddleware
+from proxy.admin import AdminApp
 from proxy.forward import Forwarder
 from proxy.logs import configure_logging
 from proxy.runtime import Runtime
@@ -31,7 +36,8 @@ from proxy.runtime import Runtime
 log = structlog.get_logger("llm_gateway")
 
 # Outermost first. Each entry is constructed as Middleware(app, config, deps=runtime).
-STACK = (ErrorMiddleware, TelemetryMiddleware, AuthMiddleware, InspectMiddleware, RouterMiddleware)
+STACK = (ErrorMiddleware, TelemetryMiddleware, AuthMiddleware, InspectMiddleware, RouterMiddleware,
+         RateLimitMiddleware)
 
 
 def _json(status: int, payload: object) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -52,6 +58,7 @@ class GatewayApp:
         for middleware in reversed(STACK):
             app = middleware(app, config, deps=self.runtime)
         self.stack = app
+        self.admin = AdminApp(config, self.runtime)
         for warning in config.warnings:
             log.warning("config_warning", detail=warning)
         if config.auth.mode == "none":
@@ -69,6 +76,9 @@ class GatewayApp:
                 await send(start)
                 await send(body)
                 return
+            if path == "/admin" or path.startswith("/admin/"):
+                await self.admin(scope, receive, send, path)
+                return
             await self.stack(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
@@ -76,7 +86,10 @@ class GatewayApp:
             await send({"type": "websocket.close", "code": 1008})
 
     def readiness(self) -> dict[str, Any]:
-        return {"status": "ready", "providers": [d.name for d in self.config.enabled_providers]}
+        store = self.runtime.store
+        return {"status": "ready", "providers": [d.name for d in self.config.enabled_providers],
+                "state": {"backend": "embedded" if store.embedded else "redis",
+                          "degraded": store.degraded, "on_redis_error": self.config.state.on_redis_error}}
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:

@@ -1,6 +1,6 @@
 """The `llm-gateway` command line.
 
-Contract (see DESIGN.md "CLI"): `serve`, `check-config`, `demo` and `mock-provider`. Every command
+Contract (see DESIGN.md "CLI"): `serve`, `check-config`, `demo`, `mock-provider` and `limits`. Every command
 takes `--config F`; the file comes from `--config`, then `LLM_GATEWAY_CONFIG`, then
 `./config/gateway.yaml`. Config errors print `file:line: field: message` and exit 1. Secrets are
 masked in every dump.
@@ -45,6 +45,13 @@ def _load(path: str | None) -> Config:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _load_lenient(path: str | None) -> Config:
+    """Admin commands need the state settings only; a missing default config is fine."""
+    if path is None and not resolve_path(None).exists():
+        return Config()
+    return _load(path)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -132,6 +139,16 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8080)
     d.set_defaults(func=cmd_demo)
+    from proxy import limits_cli
+
+    def with_redis(c: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        if not any(a.dest == "config" for a in c._actions):
+            c.add_argument("--config", help="config file")
+        c.add_argument("--redis-url", help="Redis URL (default: state.redis_url of the config)")
+        return c
+
+    limits_cli.add_arguments(sub, with_redis)
+    sub.choices["limits"].set_defaults(func=lambda a: limits_cli.run(a, _load_lenient(a.config)))
     m = command("mock-provider", "the simulated upstream (OpenAI, Anthropic, Bedrock, Ollama)")
     from proxy.mock import add_mock_arguments
 

@@ -3,41 +3,74 @@
 Contract: `Runtime` is built once per app from the config and handed to every middleware as `deps`.
 Resources open on first use (a Starlette `Mount` forwards no lifespan events) and close in
 `aclose()`. It holds no per-request state.
+The upstream client is always an `httpx.AsyncClient`; its wire transport is chosen by the
+`transport` argument, else `LLM_GATEWAY_TRANSPORT`: `httpx` (default: httpcore) or `aiohttp`
+(`proxy.transport.AiohttpTransport`). A callable returning an `httpx.AsyncBaseTransport` is also
+accepted (benchmarks). An unknown name fails at construction.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import os
+from typing import Any, Callable
 
 import httpx
 
 from config.models import Config
 from providers import build_adapters
 from providers.base import Adapter
+from proxy.state import Store
+
+
+TRANSPORTS = ("httpx", "aiohttp")
+_MAX_CONNECTIONS, _MAX_KEEPALIVE, _KEEPALIVE_EXPIRY = 1000, 200, 30.0
 
 
 class Runtime:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *,
+                 transport: str | Callable[[], httpx.AsyncBaseTransport] | None = None) -> None:
         self.config = config
+        choice = transport or os.environ.get("LLM_GATEWAY_TRANSPORT", "").strip().lower() or "httpx"
+        if isinstance(choice, str) and choice not in TRANSPORTS:
+            raise ValueError(f"LLM_GATEWAY_TRANSPORT: unknown transport {choice!r} (one of: {', '.join(TRANSPORTS)})")
+        self.transport = choice
         self.adapters: dict[str, Adapter] = build_adapters()
         self._client: httpx.AsyncClient | None = None
-        self._store: Any = None
+        self._store: Store | None = None
         self._lock = asyncio.Lock()
         self.closers: list[Any] = []
 
     @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
+            transport: httpx.AsyncBaseTransport | None = None
+            if self.transport == "aiohttp":
+                from proxy.transport import AiohttpTransport
+
+                transport = AiohttpTransport(max_connections=_MAX_CONNECTIONS, keepalive_expiry=_KEEPALIVE_EXPIRY)
+            elif callable(self.transport):
+                transport = self.transport()
             # Redirects never followed; no environment proxies; timeouts are set per request.
             self._client = httpx.AsyncClient(
                 timeout=None,
                 follow_redirects=False,
                 trust_env=False,
-                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30),
+                limits=httpx.Limits(max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_KEEPALIVE,
+                                    keepalive_expiry=_KEEPALIVE_EXPIRY),
+                transport=transport,
             )
         return self._client
 
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.config)
+        return self._store
+
     async def aclose(self) -> None:
+        store, self._store = self._store, None
+        if store is not None:
+            await store.aclose()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()

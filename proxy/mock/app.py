@@ -26,7 +26,6 @@ import os
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Awaitable, Callable
 
@@ -44,9 +43,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 
-@dataclass(slots=True)
+@dataclasses.dataclass(slots=True)
 class MockOptions:
-    protocols: set[str] = field(default_factory=lambda: set(PROTOCOLS))
+    protocols: set[str] = dataclasses.field(default_factory=lambda: set(PROTOCOLS))
     chunks: int = 8
     chunk_interval_ms: float = 20.0
     latency_ms: float = 0.0
@@ -69,19 +68,13 @@ def _override(opts: MockOptions, raw: dict[str, str]) -> MockOptions:
     """A copy of `opts` with the `x-mock-*` header values applied (raises ValueError if invalid)."""
     changes: dict[str, Any] = {}
     for name, value in raw.items():
+        value = value.strip()
         if name not in HEADER_OPTIONS:
             continue
-        value = value.strip()
-        if value.lower() in _NONE:
-            changes[name] = None if name != "chunks" else opts.chunks
-        elif name in _INT:
-            changes[name] = int(value)
-        elif name in _FLOAT:
-            changes[name] = float(value)
+        if value.lower() in _NONE or (name == "fault_status" and value == "0"):
+            changes[name] = opts.chunks if name == "chunks" else None
         else:
-            changes[name] = value
-    if changes.get("fault_status") == 0:
-        changes["fault_status"] = None
+            changes[name] = int(value) if name in _INT else float(value) if name in _FLOAT else value
     return dataclasses.replace(opts, **changes) if changes else opts
 
 
@@ -90,21 +83,16 @@ class MockStreamCut(Exception):
 
 
 _FILLER = "The mock provider streams deterministic text for gateway tests and benchmarks.".split()
+_rid_prefix, _rid_counter = os.urandom(4).hex(), itertools.count(1)
 
 
 @functools.lru_cache(maxsize=1024)
 def _pieces(model: str, chunks: int) -> tuple[list[str], int]:
     words = f"This is a simulated response from {model}.".split()
-    filler = itertools.cycle(_FILLER)
-    while len(words) < chunks:
-        words.append(next(filler))
+    words += list(itertools.islice(itertools.cycle(_FILLER), max(0, chunks - len(words))))
     n = len(words)
     groups = [words[i * n // chunks:(i + 1) * n // chunks] for i in range(chunks)]
     return [(" " if i else "") + " ".join(g) for i, g in enumerate(groups)], n
-
-
-_rid_prefix = os.urandom(4).hex()
-_rid_counter = itertools.count(1)
 
 
 class Exchange:
@@ -195,7 +183,7 @@ class Exchange:
         await self.respond(status, body, b"application/json", extra + (headers or []))
 
 
-def _family(path: str, method: str, headers: dict[str, str], enabled: set[str]) -> str:
+def _family(path: str, headers: dict[str, str], enabled: set[str]) -> str:
     if path.startswith("/model/"):
         return "bedrock"
     if path.startswith("/api/") or path == "/":
@@ -205,10 +193,8 @@ def _family(path: str, method: str, headers: dict[str, str], enabled: set[str]) 
     if path.startswith("/v1/models") and "anthropic" in enabled and (
             "anthropic-version" in headers or "openai" not in enabled):
         return "anthropic"
-    if path.startswith("/v1/"):
-        return "openai"
     only = [p for p in PROTOCOLS if p in enabled]
-    return only[0] if len(only) == 1 else "openai"
+    return "openai" if path.startswith("/v1/") or len(only) != 1 else only[0]
 
 
 class MockApp:
@@ -227,16 +213,13 @@ class MockApp:
                 return
         if scope["type"] != "http":
             return
-        raw = scope.get("raw_path") or scope["path"].encode()
+        raw, method = scope.get("raw_path") or scope["path"].encode(), scope["method"]
         path = raw.decode("latin-1")
-        method = scope["method"]
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
+        message = await receive()
+        parts = [message.get("body", b"")]
+        while message.get("more_body"):
+            parts.append((message := await receive()).get("body", b""))
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
         if path.startswith("/__mock/"):
             await self._control(send, method, path)
             return
@@ -247,15 +230,11 @@ class MockApp:
         headers: dict[str, str] = {}
         overrides: dict[str, str] = {}
         for k, v in scope["headers"]:
-            name = k.decode("latin-1").lower()
-            value = v.decode("latin-1")
-            headers[name] = value
+            headers[name := k.decode("latin-1").lower()] = value = v.decode("latin-1")
             if name.startswith("x-mock-"):
                 overrides[name[7:].replace("-", "_")] = value
-        family_name = _family(path, method, headers, opts.protocols)
-        family = _FAMILIES[family_name]
-        ex = Exchange(send, method, path, scope.get("query_string", b"").decode("latin-1"),
-                      headers, body, opts)
+        family = _FAMILIES[family_name := _family(path, headers, opts.protocols)]
+        ex = Exchange(send, method, path, scope.get("query_string", b"").decode("latin-1"), headers, body, opts)
         ex.rid_header = family.REQUEST_ID_HEADER
         try:
             ex.opts = opts = _override(opts, overrides)
@@ -275,10 +254,9 @@ class MockApp:
         if opts.fault_status and random.random() < (1.0 if opts.fault_rate is None else opts.fault_rate):
             extra: Headers = []
             if opts.retry_after is not None:
-                extra += [(b"retry-after", str(math.ceil(opts.retry_after)).encode()),
-                          (b"retry-after-ms", str(int(opts.retry_after * 1000)).encode())]
-                if family_name == "bedrock":
-                    extra.append((b"x-amz-retry-after", str(int(opts.retry_after * 1000)).encode()))
+                ms = str(int(opts.retry_after * 1000)).encode()
+                extra += [(b"retry-after", str(math.ceil(opts.retry_after)).encode()), (b"retry-after-ms", ms)]
+                extra += [(b"x-amz-retry-after", ms)] if family_name == "bedrock" else []
             await ex.error(family, opts.fault_status, f"simulated {opts.fault_status} fault", None, extra)
             return
         try:
@@ -315,9 +293,7 @@ class MockApp:
     @staticmethod
     def _render(record: tuple[Any, ...]) -> dict[str, Any]:
         method, raw, query, headers, body, when = record
-        return {
-            "method": method, "raw_path": raw.decode("latin-1"), "query": query.decode("latin-1"),
-            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers],
-            "body_b64": base64.b64encode(body).decode(), "body_sha256": hashlib.sha256(body).hexdigest(),
-            "time": when,
-        }
+        return {"method": method, "raw_path": raw.decode("latin-1"), "query": query.decode("latin-1"),
+                "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers],
+                "body_b64": base64.b64encode(body).decode(), "body_sha256": hashlib.sha256(body).hexdigest(),
+                "time": when}

@@ -1,0 +1,191 @@
+"""Distributed rate limiting: one atomic Redis script per request, reconciled off the critical path.
+
+Contract:
+- Scopes: `global`, `key:<id>`, `model:<name>` must all admit the request; among the router's
+  candidate deployments (`provider:<name>`), the first that admits it is reserved and becomes
+  `ctx.deployment`. One script call does all of it (all or nothing); Redis TIME is the clock.
+  Limits come from config, overridden live by the hashes in Redis (read inside the script, so a
+  change applies on the next request, on every replica, without resetting counters).
+- Requests: a 60 s sliding log (exact: never more than the limit in any 60 s window). Tokens: GCRA
+  reserving `ctx.estimated_tokens`, reconciled with the real usage after the response (refund or
+  charge), once per reservation. An aborted stream is charged what was counted, else the estimate.
+- A rejection is a native 429 with `Retry-After` (whole seconds, <= 60), `retry-after-ms`,
+  `x-should-retry`, Bedrock `x-amz-retry-after`, and the rate-limit headers. Admitted responses
+  carry the family's rate-limit headers and IETF `RateLimit-Policy` / `RateLimit` for the most
+  constraining scope.
+- Redis down: `state.on_redis_error` = local (in-memory, limits / replicas), open, or closed (503).
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from typing import Any
+
+import structlog
+
+from config.models import Config
+from proxy.context import RequestContext, get_context
+from proxy.errors import GatewayError
+from proxy.local_limits import LocalLimiter
+from proxy.runtime import Runtime
+from proxy.state import StoreUnavailable, concurrency_key, counter_keys, done_key, limits_key
+
+log = structlog.get_logger("llm_gateway.ratelimit")
+_STAT = 7
+
+
+def _limit(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+class RateLimitMiddleware:
+    def __init__(self, app: Any, config: Config, *, deps: Runtime) -> None:
+        self.app = app
+        self.runtime = deps
+        self.mode = config.state.on_redis_error
+        self.timeout = config.gateway.timeout
+        g = config.gateway.rate_limit
+        self.global_limits = (g.requests_per_minute, g.tokens_per_minute)
+        self.providers = {d.name: (d.rate_limit.requests_per_minute, d.rate_limit.tokens_per_minute)
+                          for d in config.providers}
+        self.local = LocalLimiter(config.state.replicas)
+        self.seen_limits: dict[str, tuple[int, int]] = {}  # scope -> effective limits last seen (for change logs)
+        self.pending: set[asyncio.Task[Any]] = set()  # reconcile tasks, kept referenced until done
+
+    def scopes(self, ctx: RequestContext) -> tuple[list[tuple[str, int | None, int | None]], list[tuple[str, int | None, int | None]]]:
+        p = ctx.principal
+        common = [("global", *self.global_limits)]
+        if p is not None:
+            common.append((f"key:{p.key_id}", p.rpm, p.tpm))
+        if ctx.model:
+            common.append((f"model:{ctx.model}", None, None))
+        candidates = [(f"provider:{d.name}", *self.providers.get(d.name, (None, None))) for d in ctx.candidates]
+        return common, candidates
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = get_context(scope)
+        if ctx.model_list:
+            await self.app(scope, receive, send)
+            return
+        common, candidates = self.scopes(ctx)
+        member = f"{ctx.request_id}:{uuid.uuid4().hex[:12]}"
+        conc = ctx.principal.max_concurrent if ctx.principal else None
+        conc_key = concurrency_key(ctx.principal.key_id) if conc and ctx.principal else None
+        headers = await self._reserve(ctx, common, candidates, member, conc, conc_key)
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and headers:
+                message = {**message, "headers": list(message.get("headers", [])) + headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            task = asyncio.ensure_future(self._settle(ctx, common, candidates, member, conc_key))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+
+    async def _reserve(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
+                       conc: int | None, conc_key: str | None) -> list[tuple[bytes, bytes]]:
+        everything = common + candidates
+        keys: list[str] = []
+        args: list[Any] = [member, ctx.estimated_tokens, len(common), conc or 0, int(self.timeout * 1000) + 60000]
+        for name, rpm, tpm in everything:
+            keys.extend((*counter_keys(name), limits_key(name)))
+            args.extend((_limit(rpm), _limit(tpm)))
+        if conc_key:
+            keys.append(conc_key)
+        try:
+            reply = await self.runtime.store.script("reserve", keys, args)
+        except StoreUnavailable:
+            return self._fallback(ctx, common, candidates, member, conc, conc_key)
+        admitted, chosen, retry_ms = int(reply[0]), int(reply[1]), int(reply[2])
+        stats = [int(v) for v in reply[4:]]
+        marker = stats[0] if stats and stats[0] < 0 else 0
+        if marker:
+            stats = stats[1:]
+        rows = [stats[i:i + _STAT] for i in range(0, len(stats) - _STAT + 1, _STAT)]
+        headers = self._headers(ctx, rows, everything)
+        if not admitted:
+            reason = {-2: "concurrent request limit", -3: "every deployment for this model is at its limit"}.get(marker, "rate limit")
+            raise self._reject(ctx, retry_ms / 1000.0, reason, headers, concurrency=marker == -2)
+        if candidates and chosen > 0:
+            ctx.deployment = ctx.candidates[chosen - 1]
+        ctx.reservation = {"member": member, "tokens": ctx.estimated_tokens, "store": "redis"}
+        return headers
+
+    def _fallback(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
+                  conc: int | None, conc_key: str | None) -> list[tuple[bytes, bytes]]:
+        if self.mode == "open":
+            return []
+        if self.mode == "closed":
+            raise GatewayError("gateway_unavailable", "rate limiter unavailable; try again shortly", retry_after=1.0)
+        concurrency = (conc_key, conc, self.timeout + 60.0) if conc and conc_key else None
+        ok, chosen, retry = self.local.reserve(common, candidates, ctx.estimated_tokens, member, concurrency)
+        if not ok:
+            raise self._reject(ctx, retry, "rate limit (local fallback)", [], concurrency=False)
+        if candidates and chosen >= 0:
+            ctx.deployment = ctx.candidates[chosen]
+        ctx.reservation = {"member": member, "tokens": ctx.estimated_tokens, "store": "local"}
+        return []
+
+    def _reject(self, ctx: RequestContext, retry: float, reason: str, headers: list[tuple[bytes, bytes]],
+                concurrency: bool) -> GatewayError:
+        retry = max(retry, 0.001)
+        seconds = min(60, max(1, math.ceil(retry)))
+        extra = {k.decode(): v.decode() for k, v in headers}
+        extra.update({"retry-after": str(seconds), "retry-after-ms": str(int(retry * 1000)),
+                      "x-should-retry": "true" if retry <= 60 else "false"})
+        return GatewayError("policy_concurrency_limited" if concurrency else "policy_rate_limited",
+                            f"Rate limit exceeded: {reason}. Retry after {seconds}s.",
+                            headers=extra, retry_after=retry, detail="requests")
+
+    def _headers(self, ctx: RequestContext, rows: list[list[int]], scopes: list[Any]) -> list[tuple[bytes, bytes]]:
+        best_req = best_tok = None
+        for row in rows:
+            _, rpm, rem_r, reset_r, tpm, rem_t, reset_t = row
+            name = scopes[row[0] - 1][0]
+            seen = self.seen_limits.get(name)
+            if seen != (rpm, tpm):
+                self.seen_limits[name] = (rpm, tpm)
+                if seen is not None:  # a live change (CLI, admin API or redis-cli) reached this replica
+                    log.info("limit_applied", scope=name, requests_per_minute=rpm, tokens_per_minute=tpm,
+                             previous_requests_per_minute=seen[0], previous_tokens_per_minute=seen[1])
+            if rpm > 0 and (best_req is None or rem_r / rpm < best_req[1] / best_req[0]):
+                best_req = (rpm, rem_r, reset_r, scopes[row[0] - 1][0])
+            if tpm > 0 and (best_tok is None or rem_t / tpm < best_tok[1] / best_tok[0]):
+                best_tok = (tpm, rem_t, reset_t, scopes[row[0] - 1][0])
+        return ctx.adapter.rate_limit_headers(best_req, best_tok)
+
+    async def _settle(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
+                      conc_key: str | None) -> None:
+        res = ctx.reservation
+        if not res:
+            return
+        est = res["tokens"]
+        if ctx.usage.known:
+            delta = ctx.usage.total - est
+        elif ctx.committed and (ctx.status or 500) < 400:
+            delta = 0  # aborted or unreadable stream: the estimate stands
+        else:
+            delta = -est  # nothing was generated
+        chosen = [c for c in candidates if ctx.deployment and c[0] == f"provider:{ctx.deployment.name}"]
+        token_scopes = [(name, tpm) for name, _, tpm in common + chosen]
+        if res["store"] == "local":
+            self.local.settle(token_scopes, delta, member, conc_key)
+            return
+        keys = [done_key(member), conc_key or done_key(member)]
+        args: list[Any] = [member, delta]
+        for name, tpm in token_scopes:
+            keys.extend((counter_keys(name)[1], limits_key(name)))
+            args.append(_limit(tpm))
+        try:
+            await self.runtime.store.script("reconcile", keys, args)
+        except StoreUnavailable:
+            log.warning("reconcile_skipped", request_id=ctx.request_id, reason="store unavailable")
+        except Exception:  # noqa: BLE001 - reconciling must never hurt a finished request
+            log.exception("reconcile_failed", request_id=ctx.request_id)

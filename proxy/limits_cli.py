@@ -1,0 +1,98 @@
+"""`llm-gateway limits set|get|list|clear`: live limits in Redis, from the command line.
+
+Contract: talks to the store named by `--redis-url`, else `state.redis_url` of the config. Scopes
+are `global`, `key:<id>`, `model:<name>`, `provider:<name>`. A change applies on every replica
+on its next request (the limiter reads the hash inside its script) and never resets counters.
+`list` prints a table, or JSON with `--json`. Every change is logged.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from typing import Any
+
+import orjson
+import structlog
+
+from config import Config, Secret
+from proxy.admin import valid_scope
+from proxy.state import Store, StoreUnavailable, limits_key
+
+log = structlog.get_logger("llm_gateway.limits")
+
+
+def add_arguments(sub: Any, common: Any) -> None:
+    p = common(sub.add_parser("limits", help="live rate limits in Redis"))
+    actions = p.add_subparsers(dest="action", required=True)
+    for name in ("set", "get", "clear"):
+        a = common(actions.add_parser(name))
+        a.add_argument("scope", help="global | key:<id> | model:<name> | provider:<name>")
+        if name == "set":
+            a.add_argument("--rpm", type=int, help="requests per minute")
+            a.add_argument("--tpm", type=int, help="tokens per minute")
+        a.add_argument("--json", action="store_true")
+    a = common(actions.add_parser("list"))
+    a.add_argument("--json", action="store_true")
+
+
+async def _run(args: argparse.Namespace, cfg: Config) -> int:
+    url = args.redis_url or str(cfg.state.redis_url)
+    if not url:
+        print("error: no Redis: pass --redis-url or set state.redis_url (the embedded store lives inside one gateway process; use /admin/limits there)", file=sys.stderr)
+        return 1
+    cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, redis_url=Secret(url), redis_timeout=max(cfg.state.redis_timeout, 2.0)))
+    store = Store(cfg)
+    try:
+        scope = getattr(args, "scope", None)
+        if scope is not None and not valid_scope(scope):
+            print("error: scope must be global, key:<id>, model:<name> or provider:<name>", file=sys.stderr)
+            return 1
+        if args.action == "set":
+            if args.rpm is None and args.tpm is None or any(v is not None and v < 0 for v in (args.rpm, args.tpm)):
+                print("error: give --rpm and/or --tpm as non-negative integers", file=sys.stderr)
+                return 1
+            await store.set_limit(scope, args.rpm, args.tpm)
+            log.info("limit_changed", actor="cli", scope=scope, requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
+            result: Any = {"scope": scope, "limits": await store.get_limit(scope)}
+        elif args.action == "get":
+            live = await store.get_limit(scope)
+            usage = await store.usage(scope)
+            tpm = live.get("tokens_per_minute", _configured_tpm(cfg, scope))
+            result = {"scope": scope, "key": limits_key(scope), "limits": live,
+                      "usage": {"requests_in_window": usage["requests"],
+                                "tokens_in_bucket": round(usage["tokens_ahead_ms"] * tpm / 60000) if tpm else None}}
+        elif args.action == "clear":
+            result = {"scope": scope, "cleared": await store.clear_limit(scope)}
+            log.info("limit_cleared", actor="cli", scope=scope)
+        else:
+            result = await store.list_limits()
+            if not args.json:
+                print(f"{'SCOPE':<40} {'RPM':>12} {'TPM':>14}")
+                for name, values in result.items():
+                    print(f"{name:<40} {values.get('requests_per_minute', '-'):>12} {values.get('tokens_per_minute', '-'):>14}")
+                return 0
+        if args.json or args.action != "list":
+            print(orjson.dumps(result).decode())
+        return 0
+    except StoreUnavailable as exc:
+        print(f"error: Redis unavailable ({exc})", file=sys.stderr)
+        return 1
+    finally:
+        await store.aclose()
+
+
+def _configured_tpm(cfg: Config, scope: str) -> int | None:
+    if scope == "global":
+        return cfg.gateway.rate_limit.tokens_per_minute
+    kind, _, name = scope.partition(":")
+    if kind == "provider":
+        return next((d.rate_limit.tokens_per_minute for d in cfg.providers if d.name == name), None)
+    if kind == "key":
+        return next((k.rate_limit.tokens_per_minute for k in cfg.auth.keys if k.id == name), None)
+    return None
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    return asyncio.run(_run(args, cfg))

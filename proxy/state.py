@@ -1,0 +1,208 @@
+"""The state store: the only module that talks to Redis (or the embedded fakeredis stand-in).
+
+Contract:
+- `Store(config)` connects lazily to `state.redis_url`; with no URL it runs the same Lua scripts in
+  process on fakeredis (with lupa), on the same code path.
+- Every call has its own deadline (`state.redis_timeout`, plus the measured event-loop lag). A reply
+  already on the socket when the deadline fires still counts, so a burst on this process is not
+  mistaken for a slow Redis. NOSCRIPT after a flush, restart or failover is handled by redis-py's
+  `Script` (it reloads and retries).
+- A local breaker opens on a connection error or `MISSES_TO_OPEN` consecutive deadline misses
+  (never on one slow reply) and lets one probe through per `PROBE_INTERVAL` until Redis answers.
+  While it is open, calls raise `StoreUnavailable` at once and callers apply `state.on_redis_error`.
+- Every key shares the hash tag `{llmgw}` so scripts work on Redis Cluster; every key has a TTL
+  except the live-limit hashes that ops own.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib import resources
+from typing import Any
+
+import structlog
+
+from config.models import Config
+
+log = structlog.get_logger("llm_gateway.state")
+TAG = "{llmgw}"
+MISSES_TO_OPEN = 3
+PROBE_INTERVAL = 1.0
+LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute")
+
+
+def limits_key(scope: str) -> str:
+    return f"llmgw:{TAG}:limits:{scope}"
+
+
+def counter_keys(scope: str) -> tuple[str, str]:
+    return f"llmgw:{TAG}:rl:{scope}:req", f"llmgw:{TAG}:rl:{scope}:tok"
+
+
+def concurrency_key(key_id: str) -> str:
+    return f"llmgw:{TAG}:inflight:{key_id}"
+
+
+def done_key(member: str) -> str:
+    return f"llmgw:{TAG}:settled:{member}"
+
+
+class StoreUnavailable(Exception):
+    """Redis cannot be used right now (down, timing out, or the breaker is open)."""
+
+
+class Store:
+    def __init__(self, config: Config) -> None:
+        self.url = str(config.state.redis_url)
+        self.timeout = config.state.redis_timeout
+        self.embedded = not self.url
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._misses = 0
+        self._open_until = 0.0
+        self.degraded = False
+        self.degraded_transitions = 0
+        self.on_change: list[Any] = []  # callbacks(degraded: bool)
+        self.loop_lag = 0.0
+        self._lag_task: asyncio.Task[None] | None = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            if self.embedded:
+                import fakeredis
+
+                self._client = fakeredis.FakeAsyncRedis()
+            else:
+                import redis.asyncio as redis
+
+                self._client = redis.Redis.from_url(
+                    self.url, socket_connect_timeout=max(self.timeout, 0.05), socket_timeout=None,
+                    health_check_interval=0, max_connections=256)
+            for name in ("reserve", "reconcile"):
+                source = resources.files("proxy").joinpath("lua", f"{name}.lua").read_text()
+                self._scripts[name] = self._client.register_script(source)
+        return self._client
+
+    async def _watch_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(0.05)
+            self.loop_lag = max(0.0, loop.time() - start - 0.05, self.loop_lag * 0.8)
+
+    def _set_degraded(self, value: bool, reason: str = "") -> None:
+        if value != self.degraded:
+            self.degraded = value
+            self.degraded_transitions += value
+            (log.warning if value else log.info)("store_degraded" if value else "store_recovered", reason=reason)
+            for callback in self.on_change:
+                callback(value)
+
+    def _trip(self, reason: str) -> None:
+        self._open_until = time.monotonic() + PROBE_INTERVAL
+        self._set_degraded(True, reason)
+
+    async def call(self, op: Any, *, deadline: float | None = None) -> Any:
+        """Run one Redis operation under the deadline and the breaker."""
+        if self._lag_task is None or self._lag_task.done():
+            self._lag_task = asyncio.ensure_future(self._watch_lag())
+        now = time.monotonic()
+        if self._open_until > now:
+            raise StoreUnavailable("breaker open")
+        if self._open_until:  # half-open: this call is the probe; others fail fast meanwhile
+            self._open_until = now + PROBE_INTERVAL
+        task = asyncio.ensure_future(op(self.client))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=(deadline or self.timeout) + 2 * self.loop_lag)
+            for _ in range(3):  # let a reply that is already on the socket land
+                if done or task.done():
+                    break
+                await asyncio.sleep(0)
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                self._misses += 1
+                if self._misses >= MISSES_TO_OPEN:
+                    self._trip(f"{self._misses} consecutive deadline misses")
+                raise StoreUnavailable("deadline exceeded")
+            result = task.result()
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            if isinstance(exc, (OSError, ConnectionError)) or _is_connection_error(exc):
+                self._trip(type(exc).__name__)
+                raise StoreUnavailable(type(exc).__name__) from None
+            raise
+        self._misses = 0
+        self._open_until = 0.0
+        self._set_degraded(False)
+        return result
+
+    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        self.client  # noqa: B018 - registers the scripts on first use
+        script = self._scripts[name]
+        return await self.call(lambda client: script(keys=keys, args=args, client=client))
+
+    # --- live limits (ops-owned hashes) and usage -----------------------------------------------
+    def _admin_deadline(self) -> float:
+        return max(self.timeout, 2.0)
+
+    async def set_limit(self, scope: str, rpm: int | None, tpm: int | None) -> None:
+        mapping = {k: v for k, v in zip(LIMIT_FIELDS, (rpm, tpm)) if v is not None}
+        if mapping:
+            await self.call(lambda c: c.hset(limits_key(scope), mapping=mapping), deadline=self._admin_deadline())
+
+    async def get_limit(self, scope: str) -> dict[str, int]:
+        raw = await self.call(lambda c: c.hgetall(limits_key(scope)), deadline=self._admin_deadline())
+        return {k.decode(): int(v) for k, v in raw.items() if k.decode() in LIMIT_FIELDS}
+
+    async def clear_limit(self, scope: str) -> bool:
+        return bool(await self.call(lambda c: c.delete(limits_key(scope)), deadline=self._admin_deadline()))
+
+    async def list_limits(self) -> dict[str, dict[str, int]]:
+        prefix = limits_key("")
+
+        async def op(c: Any) -> list[bytes]:
+            return [k async for k in c.scan_iter(match=prefix + "*", count=500)]
+
+        out: dict[str, dict[str, int]] = {}
+        for raw in sorted(await self.call(op, deadline=max(self.timeout, 5.0))):
+            scope = raw.decode()[len(prefix):]
+            values = await self.get_limit(scope)
+            if values:
+                out[scope] = values
+        return out
+
+    async def usage(self, scope: str) -> dict[str, float]:
+        """Requests in the current 60 s window, and how far (ms) the token bucket's TAT is ahead of now."""
+        req, tok = counter_keys(scope)
+
+        async def op(c: Any) -> list[Any]:
+            async with c.pipeline(transaction=True) as p:
+                p.time()
+                p.zrange(req, 0, -1, withscores=True)
+                p.get(tok)
+                return await p.execute()
+
+        (sec, usec), entries, tat = await self.call(op, deadline=self._admin_deadline())
+        now = sec * 1000 + usec // 1000
+        return {"requests": sum(1 for _, score in entries if score > now - 60000),
+                "tokens_ahead_ms": max(0.0, float(tat) - now) if tat else 0.0}
+
+    async def aclose(self) -> None:
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            self._lag_task = None
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+
+def _is_connection_error(exc: Exception) -> bool:
+    import redis.exceptions as rex
+
+    return isinstance(exc, (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError))

@@ -1,0 +1,260 @@
+"""A client that goes away mid-stream makes the gateway close the upstream stream at once, and the
+upstream connection goes back to the pool (no leak that would starve later requests).
+
+The upstream here is our own pure-ASGI fake that streams OpenAI SSE chunks every 50 ms for up to 30 s
+and records, per request, when it started and when it noticed the downstream (the gateway) went
+away. Under uvicorn `send` silently does nothing once the peer is gone, so the fake runs a concurrent
+`receive()` watcher for `http.disconnect`, which uvicorn delivers as soon as the socket closes.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from typing import Any, Iterator
+
+import httpx
+import orjson
+import pytest
+
+from config import parse_config
+from proxy.app import GatewayApp, build_app
+from tests.conftest import GATEWAY_KEY, GATEWAY_KEY_SHA
+from tests.servers import serve
+
+CHUNK_INTERVAL = 0.05
+STREAM_SECONDS = 30.0
+POOL_SIZE = 50
+HEADERS = {"Authorization": f"Bearer {GATEWAY_KEY}"}
+
+
+class StreamingUpstream:
+    """An OpenAI-compatible upstream whose streams last 30 s unless the peer disconnects.
+
+    `x-fake-mode: stall` sends the headers and one chunk, then sleeps 30 s. `x-fake-id` names the
+    request in `self.records` (id -> {"started", "disconnected", "ended"}; monotonic seconds).
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, float | None]] = {}
+        self.lock = threading.Lock()
+
+    def record(self, rid: str, **values: float) -> None:
+        with self.lock:
+            self.records.setdefault(rid, {"started": None, "disconnected": None, "ended": None}).update(values)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return
+        assert scope["type"] == "http"
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        request = orjson.loads(body) if body else {}
+        model = request.get("model", "gpt-test")
+        if not request.get("stream"):
+            payload = orjson.dumps({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "pong"},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        rid = headers.get("x-fake-id", f"anon-{id(scope)}")
+        self.record(rid, started=time.monotonic())
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    self.record(rid, disconnected=time.monotonic())
+                    gone.set()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            deadline = time.monotonic() + STREAM_SECONDS
+            n = 0
+            stall = headers.get("x-fake-mode") == "stall"
+            while time.monotonic() < deadline and not gone.is_set():
+                chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                         "choices": [{"index": 0, "delta": {"content": f"tok{n} "}, "finish_reason": None}]}
+                await send({"type": "http.response.body", "body": b"data: " + orjson.dumps(chunk) + b"\n\n",
+                            "more_body": True})
+                n += 1
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(gone.wait(), STREAM_SECONDS if stall else CHUNK_INTERVAL)
+            if not gone.is_set():
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        finally:
+            self.record(rid, ended=time.monotonic())
+            watcher.cancel()
+
+
+def _config(upstream: str) -> str:
+    return f"""
+gateway: {{timeout: 60s}}
+auth:
+  keys:
+    - {{id: team-test, sha256: {GATEWAY_KEY_SHA}}}
+providers:
+  openai:
+    type: openai
+    base_url: "{upstream}/v1"
+    api_key: sk-fake-upstream
+    timeouts: {{connect: 5s, first_byte: 10s, idle: 60s}}
+"""
+
+
+def _small_pool(app: GatewayApp, max_connections: int) -> httpx.AsyncClient:
+    """Give the gateway's runtime an upstream client with a small pool, before its first request.
+
+    The runtime opens its client lazily on first use; presetting it is the least invasive way to
+    shrink the pool without a config field. The other settings mirror `Runtime.client`.
+    """
+    assert getattr(app.runtime, "_client", "missing") is None, "the runtime must not have opened its client yet"
+    client = httpx.AsyncClient(timeout=None, follow_redirects=False, trust_env=False,
+                               limits=httpx.Limits(max_connections=max_connections,
+                                                   max_keepalive_connections=max_connections))
+    app.runtime._client = client
+    return client
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[tuple[StreamingUpstream, str]]:
+    fake = StreamingUpstream()
+    with serve(fake, lifespan="off") as base:
+        yield fake, base
+
+
+@pytest.fixture(scope="module")
+def gateway_app(upstream: tuple[StreamingUpstream, str]) -> Iterator[tuple[GatewayApp, str]]:
+    app = build_app(parse_config(_config(upstream[1]), "test.yaml", {}))
+    _small_pool(app, POOL_SIZE)
+    with serve(app) as base:
+        yield app, base
+
+
+def _body(stream: bool = True) -> dict[str, Any]:
+    return {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+
+
+def _wait_for(fake: StreamingUpstream, rids: list[str], field: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with fake.lock:
+            if all(fake.records.get(r, {}).get(field) is not None for r in rids):
+                return
+        time.sleep(0.01)
+
+
+async def _open_read_close(client: httpx.AsyncClient, base: str, rid: str, chunks: int,
+                           mode: str = "") -> float:
+    """Open a stream, read `chunks` SSE events, close abruptly; returns when the client closed."""
+    headers = {**HEADERS, "x-fake-id": rid, **({"x-fake-mode": mode} if mode else {})}
+    async with client.stream("POST", f"{base}/v1/chat/completions", json=_body(), headers=headers) as resp:
+        assert resp.status_code == 200, await resp.aread()
+        seen = 0
+        async for raw in resp.aiter_raw():
+            seen += raw.count(b"data: ")
+            if seen >= chunks:
+                break
+        closed_at = time.monotonic()
+        # Leaving the block before the body ended closes the connection (never reused by httpx).
+    return closed_at
+
+
+def _one_drop(base: str, rid: str, chunks: int, mode: str = "") -> float:
+    async def run() -> float:
+        async with httpx.AsyncClient(timeout=10) as client:
+            return await _open_read_close(client, base, rid, chunks, mode)
+
+    return asyncio.run(run())
+
+
+def test_client_drop_mid_stream_closes_upstream_within_1s(upstream, gateway_app) -> None:
+    fake, _ = upstream
+    _, base = gateway_app
+    closed_at = _one_drop(base, "drop-a", chunks=2)
+    _wait_for(fake, ["drop-a"], "disconnected", timeout=3)
+    rec = fake.records["drop-a"]
+    assert rec["disconnected"] is not None, "the upstream never saw the gateway go away"
+    assert rec["disconnected"] - closed_at < 1.0
+    _wait_for(fake, ["drop-a"], "ended", timeout=2)
+    assert fake.records["drop-a"]["ended"] - rec["started"] < 5.0  # not the full 30 s stream
+
+
+def test_client_drop_during_upstream_stall_closes_upstream_within_1s(upstream, gateway_app) -> None:
+    fake, _ = upstream
+    _, base = gateway_app
+    async def run() -> float:
+        async with httpx.AsyncClient(timeout=10) as client:
+            headers = {**HEADERS, "x-fake-id": "stall-b", "x-fake-mode": "stall"}
+            async with client.stream("POST", f"{base}/v1/chat/completions", json=_body(),
+                                     headers=headers) as resp:
+                assert resp.status_code == 200
+                async for raw in resp.aiter_raw():
+                    if b"data: " in raw:
+                        break
+                await asyncio.sleep(0.3)  # now the upstream is stalled mid-stream
+                return time.monotonic()
+
+    closed_at = asyncio.run(run())
+    _wait_for(fake, ["stall-b"], "disconnected", timeout=3)
+    rec = fake.records["stall-b"]
+    assert rec["disconnected"] is not None, "the upstream never saw the gateway go away during the stall"
+    assert rec["disconnected"] - closed_at < 1.0
+
+
+def test_200_dropped_streams_do_not_leak_upstream_connections(upstream, gateway_app) -> None:
+    fake, _ = upstream
+    app, base = gateway_app
+    n = 200
+    rids = [f"mass-{i}" for i in range(n)]
+    limits = httpx.Limits(max_connections=n + 50, max_keepalive_connections=n + 50)
+
+    async def drops() -> list[float]:
+        async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+            return await asyncio.gather(*(_open_read_close(client, base, rid, chunks=1) for rid in rids))
+
+    started = time.monotonic()
+    closed = asyncio.run(drops())
+    assert len(closed) == n
+    _wait_for(fake, rids, "ended", timeout=5)
+    ended = {r: fake.records[r]["ended"] for r in rids}
+    missing = [r for r, t in ended.items() if t is None]
+    assert not missing, f"{len(missing)} upstream streams still running after the clients left"
+    assert max(ended.values()) - started < 10.0
+    late = [r for r, c in zip(rids, closed) if fake.records[r]["disconnected"] - c > 1.0]
+    assert not late, f"{len(late)} upstream streams noticed the drop more than 1 s late"
+
+    async def normal() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+            return await asyncio.gather(*(
+                client.post(f"{base}/v1/chat/completions", json=_body(stream=False), headers=HEADERS)
+                for _ in range(n)))
+
+    responses = asyncio.run(normal())
+    bad = [(r.status_code, r.text[:200]) for r in responses if r.status_code != 200]
+    assert not bad, f"{len(bad)} of {n} requests failed after the drops, e.g. {bad[:3]}"
+    assert all(r.json()["choices"][0]["message"]["content"] == "pong" for r in responses)
+
+    # The pool holds no connection that is still busy with a dropped stream.
+    pool = getattr(getattr(app.runtime.client, "_transport", None), "_pool", None)
+    if pool is not None:
+        busy = [c for c in pool.connections if not (c.is_idle() or c.is_closed())]
+        assert not busy, f"{len(busy)} upstream connections still busy"
+        assert len(pool.connections) <= POOL_SIZE
