@@ -286,8 +286,10 @@ def _validate(doc: _Doc, cfg: m.Config) -> None:
         if value not in allowed:
             raise doc.error(path, f"{value!r} is not one of: {', '.join(a for a in allowed if a)}")
 
-    choice("gateway.routing_strategy", cfg.gateway.routing_strategy, m.ROUTING_STRATEGIES + ("",)) \
-        if "." not in cfg.gateway.routing_strategy else None  # dotted = a strategy by import path
+    for path, name in [("gateway.routing_strategy", cfg.gateway.routing_strategy)] + [
+            (f"gateway.routing_overrides.{model}", value) for model, value in cfg.gateway.routing_overrides.items()]:
+        if "." not in name and ":" not in name:  # a dotted name is a custom strategy by import path
+            choice(path, name, m.ROUTING_STRATEGIES)
     choice("state.on_redis_error", cfg.state.on_redis_error, m.REDIS_ERROR_MODES)
     choice("auth.mode", cfg.auth.mode, ("keys", "none"))
     choice("monitoring.otel.protocol", cfg.monitoring.otel.protocol, ("grpc", "http/protobuf"))

@@ -87,8 +87,10 @@ class Deployment:
 @dataclass(slots=True)
 class GatewaySettings:
     routing_strategy: str = "health_based"
+    routing_overrides: dict[str, str] = field(default_factory=dict)  # model -> strategy
     enable_failover: bool = True
     max_retries: int = 3
+    failure_threshold: int = 5  # consecutive transient failures that open a deployment's circuit
     timeout: float = 60.0
     max_body_bytes: int = 32 * 1024 * 1024
     rate_limit: RateLimit = field(default_factory=RateLimit)

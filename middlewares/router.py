@@ -1,13 +1,16 @@
-"""Router: pick the deployment for this attempt, and answer model lists from the deployments.
+"""Router: choose and order the deployments that may serve this request; answer model lists.
 
 Contract:
-- Candidates are the enabled deployments of the request's family that list the model, or list no
-  models; none is a native 404 for the model. The routing strategy orders them (`first` here:
-  config order); deployments already tried in this request go last.
-- Sets `ctx.candidates` and `ctx.deployment`, then calls the forwarder.
+- Candidates are the enabled deployments that serve the request's family and model (a deployment
+  without `models` serves any model of its family; a Bedrock deployment whose `deployments:` map
+  names the model also serves Anthropic Messages clients). None is a native 404 for the model.
+- The routing strategy (`gateway.routing_strategy`, per model `gateway.routing_overrides`) orders
+  them from the shared health snapshot, without I/O. Already-tried and open-circuit deployments go
+  last. `ctx.candidates` is the ordered list and `ctx.deployment` its head; the rate limiter's
+  reservation then takes the first candidate that is healthy and within its own limits, and the
+  failover loop walks the rest.
 - A model list (`GET /v1/models`, `/api/tags`) is answered in the family's own shape with the union
-  of the configured `models`; a deployment without a list is asked (once per request, bounded by
-  its connect timeout) and its answer merged. An unreachable deployment contributes nothing.
+  of the configured `models`; a deployment without a list is asked, and its answer merged.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import structlog
 from config.models import Config, Deployment
 from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError
+from proxy.routing import arrange, load_strategy
 from proxy.runtime import Runtime
 
 log = structlog.get_logger("llm_gateway")
@@ -29,12 +33,20 @@ class RouterMiddleware:
         self.app = app
         self.runtime = deps
         self.by_family: dict[str, list[Deployment]] = {}
+        self.translated: list[Deployment] = []  # Bedrock deployments that serve Anthropic clients
         for dep in config.enabled_providers:
             self.by_family.setdefault(dep.family, []).append(dep)
+            if dep.type == "bedrock" and dep.deployment_map:
+                self.translated.append(dep)
+        self.strategy = load_strategy(config.gateway.routing_strategy)
+        self.overrides = {m: load_strategy(s) for m, s in config.gateway.routing_overrides.items()}
 
     def candidates(self, ctx: RequestContext) -> list[Deployment]:
         deps = [d for d in self.by_family.get(ctx.family, ()) if d.serves(ctx.model)]
-        return sorted(deps, key=lambda d: d.name in ctx.tried)  # stable: config order otherwise
+        if ctx.family == "anthropic" and ctx.operation == "chat" and ctx.model:
+            deps += [d for d in self.translated if ctx.model in d.deployment_map]
+        strategy = self.overrides.get(ctx.model or "", self.strategy)
+        return arrange(strategy, deps, ctx, self.runtime.health.snapshot())
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -206,6 +206,24 @@ class Adapter:
             return "credential"
         return "caller"
 
+    def stream_verdict(self, held: bytes) -> str:
+        """Judge the first events of a stream before committing: "ok", "error" or "wait".
+
+        SSE default: an `error` event (or a data object with a top-level `error`) is an error; two
+        non-ping events mean the stream is producing, so it is healthy.
+        """
+        events = 0
+        for raw in held.replace(b"\r\n", b"\n").split(b"\n\n")[:-1]:
+            if b"event: ping" in raw or b"event:ping" in raw or not raw.strip():
+                continue
+            if raw.startswith(b"event: error") or raw.startswith(b"event:error") or b'data: {"error"' in raw \
+                    or b'data:{"error"' in raw or b'"type":"error"' in raw[:80] or b'"type": "error"' in raw[:80]:
+                return "error"
+            events += 1
+            if events >= 2 or b"[DONE]" in raw:
+                return "ok"
+        return "wait"
+
     def render_error(self, err: GatewayError, request_id: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         raise NotImplementedError
 

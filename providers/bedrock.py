@@ -61,6 +61,11 @@ def _header_int(headers: list[tuple[bytes, bytes]], name: bytes) -> int | None:
     return None
 
 
+def _count(value: object) -> int | None:
+    """A reported token count, or None when it is absent or not a non-negative integer."""
+    return value if type(value) is int and value >= 0 else None
+
+
 class _StreamTap:
     __slots__ = ("ctx", "reader")
 
@@ -70,27 +75,33 @@ class _StreamTap:
     def feed(self, chunk: bytes) -> None:
         try:
             for headers, payload in self.reader.feed(chunk):
-                kind = headers.get(":event-type")
-                if kind == "metadata":
-                    self._converse(orjson.loads(payload).get("usage"))
-                elif kind == "chunk" and len(payload) < 4 * 1024 * 1024:
-                    inner = base64.b64decode(orjson.loads(payload).get("bytes") or b"")
-                    if b"amazon-bedrock-invocationMetrics" in inner:
-                        metrics = orjson.loads(inner)["amazon-bedrock-invocationMetrics"]
-                        u = self.ctx.usage
-                        cache = (metrics.get("cacheReadInputTokenCount") or 0) + (metrics.get("cacheWriteInputTokenCount") or 0)
-                        u.input_tokens = (metrics.get("inputTokenCount") or 0) + cache
-                        u.output_tokens = metrics.get("outputTokenCount")
-                        u.cached_tokens = cache or None
+                try:
+                    self._event(headers.get(":event-type"), payload)
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    pass  # one unreadable event must not hide the usage in later ones
         except (FrameError, ValueError, TypeError, KeyError, AttributeError):
             self.reader = FrameReader()  # unreadable usage must never break the relay
+
+    def _event(self, kind: object, payload: bytes) -> None:
+        if kind == "metadata":
+            self._converse(orjson.loads(payload).get("usage"))
+        elif kind == "chunk" and len(payload) < 4 * 1024 * 1024:
+            inner = base64.b64decode(orjson.loads(payload).get("bytes") or b"")
+            if b"amazon-bedrock-invocationMetrics" in inner:
+                metrics = orjson.loads(inner)["amazon-bedrock-invocationMetrics"]
+                u = self.ctx.usage
+                cache = (_count(metrics.get("cacheReadInputTokenCount")) or 0) + \
+                        (_count(metrics.get("cacheWriteInputTokenCount")) or 0)
+                u.input_tokens = (_count(metrics.get("inputTokenCount")) or 0) + cache
+                u.output_tokens = _count(metrics.get("outputTokenCount"))
+                u.cached_tokens = cache or None
 
     def _converse(self, usage: object) -> None:
         if isinstance(usage, dict):
             u = self.ctx.usage
-            cache = (usage.get("cacheReadInputTokens") or 0) + (usage.get("cacheWriteInputTokens") or 0)
-            u.input_tokens = (usage.get("inputTokens") or 0) + cache
-            u.output_tokens = usage.get("outputTokens")
+            cache = (_count(usage.get("cacheReadInputTokens")) or 0) + (_count(usage.get("cacheWriteInputTokens")) or 0)
+            u.input_tokens = (_count(usage.get("inputTokens")) or 0) + cache
+            u.output_tokens = _count(usage.get("outputTokens"))
             u.cached_tokens = cache or None
 
     def finish(self) -> None:
@@ -185,6 +196,19 @@ class BedrockAdapter(Adapter):
         if status == 400 and b"ServiceQuotaExceeded" in body + b"".join(v for k, v in headers if k == b"x-amzn-errortype"):
             return "quota"
         return super().classify(status, headers, body)
+
+    def stream_verdict(self, held: bytes) -> str:
+        frames = 0
+        try:
+            for headers, _ in FrameReader().feed(held):
+                if headers.get(":message-type") in ("exception", "error"):
+                    return "error"
+                frames += 1
+                if frames >= 2:
+                    return "ok"
+        except FrameError:
+            return "ok"  # not ours to judge: relay it and let the client's parser decide
+        return "wait"
 
     def render_error(self, err: GatewayError, request_id: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         kind, status = _AWS.get(err.code, ("InternalServerException", 500))

@@ -98,6 +98,8 @@ def _decode_headers(data: bytes) -> dict[str, object]:
         if name in headers:
             raise FrameError(f"duplicate header {name}")
         headers[name] = value
+    if i > end:
+        raise FrameError("a header value overruns the headers section")
     return headers
 
 
@@ -125,4 +127,8 @@ class FrameReader:
             (mcrc,) = struct.unpack_from(">I", frame, total - 4)
             if zlib.crc32(frame[: total - 4]) != mcrc:
                 raise FrameError("message CRC mismatch")
-            yield _decode_headers(frame[12 : 12 + hlen]), frame[12 + hlen : total - 4]
+            try:
+                headers = _decode_headers(frame[12 : 12 + hlen])
+            except (IndexError, struct.error, UnicodeDecodeError) as exc:
+                raise FrameError(f"malformed headers: {exc}") from None
+            yield headers, frame[12 + hlen : total - 4]

@@ -23,6 +23,11 @@ _MODEL_PATHS = {"/api/chat": "chat", "/api/generate": "text_completion", "/api/e
 _STREAMING_BY_DEFAULT = {"/api/chat", "/api/generate"}
 
 
+def _count(value: object) -> int:
+    """Ollama omits zero counts: absent (or not a non-negative integer) means 0."""
+    return value if type(value) is int and value >= 0 else 0
+
+
 class _Tap:
     __slots__ = ("ctx", "buf", "ndjson")
 
@@ -49,8 +54,8 @@ class _Tap:
         except orjson.JSONDecodeError:
             return
         if isinstance(obj, dict) and (obj.get("done") is True or "prompt_eval_count" in obj or "embeddings" in obj):
-            self.ctx.usage.input_tokens = obj.get("prompt_eval_count") or 0
-            self.ctx.usage.output_tokens = obj.get("eval_count") or 0
+            self.ctx.usage.input_tokens = _count(obj.get("prompt_eval_count"))
+            self.ctx.usage.output_tokens = _count(obj.get("eval_count"))
 
     def finish(self) -> None:
         if self.buf:
@@ -88,6 +93,12 @@ class OllamaAdapter(Adapter):
         if b"ndjson" in ctype:
             return _Tap(ctx, True)
         return _Tap(ctx, False) if b"json" in ctype else None
+
+    def stream_verdict(self, held: bytes) -> str:
+        line, sep, _ = held.partition(b"\n")
+        if not sep:
+            return "wait"
+        return "error" if line.lstrip().startswith(b'{"error"') else "ok"
 
     def render_error(self, err: GatewayError, request_id: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         return err.status, [(b"content-type", b"application/json")], orjson.dumps({"error": err.message})

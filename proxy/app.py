@@ -3,7 +3,7 @@
 Contract:
 - Accepts a loaded `Config` or a path; returns `GatewayApp`, an ASGI callable.
 - The stack order is defined here and only here (outermost first):
-  errors -> telemetry -> auth -> inspect -> router -> ratelimit -> forwarder.
+  errors -> telemetry -> auth -> inspect -> router -> ratelimit -> failover -> forwarder.
   The router orders the candidate deployments before rate limiting so that one atomic Redis call
   can both admit the request and reserve the first deployment whose own limits allow it.
 - `/healthz` (live) and `/readyz` (ready; reports degraded state but stays ready) and `/admin/*`
@@ -24,6 +24,7 @@ import structlog
 from config import Config, ConfigError, load_config
 from middlewares.auth import AuthMiddleware
 from middlewares.errors import ErrorMiddleware
+from middlewares.failover import FailoverMiddleware
 from middlewares.inspect import InspectMiddleware
 from middlewares.ratelimit import RateLimitMiddleware
 from middlewares.router import RouterMiddleware
@@ -37,7 +38,7 @@ log = structlog.get_logger("llm_gateway")
 
 # Outermost first. Each entry is constructed as Middleware(app, config, deps=runtime).
 STACK = (ErrorMiddleware, TelemetryMiddleware, AuthMiddleware, InspectMiddleware, RouterMiddleware,
-         RateLimitMiddleware)
+         RateLimitMiddleware, FailoverMiddleware)
 
 
 def _json(status: int, payload: object) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from proxy.errors import GatewayError
 
@@ -86,6 +86,11 @@ class RequestContext:
     upstream_ttfb: float | None = None
     upstream_seconds: float = 0.0
     client_disconnected: bool = False
+    may_retry: bool = False  # the forwarder raises retryable failures instead of relaying them
+    hold_stream: bool = False  # hold a stream's first events until they show it is healthy
+    failed_over: bool = False
+    # Set by the rate limiter: reserve one of these deployments for a further attempt (None = none).
+    admit_deployment: "Callable[[list[Deployment]], Awaitable[Deployment | None]] | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def header(self, name: bytes) -> str | None:

@@ -45,11 +45,13 @@ curl -s {base}/v1/messages -H "x-api-key: {k}" -H "anthropic-version: 2023-06-01
   -d '{{"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{{"role": "user", "content": "Hello"}}]}}'
 python -c 'from anthropic import Anthropic; c = Anthropic(base_url="{base}", api_key="{k}"); print(c.messages.create(model="claude-sonnet-4-5", max_tokens=64, messages=[{{"role": "user", "content": "Hello"}}]).content[0].text)'
 
-# AWS Bedrock (boto3 signs with SigV4 using the gateway-issued identity)
-python -c 'import boto3; c = boto3.client("bedrock-runtime", endpoint_url="{base}/bedrock", region_name="us-east-1", aws_access_key_id="{DEMO_AKID}", aws_secret_access_key="{DEMO_AWS_SECRET}"); print(c.converse(modelId="anthropic.claude-3-sonnet-20240229-v1:0", messages=[{{"role": "user", "content": [{{"text": "Hello"}}]}}])["output"]["message"]["content"][0]["text"])'
+# AWS Bedrock (curl and boto3 sign with SigV4 using the gateway-issued identity)
+curl -s {base}/bedrock/model/anthropic.claude-v2/converse --aws-sigv4 "aws:amz:us-east-1:bedrock" --user "{DEMO_AKID}:{DEMO_AWS_SECRET}" -H "Content-Type: application/json" \\
+  -d '{{"messages": [{{"role": "user", "content": [{{"text": "Hello"}}]}}]}}'
+python -c 'import boto3; model="anthropic.claude-3-sonnet-20240229-v1:0"; c = boto3.client("bedrock-runtime", endpoint_url="{base}/bedrock", region_name="us-east-1", aws_access_key_id="{DEMO_AKID}", aws_secret_access_key="{DEMO_AWS_SECRET}"); print(c.converse(modelId=model, messages=[{{"role": "user", "content": [{{"text": "Hello"}}]}}])["output"]["message"]["content"][0]["text"])'
 
 # Ollama
-curl -s {base}/ollama/api/chat -H "Authorization: Bearer {k}" -d '{{"model": "llama3.2", "messages": [{{"role": "user", "content": "Hello"}}], "stream": false}}'
+curl -s {base}/ollama/api/chat -H "Authorization: Bearer {k}" -H "Content-Type: application/json" -d '{{"model": "llama3.2", "messages": [{{"role": "user", "content": "Hello"}}], "stream": false}}'
 python -c 'import ollama; c = ollama.Client(host="{base}/ollama", headers={{"Authorization": "Bearer {k}"}}); print(c.chat(model="llama3.2", messages=[{{"role": "user", "content": "Hello"}}]).message.content)'
 """
 

@@ -64,3 +64,21 @@ class GatewayError(Exception):
 
     def __repr__(self) -> str:
         return f"GatewayError({self.code!r}, {self.message!r}, status={self.status})"
+
+
+class UpstreamFailure(GatewayError):
+    """An upstream attempt failed before anything reached the client, in a way another attempt may fix.
+
+    `kind` is the adapter's classification ("transient", "rate_limited"); `response` keeps the
+    upstream's own status, headers and (bounded) body so the final answer can pass it through
+    verbatim when no attempt succeeds.
+    """
+
+    __slots__ = ("kind", "response")
+
+    def __init__(self, code: str, message: str, *, kind: str = "transient",
+                 response: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(code, message, status=response[0] if response else None, retry_after=retry_after)
+        self.kind = kind
+        self.response = response

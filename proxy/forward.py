@@ -4,8 +4,10 @@ Contract:
 - Builds the upstream request with the inbound adapter for `ctx.deployment` (URL, auth, signing).
 - Timeouts: connect, first byte (bounded by what is left of `gateway.timeout`) and stream idle;
   httpx's default 5 s read timeout never applies.
-- Before the first byte, failures raise `GatewayError` (504 timeout, 502 unreachable) so outer
-  layers can retry or render them. After it, bytes flow as they arrive, untouched except for the
+- Before the first byte, failures raise `UpstreamFailure` (504 timeout, 502 unreachable; and, when
+  `ctx.may_retry`, a retryable upstream status with the upstream's own response kept) so the
+  failover layer can retry or render them. With `ctx.hold_stream`, a stream's first events are
+  held until the adapter says it is healthy; an in-band error there is a retryable failure too. After it, bytes flow as they arrive, untouched except for the
   documented OpenAI usage-chunk removal; a failure then raises `upstream_stream_error` with
   `ctx.committed` set so the error layer writes the family's error frame.
 - A client disconnect cancels the relay and closes the upstream stream at once.
@@ -21,11 +23,13 @@ import httpx
 
 from config.models import Config
 from proxy.context import RequestContext, get_context
-from proxy.errors import GatewayError
+from proxy.errors import GatewayError, UpstreamFailure
 from proxy.runtime import Runtime
 from providers.base import forward_response_headers
 
 _STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson", b"application/vnd.amazon.eventstream")
+ERROR_BODY_LIMIT = 1024 * 1024  # upstream error bodies are read whole (bounded) to classify them
+HOLD_LIMIT = 64 * 1024  # a stream that shows nothing conclusive in this much is committed anyway
 
 
 class Forwarder:
@@ -59,9 +63,9 @@ class Forwarder:
             try:
                 response = await client.send(request, stream=True)
             except httpx.TimeoutException:
-                raise GatewayError("upstream_timeout", f"deployment {dep.name!r} did not answer in time") from None
+                raise UpstreamFailure("upstream_timeout", f"deployment {dep.name!r} did not answer in time") from None
             except (httpx.TransportError, OSError):
-                raise GatewayError("upstream_unreachable", f"deployment {dep.name!r} is unreachable") from None
+                raise UpstreamFailure("upstream_unreachable", f"deployment {dep.name!r} is unreachable") from None
             timeouts["read"] = t.idle  # httpcore reads this when the body iteration starts
             ctx.upstream_ttfb = time.perf_counter() - ctx.upstream_started
             try:
@@ -80,26 +84,39 @@ class Forwarder:
     async def _relay(self, ctx: RequestContext, response: httpx.Response, send: Any) -> None:
         raw_headers = response.headers.raw
         adapter = ctx.adapter
+        status = response.status_code
+        ctx.status = status
+        held = b""
+        if status >= 400:
+            held = await _read_bounded(response, ERROR_BODY_LIMIT)
+            kind = adapter.classify(status, raw_headers, held)
+            if ctx.may_retry and kind in ("transient", "rate_limited"):
+                raise UpstreamFailure(
+                    "upstream_rate_limited" if kind == "rate_limited" else "upstream_error",
+                    f"deployment {ctx.deployment.name!r} answered {status}",  # type: ignore[union-attr]
+                    kind=kind, retry_after=retry_after_of(raw_headers),
+                    response=(status, forward_response_headers(raw_headers, drop_length=False), held))
+            ctx.extra["upstream_outcome"] = kind
         ctype = next((v for k, v in raw_headers if k == b"content-type"), b"")
         streaming = any(t in ctype for t in _STREAM_TYPES)
-        flt = adapter.stream_filter(ctx) if streaming else None
+        flt = adapter.stream_filter(ctx) if streaming and status < 400 else None
+        tap = adapter.tap(ctx, raw_headers) if status < 400 else None
+        chunks = response.aiter_raw()
+        if streaming and ctx.hold_stream and status < 400:
+            held = await self._hold(ctx, chunks)
         headers = forward_response_headers(raw_headers, drop_length=flt is not None)
         headers += [(b"x-gateway-request-id", ctx.request_id.encode()),
                     (b"x-gateway-provider", ctx.deployment.name.encode()),  # type: ignore[union-attr]
                     (b"x-gateway-attempts", str(ctx.attempts).encode())]
-        tap = adapter.tap(ctx, raw_headers) if response.status_code < 400 else None
-        ctx.status = response.status_code
-        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        if status >= 400 and (ctx.failed_over or ctx.extra.get("upstream_outcome") == "quota"):
+            headers = [(k, v) for k, v in headers if k != b"x-should-retry"] + [(b"x-should-retry", b"false")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         ctx.committed = True
         try:
-            async for chunk in response.aiter_raw():
-                if tap is not None:
-                    tap.feed(chunk)
-                if flt is not None:
-                    chunk = flt(chunk)
-                    if not chunk:
-                        continue
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if held:
+                await self._emit(held, tap, flt, send)
+            async for chunk in chunks:
+                await self._emit(chunk, tap, flt, send)
         except httpx.HTTPError as exc:
             if tap is not None:
                 tap.finish()
@@ -110,6 +127,61 @@ class Forwarder:
             tap.finish()
         ctx.extra["relay_done"] = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _emit(chunk: bytes, tap: Any, flt: Any, send: Any) -> None:
+        if tap is not None:
+            tap.feed(chunk)
+        if flt is not None:
+            chunk = flt(chunk)
+            if not chunk:
+                return
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def _hold(self, ctx: RequestContext, chunks: Any) -> bytes:
+        """Read a stream's first events until the adapter can tell it is healthy (commit point)."""
+        held = b""
+        try:
+            async for chunk in chunks:
+                held += chunk
+                verdict = ctx.adapter.stream_verdict(held)
+                if verdict == "ok" or len(held) > HOLD_LIMIT:
+                    return held
+                if verdict == "error":
+                    raise UpstreamFailure("upstream_error", "the upstream stream failed before its first content",
+                                          kind="transient")
+        except httpx.TimeoutException:
+            raise UpstreamFailure("upstream_timeout", "the upstream stream stalled before its first content",
+                                  kind="transient") from None
+        except httpx.HTTPError:
+            raise UpstreamFailure("upstream_unreachable", "the upstream stream broke before its first content",
+                                  kind="transient") from None
+        return held  # the stream ended inside the hold: relay what there is
+
+
+async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
+    body = b""
+    try:
+        async for chunk in response.aiter_raw():
+            body += chunk
+            if len(body) >= limit:
+                break
+    except httpx.HTTPError:
+        pass
+    return body
+
+
+def retry_after_of(headers: list[tuple[bytes, bytes]]) -> float | None:
+    """Server-directed delay: `retry-after-ms`, `x-amz-retry-after` (ms), then `retry-after` (s)."""
+    found: dict[bytes, bytes] = {k: v for k, v in headers if k in (b"retry-after-ms", b"x-amz-retry-after", b"retry-after")}
+    for name, scale in ((b"retry-after-ms", 0.001), (b"x-amz-retry-after", 0.001), (b"retry-after", 1.0)):
+        value = found.get(name)
+        if value is not None:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                continue
+    return None
 
 
 async def _watch_disconnect(receive: Any, ctx: RequestContext, task: asyncio.Task[Any] | None) -> None:

@@ -1,7 +1,7 @@
 """Logging setup: structlog JSON lines on stdout, secrets redacted by field name before rendering.
 
-Contract: `configure_logging()` is idempotent. Any event field whose name looks like a credential
-(`key`, `secret`, `token`, `authorization`, `password`, ...) is replaced by `***`.
+Contract: `configure_logging()` is idempotent. Any event field whose name is a credential name
+(`key`, `api_key`, `secret`, `authorization`, `*_token`, `*_secret`, ...) is replaced by `***`.
 """
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ from typing import Any
 import orjson
 import structlog
 
-_SECRET_WORDS = ("secret", "password", "token", "authorization", "api_key", "apikey", "credential", "signature")
+_SECRET_NAMES = frozenset({"key", "api_key", "apikey", "admin_key", "secret", "password", "authorization",
+                           "signature", "credential", "credentials", "token", "x-api-key", "api-key"})
+_SECRET_SUFFIXES = ("_key", "_secret", "secret_key", "_password", "_token", "_signature", "_credential")
 _configured = False
 
 
 def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     for name in list(event):
         lowered = name.lower()
-        if lowered.endswith("_tokens") or lowered in ("key_id", "event"):
-            continue
-        if any(word in lowered for word in _SECRET_WORDS) or lowered in ("key", "admin_key"):
+        if lowered in _SECRET_NAMES or lowered.endswith(_SECRET_SUFFIXES):
             event[name] = "***"
     return event
 

@@ -19,6 +19,7 @@ import httpx
 from config.models import Config
 from providers import build_adapters
 from providers.base import Adapter
+from proxy.health import SharedHealth
 from proxy.state import Store
 
 
@@ -37,6 +38,7 @@ class Runtime:
         self.adapters: dict[str, Adapter] = build_adapters()
         self._client: httpx.AsyncClient | None = None
         self._store: Store | None = None
+        self._health: SharedHealth | None = None
         self._lock = asyncio.Lock()
         self.closers: list[Any] = []
 
@@ -67,7 +69,16 @@ class Runtime:
             self._store = Store(self.config)
         return self._store
 
+    @property
+    def health(self) -> SharedHealth:
+        if self._health is None:
+            self._health = SharedHealth(self.config, self.store, self.config.gateway.failure_threshold)
+        return self._health
+
     async def aclose(self) -> None:
+        health, self._health = self._health, None
+        if health is not None:
+            await health.aclose()
         store, self._store = self._store, None
         if store is not None:
             await store.aclose()

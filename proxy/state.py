@@ -79,7 +79,7 @@ class Store:
                 self._client = redis.Redis.from_url(
                     self.url, socket_connect_timeout=max(self.timeout, 0.05), socket_timeout=None,
                     health_check_interval=0, max_connections=256)
-            for name in ("reserve", "reconcile"):
+            for name in ("reserve", "reconcile", "health"):
                 source = resources.files("proxy").joinpath("lua", f"{name}.lua").read_text()
                 self._scripts[name] = self._client.register_script(source)
         return self._client

@@ -28,7 +28,7 @@ from botocore.exceptions import ClientError
 
 from providers.eventstream import FrameReader, event_frame
 from tests.conftest import (
-    CLIENT_AKID, CLIENT_AWS_SECRET, GATEWAY_KEY_SHA, UPSTREAM_AKID, UPSTREAM_AWS_SECRET, clear_recorded,
+    CLIENT_AKID, CLIENT_AWS_SECRET, GATEWAY_KEY, GATEWAY_KEY_SHA, UPSTREAM_AKID, UPSTREAM_AWS_SECRET, clear_recorded,
     recorded,
 )
 from tests.servers import serve
@@ -439,3 +439,51 @@ def test_deployment_without_keys_uses_the_aws_credential_chain(
     assert out["output"]["message"]["content"][0]["text"].startswith("This is a simulated response")
     [rec] = recorded(mock_upstream)
     assert_upstream_signed(rec)
+
+
+# ---------------------------------------------------------------- what else reaches the upstream
+
+def test_bedrock_header_members_pass_through(gateway: str, mock_upstream: str) -> None:
+    br = client(f"{gateway}/bedrock")
+    br.invoke_model(modelId=ARN, body=INVOKE_BODY, contentType="application/json", accept="application/json",
+                    trace="ENABLED", guardrailIdentifier="gr-abc123", guardrailVersion="1",
+                    performanceConfigLatency="optimized")
+    [rec] = recorded(mock_upstream)
+    h = assert_upstream_signed(rec)
+    assert h["x-amzn-bedrock-trace"] == "ENABLED"
+    assert h["x-amzn-bedrock-guardrailidentifier"] == "gr-abc123"
+    assert h["x-amzn-bedrock-guardrailversion"] == "1"
+    assert h["x-amzn-bedrock-performanceconfig-latency"] == "optimized"
+    assert "x-amz-security-token" not in h
+
+
+def test_client_session_token_never_reaches_upstream(gateway: str, mock_upstream: str) -> None:
+    br = boto3.client("bedrock-runtime", endpoint_url=f"{gateway}/bedrock", region_name="us-east-1",
+                      aws_access_key_id=CLIENT_AKID, aws_secret_access_key=CLIENT_AWS_SECRET,
+                      aws_session_token="client-session-token-xyz", config=NO_RETRY)
+    sent = capture(br)
+    br.converse(modelId=MODEL, messages=MESSAGES)
+    assert "X-Amz-Security-Token" in sent[0].headers  # boto3 signed it in; the gateway must drop it
+    [rec] = recorded(mock_upstream)
+    h = assert_upstream_signed(rec)
+    assert "x-amz-security-token" not in h
+    assert "client-session-token-xyz" not in json.dumps(rec["headers"])
+
+
+def test_gateway_key_as_bearer_is_signed_upstream(gateway: str, mock_upstream: str) -> None:
+    url = _converse_url(gateway)
+    resp = httpx.post(url, content=_CONVERSE_BODY,
+                      headers={"content-type": "application/json", "authorization": f"Bearer {GATEWAY_KEY}"})
+    assert resp.status_code == 200, resp.text
+    [rec] = recorded(mock_upstream)
+    assert_upstream_signed(rec)
+    assert GATEWAY_KEY not in json.dumps(rec["headers"])
+
+
+@pytest.mark.parametrize("segment", ["%2E%2E", "..%2F..%2Fadmin", "a%2F..%2Fb", "%252E%252E"])
+def test_model_ids_that_climb_are_refused(gateway: str, mock_upstream: str, segment: str) -> None:
+    url = f"{gateway}/bedrock/model/{segment}/converse"
+    resp = httpx.post(url, content=_CONVERSE_BODY, headers=sign("POST", url, _CONVERSE_BODY))
+    assert resp.status_code in (400, 404), resp.text
+    assert resp.headers["x-amzn-errortype"] in ("ValidationException", "ResourceNotFoundException")
+    assert recorded(mock_upstream) == []

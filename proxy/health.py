@@ -1,0 +1,194 @@
+"""Shared deployment health: a passive circuit breaker per deployment, plus the live figures that
+the latency- and load-aware strategies read (time-to-first-byte EWMA, in-flight attempts).
+
+Contract:
+- `record(dep, outcome, retry_after)` feeds one attempt's outcome to the shared breaker in Redis
+  (`health.lua`): it opens after `FAILURES_TO_OPEN` consecutive transient failures, or at once on a
+  provider 429/529 carrying `Retry-After` (until then); repeat ejections last 30 s x n, capped at
+  300 s, with jitter. The reservation script (`reserve.lua`) reads the same hash, so every replica
+  skips an open deployment from its next request on; exactly one replica wins the half-open probe.
+- While Redis is unavailable each replica keeps the same breaker locally (`locally_open`), and
+  Redis being down causes no errors.
+- `observe_ttfb`, `begin`/`end` keep shared EWMA and in-flight figures; `snapshot()` is the local
+  copy (refreshed every `REFRESH` s off the request path) that strategies read without I/O.
+- Recording happens off the critical path (tasks kept referenced until done).
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from config.models import Config
+from proxy.state import TAG, Store, StoreUnavailable
+
+log = structlog.get_logger("llm_gateway.health")
+FAILURES_TO_OPEN = 5
+BASE_EJECTION_MS = 30_000
+MAX_EJECTION_MS = 300_000
+PROBE_LOCK_MS = 10_000
+REFRESH = 0.5
+
+
+def health_key(dep: str) -> str:
+    return f"llmgw:{TAG}:health:{dep}"
+
+
+def probe_key(dep: str) -> str:
+    return f"llmgw:{TAG}:probe:{dep}"
+
+
+def stats_key(dep: str) -> str:
+    return f"llmgw:{TAG}:stats:{dep}"
+
+
+@dataclass(slots=True)
+class DeploymentStats:
+    open_until: float = 0.0  # epoch seconds; 0 = closed
+    ejections: int = 0
+    fails: int = 0
+    ttfb_ewma: float | None = None
+    inflight: int = 0
+
+
+class SharedHealth:
+    def __init__(self, config: Config, store: Store, failures_to_open: int = FAILURES_TO_OPEN) -> None:
+        self.store = store
+        self.names = [d.name for d in config.providers]
+        self.threshold = failures_to_open
+        self.local: dict[str, DeploymentStats] = {n: DeploymentStats() for n in self.names}
+        self.shared: dict[str, DeploymentStats] = {n: DeploymentStats() for n in self.names}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._refresher: asyncio.Task[None] | None = None
+        self.state_changes = 0
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # --- breaker ------------------------------------------------------------------------------
+    def record(self, dep: str, outcome: str, retry_after: float | None = None) -> None:
+        """outcome: "ok", "fail" (transient) or "throttle" (429/529 with Retry-After)."""
+        self._record_local(dep, outcome, retry_after)
+        self._spawn(self._record_shared(dep, outcome, retry_after))
+
+    def _record_local(self, dep: str, outcome: str, retry_after: float | None) -> None:
+        s = self.local.setdefault(dep, DeploymentStats())
+        now = time.time()
+        if outcome == "ok":
+            s.fails, s.open_until = 0, 0.0
+            return
+        eject = 0.0
+        if outcome == "throttle" and retry_after:
+            eject = retry_after
+        else:
+            s.fails += 1
+            if s.fails >= self.threshold or (s.open_until and now >= s.open_until):
+                eject = min(BASE_EJECTION_MS * (s.ejections + 1), MAX_EJECTION_MS) / 1000 * random.uniform(0.9, 1.1)
+        if eject:
+            if not s.open_until or now >= s.open_until:
+                log.warning("circuit_opened", deployment=dep, scope="local", seconds=round(eject, 1))
+            s.open_until, s.fails, s.ejections = max(s.open_until, now + eject), 0, s.ejections + 1
+
+    async def _record_shared(self, dep: str, outcome: str, retry_after: float | None) -> None:
+        keys = [health_key(dep), probe_key(dep)]
+        args = [outcome, int((retry_after or 0) * 1000), self.threshold, BASE_EJECTION_MS, MAX_EJECTION_MS,
+                random.random()]
+        try:
+            state, open_until, ejections, _ = await self.store.script("health", keys, args)
+        except StoreUnavailable:
+            return
+        except Exception:  # noqa: BLE001 - health bookkeeping must never hurt traffic
+            log.exception("health_record_failed", deployment=dep)
+            return
+        if state >= 2:
+            self.state_changes += 1
+            log.warning("circuit_opened" if state % 2 else "circuit_closed", deployment=dep,
+                        open_until_ms=open_until, ejections=ejections)
+
+    def locally_open(self, dep: str) -> bool:
+        s = self.local.get(dep)
+        return bool(s and s.open_until > time.time())
+
+    # --- live figures for strategies ------------------------------------------------------------
+    def begin(self, dep: str) -> None:
+        self.local.setdefault(dep, DeploymentStats()).inflight += 1
+        self._spawn(self._bump(dep, 1))
+
+    def end(self, dep: str) -> None:
+        self.local.setdefault(dep, DeploymentStats()).inflight -= 1
+        self._spawn(self._bump(dep, -1))
+
+    async def _bump(self, dep: str, by: int) -> None:
+        async def op(c: Any) -> None:
+            async with c.pipeline(transaction=False) as p:
+                p.hincrby(stats_key(dep), "inflight", by)
+                p.expire(stats_key(dep), 3600)
+                await p.execute()
+
+        try:
+            await self.store.call(op)
+        except StoreUnavailable:
+            pass
+
+    def observe_ttfb(self, dep: str, seconds: float) -> None:
+        s = self.local.setdefault(dep, DeploymentStats())
+        s.ttfb_ewma = seconds if s.ttfb_ewma is None else 0.7 * s.ttfb_ewma + 0.3 * seconds
+        value = s.ttfb_ewma
+
+        async def op(c: Any) -> None:
+            await c.hset(stats_key(dep), "ttfb_ewma", repr(value))
+
+        async def write() -> None:
+            try:
+                await self.store.call(op)
+            except StoreUnavailable:
+                pass
+
+        self._spawn(write())
+
+    def snapshot(self) -> dict[str, DeploymentStats]:
+        """Shared figures where known (refreshed in the background), local ones otherwise."""
+        if self._refresher is None or self._refresher.done():
+            try:
+                self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+            except RuntimeError:
+                pass
+        return self.shared if not self.store.degraded else self.local
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except StoreUnavailable:
+                pass
+            except Exception:  # noqa: BLE001
+                log.exception("health_refresh_failed")
+            await asyncio.sleep(REFRESH)
+
+    async def refresh(self) -> dict[str, DeploymentStats]:
+        async def op(c: Any) -> list[Any]:
+            async with c.pipeline(transaction=False) as p:
+                for name in self.names:
+                    p.hmget(health_key(name), "open_until", "ejections", "fails")
+                    p.hmget(stats_key(name), "ttfb_ewma", "inflight")
+                return await p.execute()
+
+        rows = await self.store.call(op, deadline=max(self.store.timeout, 1.0))
+        for i, name in enumerate(self.names):
+            (open_until, ejections, fails), (ttfb, inflight) = rows[2 * i], rows[2 * i + 1]
+            self.shared[name] = DeploymentStats(
+                open_until=int(open_until or 0) / 1000, ejections=int(ejections or 0), fails=int(fails or 0),
+                ttfb_ewma=float(ttfb) if ttfb else None, inflight=max(0, int(inflight or 0)))
+        return self.shared
+
+    async def aclose(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        for task in list(self.tasks):
+            task.cancel()
