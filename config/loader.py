@@ -168,6 +168,11 @@ def _convert(doc: _Doc, path: str, hint: Any, value: Any, name: str) -> Any:
             raise doc.error(path, f"expected true or false, got {value!r}")
         return value
     if hint in (int, float):
+        if isinstance(value, str):  # a quoted "${PORT:-8080}" is still a number
+            try:
+                value = float(value) if hint is float or "." in value else int(value)
+            except ValueError:
+                raise doc.error(path, f"expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise doc.error(path, f"expected a number, got {value!r}")
         if hint is int and isinstance(value, float) and not value.is_integer():
@@ -193,19 +198,23 @@ def _build(doc: _Doc, path: str, cls: type, data: Any, skip: tuple[str, ...] = (
     for key, value in data.items():
         child = f"{path}.{key}" if path else key
         if key not in names:
-            raise doc.error(child, f"unknown field (expected one of: {', '.join(sorted(names))})")
+            shown = sorted((names - _INTERNAL) | ({"deployments"} if cls is m.Deployment else set()))
+            raise doc.error(child, f"unknown field (expected one of: {', '.join(shown)})")
         try:
             kwargs[key] = _convert(doc, child, hints[key], value, key)
         except ValueError as exc:
             if isinstance(exc, ConfigError):
                 raise
             raise doc.error(child, str(exc)) from None
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise doc.error(path, f"missing field ({exc})") from None
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise doc.error(path, f"missing required field {', '.join(repr(n) for n in missing)}")
+    return cls(**kwargs)
 
 
+# Filled in by the loader itself, never from YAML.
+_INTERNAL = frozenset({"name", "family", "disabled_reason", "deployment_map"})
 _TOP = {"gateway": m.GatewaySettings, "state": m.StateSettings, "auth": m.AuthSettings,
         "monitoring": m.MonitoringSettings, "server": m.ServerSettings}
 
@@ -217,6 +226,8 @@ def _provider(doc: _Doc, name: str, data: Any) -> m.Deployment:
     if data is not None and not isinstance(data, dict):
         raise doc.error(path, "expected a mapping")
     data = dict(data or {})
+    for key in _INTERNAL & set(data):
+        raise doc.error(f"{path}.{key}", "unknown field")
     kind = data.pop("type", name)
     if kind not in m.DEPLOYMENT_TYPES:
         raise doc.error(f"{path}.type", f"unknown type {kind!r} (one of: {', '.join(m.DEPLOYMENT_TYPES)})")
@@ -236,7 +247,7 @@ def _provider(doc: _Doc, name: str, data: Any) -> m.Deployment:
         elif kind in defaults:
             dep.base_url = defaults[kind]
         else:
-            raise doc.error(f"{path}.base_url", f"a {kind} deployment needs a base_url")
+            raise doc.error(f"{path}.base_url", f"deployments of type {kind} need a base_url")
     if not re.match(r"^https?://[^/?#@\s]+(/[^?#\s]*)?$", dep.base_url):
         raise doc.error(f"{path}.base_url", f"not an http(s) URL without query or credentials: {dep.base_url!r}")
     dep.base_url = dep.base_url.rstrip("/")
@@ -255,7 +266,7 @@ def parse_config(text: str, source: str = "<config>", env: Mapping[str, str] | N
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        raise ConfigError(source, mark.line + 1 if mark else None, "", f"invalid YAML: {exc}") from None
+        raise ConfigError(source, mark.line + 1 if mark else None, "", "invalid YAML: " + " ".join(str(getattr(exc, "problem", None) or exc).split())) from None
     raw = doc.walk(node, "") if node is not None else {}
     if not isinstance(raw, dict):
         raise ConfigError(source, 1, "", "the top level must be a mapping")

@@ -53,11 +53,14 @@ class InspectMiddleware:
         await read_body(ctx, receive, self.max_body)
         if ctx.body:
             ctype = (ctx.header(b"content-type") or "").lower()
-            if "json" in ctype or (not ctype and ctx.body[:1] in (b"{", b"[")):
+            declared_json = "json" in ctype
+            # Ollama's own docs post JSON with curl's default form content type: sniff the body too.
+            if declared_json or ("multipart" not in ctype and ctx.body.lstrip()[:1] in (b"{", b"[")):
                 try:
                     ctx.json = orjson.loads(ctx.body)
                 except orjson.JSONDecodeError:
-                    raise GatewayError("caller_invalid_request", "the request body is not valid JSON") from None
+                    if declared_json or ctx.family != "openai":
+                        raise GatewayError("caller_invalid_request", "the request body is not valid JSON") from None
         reject_upstream_pickers(ctx)
         ctx.adapter.inspect(ctx)
         principal = ctx.principal

@@ -176,10 +176,10 @@ class RateLimitMiddleware:
         chosen = [c for c in candidates if ctx.deployment and c[0] == f"provider:{ctx.deployment.name}"]
         token_scopes = [(name, tpm) for name, _, tpm in common + chosen]
         if res["store"] == "local":
-            self.local.settle(token_scopes, delta, member, conc_key)
+            self.local.settle(token_scopes, delta, member, conc_key, estimate=est)
             return
         keys = [done_key(member), conc_key or done_key(member)]
-        args: list[Any] = [member, delta]
+        args: list[Any] = [member, delta, est]
         for name, tpm in token_scopes:
             keys.extend((counter_keys(name)[1], limits_key(name)))
             args.append(_limit(tpm))

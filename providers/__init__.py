@@ -17,7 +17,8 @@ FAMILIES = ("openai", "anthropic", "bedrock", "ollama")
 
 
 def build_adapters() -> dict[str, Adapter]:
-    return {"openai": OpenAIAdapter(), "anthropic": AnthropicAdapter(), "bedrock": BedrockAdapter(),
+    bedrock = BedrockAdapter()
+    return {"openai": OpenAIAdapter(), "anthropic": AnthropicAdapter(bedrock), "bedrock": bedrock,
             "ollama": OllamaAdapter()}
 
 

@@ -16,9 +16,13 @@ from urllib.parse import unquote
 
 import orjson
 
+from typing import Callable
+
 from config.models import Deployment
 from proxy.context import RequestContext
 from proxy.errors import GatewayError
+from providers import anthropic_bedrock as translate
+from providers.bedrock import BedrockAdapter
 from providers.base import (
     Adapter, Decompressor, RateState, SSEReader, UpstreamRequest, UsageTap, bearer, forward_request_headers,
     valid_model,
@@ -110,14 +114,37 @@ class AnthropicAdapter(Adapter):
         elif path == "/v1/messages/count_tokens":
             ctx.operation = "count_tokens"
 
+    def __init__(self, bedrock: BedrockAdapter | None = None) -> None:
+        self.bedrock = bedrock or BedrockAdapter()  # signs translated calls to Bedrock deployments
+
     def upstream(self, ctx: RequestContext, dep: Deployment) -> UpstreamRequest:
+        if dep.type == "bedrock":
+            return translate.build_request(ctx, dep, self.bedrock.credentials_for(dep))
         headers = forward_request_headers(ctx.headers)
         if dep.api_key:
             headers.append(("x-api-key", dep.api_key))
         url = dep.base_url + ctx.path + (f"?{ctx.query}" if ctx.query else "")
         return UpstreamRequest(ctx.method, url, headers, ctx.body)
 
+    def stream_filter(self, ctx: RequestContext) -> Callable[[bytes], bytes] | None:
+        if ctx.deployment is not None and ctx.deployment.type == "bedrock":
+            return translate.EventStreamToSSE()
+        return None
+
+    def response_headers(self, ctx: RequestContext, headers: list[tuple[bytes, bytes]], streaming: bool) -> list[tuple[bytes, bytes]]:
+        if ctx.deployment is not None and ctx.deployment.type == "bedrock":
+            return translate.response_headers(headers, streaming)
+        return headers
+
+    def error_response(self, ctx: RequestContext, status: int, headers: list[tuple[bytes, bytes]],
+                       body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        if ctx.deployment is not None and ctx.deployment.type == "bedrock":
+            return translate.error_body(status, headers, body, ctx.request_id)
+        return status, headers, body
+
     def tap(self, ctx: RequestContext, headers: list[tuple[bytes, bytes]]) -> UsageTap | None:
+        if ctx.deployment is not None and ctx.deployment.type == "bedrock":
+            return self.bedrock.tap(ctx, headers)
         ctype = encoding = b""
         for k, v in headers:
             if k == b"content-type":

@@ -73,11 +73,10 @@ def forward_request_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[st
                 accept = value.decode("latin-1")
             continue
         out.append((key.decode("latin-1"), value.decode("latin-1")))
-    # Only ask for encodings the usage tap can read; the bytes still pass through compressed.
-    if accept is not None:
-        kept = [p.strip() for p in accept.split(",") if p.split(";")[0].strip().lower() in _TAPPABLE_ENCODINGS]
-        if kept:
-            out.append(("accept-encoding", ", ".join(kept)))
+    # Only ask for encodings the usage tap can read; the bytes still pass through compressed. Always say so
+    # explicitly: otherwise the HTTP client's default (gzip, deflate) would reach a client that never asked.
+    kept = [p.strip() for p in (accept or "").split(",") if p.split(";")[0].strip().lower() in _TAPPABLE_ENCODINGS]
+    out.append(("accept-encoding", ", ".join(kept) if kept else "identity"))
     return out
 
 
@@ -194,6 +193,16 @@ class Adapter:
 
     def stream_filter(self, ctx: RequestContext) -> Callable[[bytes], bytes] | None:
         return None
+
+    def response_headers(self, ctx: RequestContext, headers: list[tuple[bytes, bytes]],
+                         streaming: bool) -> list[tuple[bytes, bytes]]:
+        """Rewrite upstream response headers (only for cross-family deployments)."""
+        return headers
+
+    def error_response(self, ctx: RequestContext, status: int, headers: list[tuple[bytes, bytes]],
+                       body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Rewrite an upstream error response (only for cross-family deployments)."""
+        return status, headers, body
 
     def classify(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Classification:
         if status < 400:

@@ -154,12 +154,12 @@ class BedrockAdapter(Adapter):
         if ctx.method == "POST" and ctx.body and ctx.json is None and op in _OPERATIONS:
             raise GatewayError("caller_invalid_request", "the request body must be JSON")
 
-    def _credentials(self, dep: Deployment) -> object:
+    def credentials_for(self, dep: Deployment) -> object:
         if dep.aws_access_key_id:
             return _Static(dep.aws_access_key_id, dep.aws_secret_access_key, dep.aws_session_token or None)
-        chain = self._chains.get(dep.name)
-        if chain is None:
-            chain = self._chains[dep.name] = Session().get_credentials()
+        if dep.name not in self._chains:  # resolved once (the chain refreshes itself), None included
+            self._chains[dep.name] = Session().get_credentials()
+        chain = self._chains[dep.name]
         if chain is None:
             raise GatewayError("upstream_unavailable", "no AWS credentials available for the deployment")
         return chain.get_frozen_credentials()  # type: ignore[attr-defined]
@@ -173,7 +173,7 @@ class BedrockAdapter(Adapter):
         url = f"{dep.base_url}/model/{model_seg}/{rest}" + (f"?{ctx.query}" if ctx.query else "")
         headers = [(k, v) for k, v in forward_request_headers(ctx.headers) if not k.startswith("amz-sdk-")]
         signed = {k: v for k, v in headers if k in _SIGNED}
-        creds = self._credentials(dep)
+        creds = self.credentials_for(dep)
         headers.extend(sigv4.sign(method=ctx.method, url=url, body=ctx.body, headers=signed,
                                   credentials=creds, region=dep.region or "us-east-1").items())  # type: ignore[arg-type]
         return UpstreamRequest(ctx.method, url, headers, ctx.body)

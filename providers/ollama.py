@@ -77,7 +77,8 @@ class OllamaAdapter(Adapter):
                 raise GatewayError("caller_invalid_request", "the request body must be a JSON object")
             ctx.model = valid_model(body.get("model") or body.get("name"))
             ctx.operation = _MODEL_PATHS[path]
-            ctx.stream = body.get("stream", path in _STREAMING_BY_DEFAULT) is True
+            flag = body.get("stream")
+            ctx.stream = path in _STREAMING_BY_DEFAULT and flag is not False if flag is None else flag is True
         elif isinstance(body, dict) and isinstance(body.get("model"), str):
             ctx.model = valid_model(body["model"])
 

@@ -62,6 +62,9 @@ class Forwarder:
         try:
             try:
                 response = await client.send(request, stream=True)
+            except httpx.PoolTimeout:  # our own pool is full: not the deployment's fault
+                raise GatewayError("gateway_unavailable", "the gateway is at its upstream connection limit; retry shortly",
+                                   retry_after=1.0) from None
             except httpx.TimeoutException:
                 raise UpstreamFailure("upstream_timeout", f"deployment {dep.name!r} did not answer in time") from None
             except (httpx.TransportError, OSError):
@@ -88,75 +91,136 @@ class Forwarder:
         ctx.status = status
         held = b""
         if status >= 400:
-            held = await _read_bounded(response, ERROR_BODY_LIMIT)
-            kind = adapter.classify(status, raw_headers, held)
+            body = await _read_bounded(response, ERROR_BODY_LIMIT)
+            kind = adapter.classify(status, raw_headers, body)
+            native = adapter.error_response(ctx, status, forward_response_headers(raw_headers, drop_length=True), body)
             if ctx.may_retry and kind in ("transient", "rate_limited"):
                 raise UpstreamFailure(
                     "upstream_rate_limited" if kind == "rate_limited" else "upstream_error",
                     f"deployment {ctx.deployment.name!r} answered {status}",  # type: ignore[union-attr]
-                    kind=kind, retry_after=retry_after_of(raw_headers),
-                    response=(status, forward_response_headers(raw_headers, drop_length=False), held))
+                    kind=kind, retry_after=retry_after_of(raw_headers), response=native)
             ctx.extra["upstream_outcome"] = kind
+            await self._send_error(ctx, native, kind, send)
+            return
         ctype = next((v for k, v in raw_headers if k == b"content-type"), b"")
         streaming = any(t in ctype for t in _STREAM_TYPES)
-        flt = adapter.stream_filter(ctx) if streaming and status < 400 else None
-        tap = adapter.tap(ctx, raw_headers) if status < 400 else None
+        flt = adapter.stream_filter(ctx) if streaming else None
+        inner = adapter.tap(ctx, raw_headers)
+        tap = _SafeTap(inner) if inner is not None else None
         chunks = response.aiter_raw()
-        if streaming and ctx.hold_stream and status < 400:
-            held = await self._hold(ctx, chunks)
-        headers = forward_response_headers(raw_headers, drop_length=flt is not None)
+        held = b""
+        if streaming and ctx.hold_stream:
+            held = await self._hold(ctx, chunks, tap, flt)
+        headers = adapter.response_headers(ctx, forward_response_headers(raw_headers, drop_length=flt is not None), streaming)
         headers += [(b"x-gateway-request-id", ctx.request_id.encode()),
                     (b"x-gateway-provider", ctx.deployment.name.encode()),  # type: ignore[union-attr]
                     (b"x-gateway-attempts", str(ctx.attempts).encode())]
-        if status >= 400 and (ctx.failed_over or ctx.extra.get("upstream_outcome") == "quota"):
-            headers = [(k, v) for k, v in headers if k != b"x-should-retry"] + [(b"x-should-retry", b"false")]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         ctx.committed = True
         try:
-            if held:
-                await self._emit(held, tap, flt, send)
+            if held:  # already tapped and filtered while held
+                await send({"type": "http.response.body", "body": held, "more_body": True})
             async for chunk in chunks:
                 await self._emit(chunk, tap, flt, send)
         except httpx.HTTPError as exc:
-            if tap is not None:
-                tap.finish()
+            _finish(ctx, tap)
             kind = "idle timeout" if isinstance(exc, httpx.TimeoutException) else "connection lost"
             raise GatewayError("upstream_stream_error", f"upstream stream failed ({kind})",
                                status=504 if isinstance(exc, httpx.TimeoutException) else 502) from None
-        if tap is not None:
-            tap.finish()
+        _finish(ctx, tap)
         ctx.extra["relay_done"] = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
     async def _emit(chunk: bytes, tap: Any, flt: Any, send: Any) -> None:
         if tap is not None:
-            tap.feed(chunk)
+            _feed(tap, chunk)
         if flt is not None:
             chunk = flt(chunk)
             if not chunk:
                 return
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
-    async def _hold(self, ctx: RequestContext, chunks: Any) -> bytes:
-        """Read a stream's first events until the adapter can tell it is healthy (commit point)."""
+    async def _send_error(self, ctx: RequestContext, native: tuple[int, list[tuple[bytes, bytes]], bytes],
+                          kind: str, send: Any) -> None:
+        """An upstream error that is not retried: verbatim (or translated for a cross-family deployment)."""
+        status, headers, body = native
+        headers = [(k, v) for k, v in headers if k not in (b"content-length", b"x-should-retry")]
+        headers += [(b"content-length", str(len(body)).encode()),
+                    (b"x-gateway-request-id", ctx.request_id.encode()),
+                    (b"x-gateway-provider", ctx.deployment.name.encode()),  # type: ignore[union-attr]
+                    (b"x-gateway-attempts", str(ctx.attempts).encode())]
+        if ctx.failed_over or kind == "quota":
+            headers.append((b"x-should-retry", b"false"))
+        else:
+            headers += [(k, v) for k, v in native[1] if k == b"x-should-retry"]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        ctx.committed = True
+        ctx.extra["relay_done"] = True
+        await send({"type": "http.response.body", "body": body})
+
+    async def _hold(self, ctx: RequestContext, chunks: Any, tap: Any, flt: Any) -> bytes:
+        """Read a stream's first events until the adapter can tell it is healthy (commit point).
+
+        Returns the held bytes already tapped and filtered, ready to send."""
         held = b""
+        first_byte = ctx.deployment.timeouts.first_byte  # type: ignore[union-attr]
         try:
-            async for chunk in chunks:
-                held += chunk
-                verdict = ctx.adapter.stream_verdict(held)
-                if verdict == "ok" or len(held) > HOLD_LIMIT:
-                    return held
-                if verdict == "error":
-                    raise UpstreamFailure("upstream_error", "the upstream stream failed before its first content",
-                                          kind="transient")
-        except httpx.TimeoutException:
+            async with asyncio.timeout(first_byte):  # the body read timeout is already the idle one
+                async for chunk in chunks:
+                    if tap is not None:
+                        _feed(tap, chunk)
+                    held += flt(chunk) if flt is not None else chunk
+                    verdict = ctx.adapter.stream_verdict(held)
+                    if verdict == "ok" or len(held) > HOLD_LIMIT:
+                        return held
+                    if verdict == "error":
+                        raise UpstreamFailure("upstream_error", "the upstream stream failed before its first content",
+                                              kind="transient")
+        except (httpx.TimeoutException, TimeoutError):
             raise UpstreamFailure("upstream_timeout", "the upstream stream stalled before its first content",
                                   kind="transient") from None
         except httpx.HTTPError:
             raise UpstreamFailure("upstream_unreachable", "the upstream stream broke before its first content",
                                   kind="transient") from None
         return held  # the stream ended inside the hold: relay what there is
+
+
+class _SafeTap:
+    """Usage reading must never break the relay: a tap that raises is switched off."""
+
+    __slots__ = ("inner", "broken")
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.broken = inner, False
+
+    def feed(self, chunk: bytes) -> None:
+        if not self.broken:
+            try:
+                self.inner.feed(chunk)
+            except Exception:  # noqa: BLE001
+                self.broken = True
+
+    def finish(self) -> None:
+        if not self.broken:
+            try:
+                self.inner.finish()
+            except Exception:  # noqa: BLE001
+                self.broken = True
+
+
+def _feed(tap: Any, chunk: bytes) -> None:
+    tap.feed(chunk)
+
+
+def _finish(ctx: RequestContext, tap: Any) -> None:
+    if tap is not None:
+        tap.finish()
+    u = ctx.usage  # whatever a provider reported, only non-negative integers count
+    for name in ("input_tokens", "output_tokens", "cached_tokens"):
+        value = getattr(u, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            setattr(u, name, None)
 
 
 async def _read_bounded(response: httpx.Response, limit: int) -> bytes:

@@ -88,11 +88,15 @@ class LocalLimiter:
             self._inflight[concurrency[0]][member] = now + concurrency[2]
         return True, chosen, 0.0
 
-    def settle(self, scopes: list[tuple[str, int | None]], delta: int, member: str, concurrency_key: str | None) -> None:
+    def settle(self, scopes: list[tuple[str, int | None]], delta: int, member: str, concurrency_key: str | None,
+               estimate: int = 0) -> None:
+        """`delta` = real - estimated tokens (0: the reservation stands); each scope was charged
+        min(estimate, share), so it is settled against that charge."""
         if concurrency_key is not None:
             self._inflight.get(concurrency_key, {}).pop(member, None)
         now = time.monotonic()
         for scope, tpm in scopes:
             share = self._share(tpm)
-            if share and scope in self._tat:
-                self._tat[scope] = max(now, self._tat[scope] + delta * WINDOW / share)
+            if share and delta and scope in self._tat:
+                charge = delta + estimate - min(estimate, share)
+                self._tat[scope] = max(now, self._tat[scope] + charge * WINDOW / share)

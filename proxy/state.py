@@ -77,7 +77,9 @@ class Store:
                 import redis.asyncio as redis
 
                 self._client = redis.Redis.from_url(
-                    self.url, socket_connect_timeout=max(self.timeout, 0.05), socket_timeout=None,
+                    # no socket timeouts: `call` bounds every operation, connecting included, with a
+                    # lag-aware deadline (a fixed connect timeout fires during a local burst)
+                    self.url, socket_connect_timeout=None, socket_timeout=None,
                     health_check_interval=0, max_connections=256)
             for name in ("reserve", "reconcile", "health"):
                 source = resources.files("proxy").joinpath("lua", f"{name}.lua").read_text()
@@ -99,6 +101,11 @@ class Store:
             for callback in self.on_change:
                 callback(value)
 
+    def _miss(self) -> None:
+        self._misses += 1
+        if self._misses >= MISSES_TO_OPEN:
+            self._trip(f"{self._misses} consecutive deadline misses")
+
     def _trip(self, reason: str) -> None:
         self._open_until = time.monotonic() + PROBE_INTERVAL
         self._set_degraded(True, reason)
@@ -113,18 +120,24 @@ class Store:
         if self._open_until:  # half-open: this call is the probe; others fail fast meanwhile
             self._open_until = now + PROBE_INTERVAL
         task = asyncio.ensure_future(op(self.client))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         try:
-            done, _ = await asyncio.wait({task}, timeout=(deadline or self.timeout) + 2 * self.loop_lag)
+            while not task.done():
+                # The lag is read again when the timer fires: a burst that started after this call
+                # did must not turn the call into a miss (the lag watcher runs during the wait).
+                left = start + (deadline or self.timeout) + 2 * self.loop_lag - loop.time()
+                if left <= 0:
+                    break
+                await asyncio.wait({task}, timeout=left)
             for _ in range(3):  # let a reply that is already on the socket land
-                if done or task.done():
+                if task.done():
                     break
                 await asyncio.sleep(0)
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-                self._misses += 1
-                if self._misses >= MISSES_TO_OPEN:
-                    self._trip(f"{self._misses} consecutive deadline misses")
+                self._miss()
                 raise StoreUnavailable("deadline exceeded")
             result = task.result()
         except asyncio.CancelledError:
@@ -133,6 +146,9 @@ class Store:
         except StoreUnavailable:
             raise
         except Exception as exc:
+            if _is_timeout(exc):  # e.g. connecting under a local burst: a miss, not a dead Redis
+                self._miss()
+                raise StoreUnavailable(type(exc).__name__) from None
             if isinstance(exc, (OSError, ConnectionError)) or _is_connection_error(exc):
                 self._trip(type(exc).__name__)
                 raise StoreUnavailable(type(exc).__name__) from None
@@ -200,6 +216,12 @@ class Store:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+
+
+def _is_timeout(exc: Exception) -> bool:
+    import redis.exceptions as rex
+
+    return isinstance(exc, (rex.TimeoutError, TimeoutError))
 
 
 def _is_connection_error(exc: Exception) -> bool:

@@ -52,10 +52,9 @@ def gw_module(upstream: Tape) -> Iterator[SimpleNamespace]:
 
 @pytest.fixture
 def gw(gw_module: SimpleNamespace, upstream: Tape) -> SimpleNamespace:
+    gw_module.contexts.reset()  # the previous test's requests are over: nothing more will be recorded
     clear_recorded(upstream.base)
     upstream.responses.clear()
-    with gw_module.contexts.cv:
-        gw_module.contexts.done.clear()
     return gw_module
 
 

@@ -242,7 +242,7 @@ ERRORS = [
      "bad.yaml:3: providers.ollama.base_url: not an http(s) URL without query or credentials: 'http://x/?a=1'"),
     ("base_url missing",
      "providers:\n  az:\n    type: openai_compatible\n    api_key: k\n",
-     "bad.yaml:2: providers.az.base_url: a openai_compatible deployment needs a base_url"),
+     "bad.yaml:2: providers.az.base_url: deployments of type openai_compatible need a base_url"),
     ("region",
      "providers:\n  bedrock:\n    region: moon-1\n",
      "bad.yaml:3: providers.bedrock.region: invalid AWS region 'moon-1'"),

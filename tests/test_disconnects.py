@@ -32,8 +32,9 @@ HEADERS = {"Authorization": f"Bearer {GATEWAY_KEY}"}
 class StreamingUpstream:
     """An OpenAI-compatible upstream whose streams last 30 s unless the peer disconnects.
 
-    `x-fake-mode: stall` sends the headers and one chunk, then sleeps 30 s. `x-fake-id` names the
-    request in `self.records` (id -> {"started", "disconnected", "ended"}; monotonic seconds).
+    `x-fake-stall-after: N` sends the headers and N chunks, then sleeps 30 s. `x-fake-id` names the
+    request in `self.records` (id -> {"started", "disconnected", "ended"}: monotonic seconds, and
+    "requests": how many times the gateway sent that request).
     """
 
     def __init__(self) -> None:
@@ -42,7 +43,10 @@ class StreamingUpstream:
 
     def record(self, rid: str, **values: float) -> None:
         with self.lock:
-            self.records.setdefault(rid, {"started": None, "disconnected": None, "ended": None}).update(values)
+            rec = self.records.setdefault(rid, {"started": None, "disconnected": None, "ended": None, "requests": 0})
+            rec.update(values)
+            if "started" in values:
+                rec["requests"] += 1
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -88,7 +92,7 @@ class StreamingUpstream:
                         "headers": [(b"content-type", b"text/event-stream")]})
             deadline = time.monotonic() + STREAM_SECONDS
             n = 0
-            stall = headers.get("x-fake-mode") == "stall"
+            stall_after = int(headers.get("x-fake-stall-after", "0"))
             while time.monotonic() < deadline and not gone.is_set():
                 chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": model,
                          "choices": [{"index": 0, "delta": {"content": f"tok{n} "}, "finish_reason": None}]}
@@ -96,7 +100,7 @@ class StreamingUpstream:
                             "more_body": True})
                 n += 1
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(gone.wait(), STREAM_SECONDS if stall else CHUNK_INTERVAL)
+                    await asyncio.wait_for(gone.wait(), STREAM_SECONDS if n == stall_after else CHUNK_INTERVAL)
             if not gone.is_set():
                 await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         finally:
@@ -161,10 +165,9 @@ def _wait_for(fake: StreamingUpstream, rids: list[str], field: str, timeout: flo
         time.sleep(0.01)
 
 
-async def _open_read_close(client: httpx.AsyncClient, base: str, rid: str, chunks: int,
-                           mode: str = "") -> float:
+async def _open_read_close(client: httpx.AsyncClient, base: str, rid: str, chunks: int) -> float:
     """Open a stream, read `chunks` SSE events, close abruptly; returns when the client closed."""
-    headers = {**HEADERS, "x-fake-id": rid, **({"x-fake-mode": mode} if mode else {})}
+    headers = {**HEADERS, "x-fake-id": rid}
     async with client.stream("POST", f"{base}/v1/chat/completions", json=_body(), headers=headers) as resp:
         assert resp.status_code == 200, await resp.aread()
         seen = 0
@@ -177,10 +180,10 @@ async def _open_read_close(client: httpx.AsyncClient, base: str, rid: str, chunk
     return closed_at
 
 
-def _one_drop(base: str, rid: str, chunks: int, mode: str = "") -> float:
+def _one_drop(base: str, rid: str, chunks: int) -> float:
     async def run() -> float:
         async with httpx.AsyncClient(timeout=10) as client:
-            return await _open_read_close(client, base, rid, chunks, mode)
+            return await _open_read_close(client, base, rid, chunks)
 
     return asyncio.run(run())
 
@@ -195,28 +198,48 @@ def test_client_drop_mid_stream_closes_upstream_within_1s(upstream, gateway_app)
     assert rec["disconnected"] - closed_at < 1.0
     _wait_for(fake, ["drop-a"], "ended", timeout=2)
     assert fake.records["drop-a"]["ended"] - rec["started"] < 5.0  # not the full 30 s stream
+    assert fake.records["drop-a"]["requests"] == 1
 
 
-def test_client_drop_during_upstream_stall_closes_upstream_within_1s(upstream, gateway_app) -> None:
+@pytest.mark.parametrize("stall_after", [1, 3], ids=["stall-before-commit", "stall-mid-stream"])
+def test_client_drop_during_upstream_stall_closes_upstream_within_1s(upstream, gateway_app, stall_after) -> None:
+    """The upstream sends headers and `stall_after` chunks, then goes silent for 30 s. With one chunk the
+    gateway may still be holding the stream (nothing sent to the client yet); with three the client
+    has bytes. Either way the client hangs up during the stall, and the upstream must hear of it."""
     fake, _ = upstream
     _, base = gateway_app
-    async def run() -> float:
-        async with httpx.AsyncClient(timeout=10) as client:
-            headers = {**HEADERS, "x-fake-id": "stall-b", "x-fake-mode": "stall"}
-            async with client.stream("POST", f"{base}/v1/chat/completions", json=_body(),
-                                     headers=headers) as resp:
-                assert resp.status_code == 200
-                async for raw in resp.aiter_raw():
-                    if b"data: " in raw:
-                        break
-                await asyncio.sleep(0.3)  # now the upstream is stalled mid-stream
-                return time.monotonic()
+    rid = f"stall-{stall_after}"
+    port = int(base.rsplit(":", 1)[1])
+    body = orjson.dumps(_body())
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+               f"Authorization: Bearer {GATEWAY_KEY}\r\nContent-Type: application/json\r\n"
+               f"x-fake-id: {rid}\r\nx-fake-stall-after: {stall_after}\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
-    closed_at = asyncio.run(run())
-    _wait_for(fake, ["stall-b"], "disconnected", timeout=3)
-    rec = fake.records["stall-b"]
+    async def run() -> tuple[float, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        received = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # until the upstream has sent its chunks and is stalled
+            with contextlib.suppress(asyncio.TimeoutError):
+                received += await asyncio.wait_for(reader.read(65536), 0.05)
+            if fake.records.get(rid, {}).get("started") is not None \
+                    and time.monotonic() - fake.records[rid]["started"] > stall_after * CHUNK_INTERVAL + 0.3:
+                break
+        writer.transport.abort()  # abrupt: no graceful HTTP end
+        return time.monotonic(), received
+
+    closed_at, received = asyncio.run(run())
+    if stall_after > 1:
+        assert received.startswith(b"HTTP/1.1 200") and received.count(b"data: ") >= 1, received
+    _wait_for(fake, [rid], "disconnected", timeout=3)
+    rec = fake.records[rid]
     assert rec["disconnected"] is not None, "the upstream never saw the gateway go away during the stall"
     assert rec["disconnected"] - closed_at < 1.0
+    time.sleep(0.2)
+    assert fake.records[rid]["requests"] == 1, "a client that left must not be retried on another attempt"
 
 
 def test_200_dropped_streams_do_not_leak_upstream_connections(upstream, gateway_app) -> None:
@@ -240,6 +263,7 @@ def test_200_dropped_streams_do_not_leak_upstream_connections(upstream, gateway_
     assert max(ended.values()) - started < 10.0
     late = [r for r, c in zip(rids, closed) if fake.records[r]["disconnected"] - c > 1.0]
     assert not late, f"{len(late)} upstream streams noticed the drop more than 1 s late"
+    assert all(fake.records[r]["requests"] == 1 for r in rids)
 
     async def normal() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=30, limits=limits) as client:

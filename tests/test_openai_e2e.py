@@ -57,19 +57,28 @@ class Contexts:
     """ASGI wrapper around the gateway: keeps each request's RequestContext once the gateway is done with it."""
 
     def __init__(self, app: Any) -> None:
-        self.app, self.done, self.cv = app, [], threading.Condition()
+        self.app, self.done, self.active, self.cv = app, [], 0, threading.Condition()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
+        with self.cv:
+            self.active += 1
         try:
             await self.app(scope, receive, send)
         finally:
             with self.cv:
+                self.active -= 1
                 self.done.append(state.get("gateway"))
                 self.cv.notify_all()
+
+    def reset(self) -> None:
+        """Forget finished requests, once the previous test's requests are all finished too."""
+        with self.cv:
+            assert self.cv.wait_for(lambda: self.active == 0, timeout=5), "a request never finished"
+            self.done.clear()
 
     def last(self, count: int) -> Any:
         """The context of the `count`-th request (1-based), waiting for the gateway to finish it."""
@@ -95,10 +104,9 @@ def gw_module(upstream: Tape) -> Iterator[SimpleNamespace]:
 
 @pytest.fixture
 def gw(gw_module: SimpleNamespace, upstream: Tape) -> SimpleNamespace:
+    gw_module.contexts.reset()  # the previous test's requests are over: nothing more will be recorded
     clear_recorded(upstream.base)
     upstream.responses.clear()
-    with gw_module.contexts.cv:
-        gw_module.contexts.done.clear()
     return gw_module
 
 
