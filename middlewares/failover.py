@@ -107,6 +107,8 @@ class FailoverMiddleware:
                         health.observe_ttfb(dep.name, ctx.upstream_ttfb)
                     return
                 except UpstreamFailure as failure:
+                    if failure.kind == "rate_limited":
+                        self.runtime.observer.rate_limited(ctx, f"provider:{dep.name}", "upstream")
                     throttled = failure.kind == "rate_limited" or failure.status == 529
                     health.record(dep.name, "throttle" if throttled and failure.retry_after else "fail",
                                   failure.retry_after)
@@ -118,6 +120,7 @@ class FailoverMiddleware:
                         return
                     if not retrying:
                         retrying = True
+                    self.runtime.observer.failover(ctx, dep, nxt, failure.code)
                     log.info("failover", request_id=ctx.request_id, failed=dep.name, next=nxt.name,
                              attempt=ctx.attempts + 1, reason=failure.code, status=failure.status)
                     ctx.failed_over = ctx.failed_over or nxt.name != dep.name
@@ -148,6 +151,7 @@ class FailoverMiddleware:
             return None
         if not self.budget.try_retry(first=not retrying):
             log.warning("retry_budget_exhausted", request_id=ctx.request_id)
+            self.runtime.observer.retry_budget_exhausted(ctx)
             return None
         await asyncio.sleep(delay)
         return chosen

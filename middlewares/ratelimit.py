@@ -24,11 +24,12 @@ from typing import Any
 
 import structlog
 
-from config.models import Config
+from config.models import Config, Deployment
 from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError
 from proxy.local_limits import LocalLimiter
 from proxy.runtime import Runtime
+from proxy.health import PROBE_LOCK_MS, health_key, probe_key
 from proxy.state import StoreUnavailable, concurrency_key, counter_keys, done_key, limits_key
 
 log = structlog.get_logger("llm_gateway.ratelimit")
@@ -89,34 +90,79 @@ class RateLimitMiddleware:
             self.pending.add(task)
             task.add_done_callback(self.pending.discard)
 
-    async def _reserve(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
-                       conc: int | None, conc_key: str | None) -> list[tuple[bytes, bytes]]:
-        everything = common + candidates
+    def _keys_args(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
+                   conc: int | None, conc_key: str | None) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
-        args: list[Any] = [member, ctx.estimated_tokens, len(common), conc or 0, int(self.timeout * 1000) + 60000]
-        for name, rpm, tpm in everything:
+        args: list[Any] = [member, ctx.estimated_tokens, len(common), conc or 0,
+                           int(self.timeout * 1000) + 60000, PROBE_LOCK_MS]
+        for name, rpm, tpm in common:
             keys.extend((*counter_keys(name), limits_key(name)))
+            args.extend((_limit(rpm), _limit(tpm)))
+        for name, rpm, tpm in candidates:
+            dep = name.split(":", 1)[1]
+            keys.extend((*counter_keys(name), limits_key(name), health_key(dep), probe_key(dep)))
             args.extend((_limit(rpm), _limit(tpm)))
         if conc_key:
             keys.append(conc_key)
+        return keys, args
+
+    async def _reserve(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
+                       conc: int | None, conc_key: str | None) -> list[tuple[bytes, bytes]]:
+        keys, args = self._keys_args(ctx, common, candidates, member, conc, conc_key)
         try:
             reply = await self.runtime.store.script("reserve", keys, args)
         except StoreUnavailable:
             return self._fallback(ctx, common, candidates, member, conc, conc_key)
-        admitted, chosen, retry_ms = int(reply[0]), int(reply[1]), int(reply[2])
-        stats = [int(v) for v in reply[4:]]
-        marker = stats[0] if stats and stats[0] < 0 else 0
-        if marker:
-            stats = stats[1:]
+        admitted, chosen, retry_ms, marker = int(reply[0]), int(reply[1]), int(reply[2]), int(reply[4])
+        stats = [int(v) for v in reply[6:]]
         rows = [stats[i:i + _STAT] for i in range(0, len(stats) - _STAT + 1, _STAT)]
+        everything = common + candidates
         headers = self._headers(ctx, rows, everything)
         if not admitted:
             reason = {-2: "concurrent request limit", -3: "every deployment for this model is at its limit"}.get(marker, "rate limit")
+            self.runtime.observer.rate_limited(ctx, reason, "gateway")
             raise self._reject(ctx, retry_ms / 1000.0, reason, headers, concurrency=marker == -2)
         if candidates and chosen > 0:
             ctx.deployment = ctx.candidates[chosen - 1]
-        ctx.reservation = {"member": member, "tokens": ctx.estimated_tokens, "store": "redis"}
+        ctx.reservation = {"member": member, "tokens": ctx.estimated_tokens, "store": "redis",
+                           "deployments": [ctx.deployment.name] if ctx.deployment and candidates else []}
+        ctx.admit_deployment = self._admitter(ctx)
         return headers
+
+    def _admitter(self, ctx: RequestContext) -> Any:
+        """For further attempts: reserve the first of these deployments that is healthy and within limits."""
+
+        async def admit(deps: list[Deployment]) -> Deployment | None:
+            candidates = [(f"provider:{d.name}", *self.providers.get(d.name, (None, None))) for d in deps]
+            member = f"{ctx.request_id}:{uuid.uuid4().hex[:12]}"
+            if ctx.reservation and ctx.reservation.get("store") == "redis":
+                keys, args = self._keys_args(ctx, [], candidates, member, None, None)
+                try:
+                    reply = await self.runtime.store.script("reserve", keys, args)
+                except StoreUnavailable:
+                    reply = None
+                if reply is not None:
+                    if not int(reply[0]) or int(reply[1]) < 1:
+                        return None
+                    chosen = deps[int(reply[1]) - 1]
+                    ctx.reservation["deployments"].append(chosen.name)
+                    return chosen
+            usable = self._locally_healthy(candidates)
+            ok, index, _ = self.local.reserve([], usable, ctx.estimated_tokens, member)
+            if not ok or index < 0:
+                return None
+            name = usable[index][0].split(":", 1)[1]
+            if ctx.reservation is not None:
+                ctx.reservation["deployments"].append(name)
+            return next(d for d in deps if d.name == name)
+
+        return admit
+
+    def _locally_healthy(self, candidates: list[Any]) -> list[Any]:
+        """Redis down: each replica's own breaker state, with the same last-one and panic rules."""
+        health = self.runtime.health
+        healthy = [c for c in candidates if not health.locally_open(c[0].split(":", 1)[1])]
+        return healthy if len(candidates) > 1 and len(healthy) * 2 >= len(candidates) else candidates
 
     def _fallback(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
                   conc: int | None, conc_key: str | None) -> list[tuple[bytes, bytes]]:
@@ -125,12 +171,17 @@ class RateLimitMiddleware:
         if self.mode == "closed":
             raise GatewayError("gateway_unavailable", "rate limiter unavailable; try again shortly", retry_after=1.0)
         concurrency = (conc_key, conc, self.timeout + 60.0) if conc and conc_key else None
-        ok, chosen, retry = self.local.reserve(common, candidates, ctx.estimated_tokens, member, concurrency)
+        usable = self._locally_healthy(candidates)
+        ok, chosen, retry = self.local.reserve(common, usable, ctx.estimated_tokens, member, concurrency)
         if not ok:
+            self.runtime.observer.rate_limited(ctx, "local fallback", "gateway")
             raise self._reject(ctx, retry, "rate limit (local fallback)", [], concurrency=False)
-        if candidates and chosen >= 0:
-            ctx.deployment = ctx.candidates[chosen]
-        ctx.reservation = {"member": member, "tokens": ctx.estimated_tokens, "store": "local"}
+        if usable and chosen >= 0:
+            name = usable[chosen][0].split(":", 1)[1]
+            ctx.deployment = next(d for d in ctx.candidates if d.name == name)
+        ctx.reservation = {"member": member, "tokens": ctx.estimated_tokens, "store": "local",
+                           "deployments": [ctx.deployment.name] if ctx.deployment and candidates else []}
+        ctx.admit_deployment = self._admitter(ctx)
         return []
 
     def _reject(self, ctx: RequestContext, retry: float, reason: str, headers: list[tuple[bytes, bytes]],
@@ -173,19 +224,28 @@ class RateLimitMiddleware:
             delta = 0  # aborted or unreadable stream: the estimate stands
         else:
             delta = -est  # nothing was generated
-        chosen = [c for c in candidates if ctx.deployment and c[0] == f"provider:{ctx.deployment.name}"]
-        token_scopes = [(name, tpm) for name, _, tpm in common + chosen]
-        if res["store"] == "local":
-            self.local.settle(token_scopes, delta, member, conc_key, estimate=est)
-            return
-        keys = [done_key(member), conc_key or done_key(member)]
-        args: list[Any] = [member, delta, est]
-        for name, tpm in token_scopes:
-            keys.extend((counter_keys(name)[1], limits_key(name)))
-            args.append(_limit(tpm))
-        try:
-            await self.runtime.store.script("reconcile", keys, args)
-        except StoreUnavailable:
-            log.warning("reconcile_skipped", request_id=ctx.request_id, reason="store unavailable")
-        except Exception:  # noqa: BLE001 - reconciling must never hurt a finished request
-            log.exception("reconcile_failed", request_id=ctx.request_id)
+        final = ctx.deployment.name if ctx.deployment else None
+        groups = [(delta, [(name, tpm) for name, _, tpm in common] + [
+            (f"provider:{final}", self.providers.get(final, (None, None))[1])] if final in res["deployments"] else [])]
+        failed = [d for d in res["deployments"] if d != final]
+        if failed:  # attempts that failed over generated nothing: give their tokens back
+            groups.append((-est, [(f"provider:{d}", self.providers.get(d, (None, None))[1]) for d in failed]))
+        for i, (amount, token_scopes) in enumerate(groups):
+            if not token_scopes and not (i == 0 and conc_key):
+                continue
+            if res["store"] == "local":
+                self.local.settle(token_scopes, amount, member, conc_key if i == 0 else None, estimate=est)
+                continue
+            tag = member if i == 0 else f"{member}:failed"
+            keys = [done_key(tag), (conc_key if i == 0 else None) or done_key(tag)]
+            args: list[Any] = [member, amount]
+            for name, tpm in token_scopes:
+                keys.extend((counter_keys(name)[1], limits_key(name)))
+                args.append(_limit(tpm))
+            args.append(est)  # last: each scope is settled against the min(estimate, tpm) it was charged
+            try:
+                await self.runtime.store.script("reconcile", keys, args)
+            except StoreUnavailable:
+                log.warning("reconcile_skipped", request_id=ctx.request_id, reason="store unavailable")
+            except Exception:  # noqa: BLE001 - reconciling must never hurt a finished request
+                log.exception("reconcile_failed", request_id=ctx.request_id)

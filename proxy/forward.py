@@ -53,6 +53,8 @@ class Forwarder:
             "pool": t.connect,
         }
         client = self.runtime.client
+        observer = self.runtime.observer
+        span = observer.attempt_start(ctx, dep, up.url, up.headers)
         request = client.build_request(up.method, up.url, headers=up.headers, content=up.body,
                                        extensions={"timeout": timeouts})
         ctx.attempts += 1
@@ -63,6 +65,7 @@ class Forwarder:
             try:
                 response = await client.send(request, stream=True)
             except httpx.PoolTimeout:  # our own pool is full: not the deployment's fault
+                observer.pool_saturated(ctx)
                 raise GatewayError("gateway_unavailable", "the gateway is at its upstream connection limit; retry shortly",
                                    retry_after=1.0) from None
             except httpx.TimeoutException:
@@ -77,8 +80,17 @@ class Forwarder:
                 await response.aclose()
         except asyncio.CancelledError:
             if not ctx.client_disconnected:
+                observer.attempt_end(ctx, dep, span, ctx.status, "cancelled")
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            observer.client_disconnected(ctx)
+            observer.attempt_end(ctx, dep, span, ctx.status, "client_disconnected")
+        except GatewayError as err:
+            observer.attempt_end(ctx, dep, span, ctx.status or err.status, err.code)
+            raise
+        else:
+            outcome = ctx.extra.get("upstream_outcome")
+            observer.attempt_end(ctx, dep, span, ctx.status, None if not outcome else f"upstream_{outcome}")
         finally:
             ctx.extra["relay_done"] = True
             watcher.cancel()

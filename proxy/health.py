@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from config.models import Config
+from proxy.observer import Observer
 from proxy.state import TAG, Store, StoreUnavailable
 
 log = structlog.get_logger("llm_gateway.health")
@@ -56,8 +57,10 @@ class DeploymentStats:
 
 
 class SharedHealth:
-    def __init__(self, config: Config, store: Store, failures_to_open: int = FAILURES_TO_OPEN) -> None:
+    def __init__(self, config: Config, store: Store, failures_to_open: int = FAILURES_TO_OPEN,
+                 observer: Observer | None = None) -> None:
         self.store = store
+        self.observer = observer or Observer()
         self.names = [d.name for d in config.providers]
         self.threshold = failures_to_open
         self.local: dict[str, DeploymentStats] = {n: DeploymentStats() for n in self.names}
@@ -93,6 +96,7 @@ class SharedHealth:
         if eject:
             if not s.open_until or now >= s.open_until:
                 log.warning("circuit_opened", deployment=dep, scope="local", seconds=round(eject, 1))
+                self.observer.circuit_changed(dep, True)
             s.open_until, s.fails, s.ejections = max(s.open_until, now + eject), 0, s.ejections + 1
 
     async def _record_shared(self, dep: str, outcome: str, retry_after: float | None) -> None:
@@ -108,6 +112,7 @@ class SharedHealth:
             return
         if state >= 2:
             self.state_changes += 1
+            self.observer.circuit_changed(dep, bool(state % 2))
             log.warning("circuit_opened" if state % 2 else "circuit_closed", deployment=dep,
                         open_until_ms=open_until, ejections=ejections)
 

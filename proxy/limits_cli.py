@@ -20,7 +20,10 @@ from config import Config, Secret
 from proxy.admin import valid_scope
 from proxy.state import Store, StoreUnavailable, limits_key
 
-log = structlog.get_logger("llm_gateway.limits")
+
+def _log() -> Any:
+    """The audit line of a change goes to stderr: stdout carries only the output (JSON with --json)."""
+    return structlog.wrap_logger(structlog.PrintLogger(sys.stderr), logger_name="llm_gateway.limits")
 
 
 def add_arguments(sub: Any, common: Any) -> None:
@@ -54,7 +57,7 @@ async def _run(args: argparse.Namespace, cfg: Config) -> int:
                 print("error: give --rpm and/or --tpm as non-negative integers", file=sys.stderr)
                 return 1
             await store.set_limit(scope, args.rpm, args.tpm)
-            log.info("limit_changed", actor="cli", scope=scope, requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
+            _log().info("limit_changed", actor="cli", scope=scope, requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
             result: Any = {"scope": scope, "limits": await store.get_limit(scope)}
         elif args.action == "get":
             live = await store.get_limit(scope)
@@ -65,7 +68,7 @@ async def _run(args: argparse.Namespace, cfg: Config) -> int:
                                 "tokens_in_bucket": round(usage["tokens_ahead_ms"] * tpm / 60000) if tpm else None}}
         elif args.action == "clear":
             result = {"scope": scope, "cleared": await store.clear_limit(scope)}
-            log.info("limit_cleared", actor="cli", scope=scope)
+            _log().info("limit_cleared", actor="cli", scope=scope)
         else:
             result = await store.list_limits()
             if not args.json:

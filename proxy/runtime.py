@@ -20,6 +20,7 @@ from config.models import Config
 from providers import build_adapters
 from providers.base import Adapter
 from proxy.health import SharedHealth
+from proxy.observer import Observer
 from proxy.state import Store
 
 
@@ -41,6 +42,7 @@ class Runtime:
         self._health: SharedHealth | None = None
         self._lock = asyncio.Lock()
         self.closers: list[Any] = []
+        self.observer: Observer = Observer()  # replaced by the telemetry layer when enabled
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -66,13 +68,13 @@ class Runtime:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = Store(self.config)
+            self._store = Store(self.config, self.observer)
         return self._store
 
     @property
     def health(self) -> SharedHealth:
         if self._health is None:
-            self._health = SharedHealth(self.config, self.store, self.config.gateway.failure_threshold)
+            self._health = SharedHealth(self.config, self.store, self.config.gateway.failure_threshold, self.observer)
         return self._health
 
     async def aclose(self) -> None:

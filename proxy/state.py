@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from config.models import Config
+from proxy.observer import Observer
 
 log = structlog.get_logger("llm_gateway.state")
 TAG = "{llmgw}"
@@ -52,7 +53,9 @@ class StoreUnavailable(Exception):
 
 
 class Store:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, observer: Observer | None = None) -> None:
+        self.observer = observer or Observer()
+        self.mode = config.state.on_redis_error
         self.url = str(config.state.redis_url)
         self.timeout = config.state.redis_timeout
         self.embedded = not self.url
@@ -98,6 +101,7 @@ class Store:
             self.degraded = value
             self.degraded_transitions += value
             (log.warning if value else log.info)("store_degraded" if value else "store_recovered", reason=reason)
+            self.observer.limiter_mode(value, self.mode)
             for callback in self.on_change:
                 callback(value)
 
@@ -122,6 +126,7 @@ class Store:
         task = asyncio.ensure_future(op(self.client))
         loop = asyncio.get_running_loop()
         start = loop.time()
+        started = time.perf_counter()
         try:
             while not task.done():
                 # The lag is read again when the timer fires: a burst that started after this call
@@ -150,9 +155,11 @@ class Store:
                 self._miss()
                 raise StoreUnavailable(type(exc).__name__) from None
             if isinstance(exc, (OSError, ConnectionError)) or _is_connection_error(exc):
+                self.observer.redis_call(time.perf_counter() - started, False)
                 self._trip(type(exc).__name__)
                 raise StoreUnavailable(type(exc).__name__) from None
             raise
+        self.observer.redis_call(time.perf_counter() - started, True)
         self._misses = 0
         self._open_until = 0.0
         self._set_degraded(False)

@@ -1,6 +1,6 @@
 """Bad input, table-driven per family: every failure is a native error of the inbound API, never a traceback.
 
-One gateway serves all four families. Each family has a normal deployment on the simulated upstream, a
+One gateway (failover off, so each case is one attempt) serves all four families. Each family has a normal deployment on the simulated upstream, a
 "slow" one (first_byte timeout 300 ms, and the request asks the mock to stall 2 s) and a "dead" one whose
 base_url is a closed port. Two keys: an open one and a narrow one with a model allowlist.
 Requests are raw httpx with correct-looking paths (Bedrock requests are SigV4-signed with botocore), and
@@ -48,7 +48,7 @@ MODELS = {
 def _config(up: str, dead: str) -> str:
     m = MODELS
     return f"""
-gateway: {{timeout: 20s, max_body_bytes: 1KiB}}
+gateway: {{timeout: 20s, max_body_bytes: 1KiB, enable_failover: false}}  # one attempt: failover is tested apart
 auth:
   keys:
     - {{id: open, sha256: {GATEWAY_KEY_SHA}, aws_access_key_id: {CLIENT_AKID}, aws_secret_access_key: {CLIENT_AWS_SECRET}}}
@@ -223,6 +223,9 @@ def test_bad_input_gets_a_native_error(gw: str, mock_upstream: str, case: str, f
     assert_native_error(response, family, status, kind)
     if case == "upstream_timeout":
         assert response.elapsed.total_seconds() < 1.5, "the first-byte timeout (300 ms) was not applied"
+    if case in ("upstream_timeout", "upstream_unreachable"):
+        assert response.headers["x-gateway-attempts"] == "1"
+        assert response.headers["x-gateway-provider"] == f"{family}-{'slow' if case == 'upstream_timeout' else 'dead'}"
     reached = [r for r in recorded(mock_upstream) if ["x-test-case", marker] in r["headers"]]
     assert len(reached) == (1 if case in REACHES_UPSTREAM else 0), case
 

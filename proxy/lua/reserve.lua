@@ -1,41 +1,50 @@
--- Atomic multi-scope admission: all or nothing, Redis TIME as the only clock.
+-- Atomic admission for one request: rate limits in every scope, plus the choice of a deployment
+-- that is within its own limits and whose shared circuit breaker lets it serve. All or nothing;
+-- Redis TIME is the only clock.
 --
--- KEYS: for each scope i (1..n): 3i-2 = request log (ZSET), 3i-1 = token TAT (string),
---       3i = live limit override (HASH requests_per_minute / tokens_per_minute).
---       Then, if ARGV[4] > 0, one concurrency ZSET.
--- ARGV: 1 member (unique per reservation), 2 estimated tokens, 3 n_common (scopes that must all
---       pass), 4 max_concurrent (0 = none), 5 concurrency lease ms,
---       then per scope: default rpm, default tpm (-1 = unlimited).
--- Scopes after the first n_common are deployment candidates: the first one that passes is taken.
--- Returns {admitted, chosen (1-based candidate index or 0), retry_after_ms, now_ms, flat stats}
--- where stats per applied scope = {scope index, rpm limit, rpm remaining, rpm reset ms,
--- tpm limit, tpm remaining, tpm reset ms}.
+-- KEYS: common scope i (1..C): 3 keys at 3(i-1): request log ZSET, token TAT, live-limit HASH.
+--       candidate j (1..D): 5 keys at 3C+5(j-1): request log, token TAT, live-limit HASH,
+--       health HASH, probe lock. Then, when ARGV[4] > 0, one concurrency ZSET.
+-- ARGV: 1 member (unique per reservation), 2 estimated tokens, 3 C, 4 max concurrent (0 = none),
+--       5 concurrency lease ms, 6 probe lock ms, then per scope (common first): default rpm,
+--       default tpm (-1 = unlimited).
+-- Returns {admitted, chosen candidate (1-based, 0 = none), retry_after_ms, now_ms, marker, probe,
+--          stats...}; marker 0 ok/limited, -2 concurrency, -3 no candidate admissible;
+--          stats per checked scope = {scope index, rpm, rpm remaining, rpm reset ms, tpm,
+--          tpm remaining, tpm reset ms}.
 local WINDOW = 60000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local member = ARGV[1]
 local tokens = tonumber(ARGV[2])
-local n_common = tonumber(ARGV[3])
+local C = tonumber(ARGV[3])
 local max_conc = tonumber(ARGV[4])
 local lease = tonumber(ARGV[5])
-local n = (#ARGV - 5) / 2
+local probe_ms = tonumber(ARGV[6])
+local n = (#ARGV - 6) / 2
+local D = n - C
+
+local function base(i)
+  if i <= C then return 3 * (i - 1) end
+  return 3 * C + 5 * (i - C - 1)
+end
 
 local function limits(i)
-  local rpm = tonumber(ARGV[4 + 2 * i])
-  local tpm = tonumber(ARGV[5 + 2 * i])
-  local live = redis.call('HMGET', KEYS[3 * i], 'requests_per_minute', 'tokens_per_minute')
+  local rpm = tonumber(ARGV[5 + 2 * i])
+  local tpm = tonumber(ARGV[6 + 2 * i])
+  local live = redis.call('HMGET', KEYS[base(i) + 3], 'requests_per_minute', 'tokens_per_minute')
   if live[1] then rpm = tonumber(live[1]) or rpm end
   if live[2] then tpm = tonumber(live[2]) or tpm end
   return rpm, tpm
 end
 
--- returns ok, retry_ms, stats
 local function check(i)
   local rpm, tpm = limits(i)
   local ok, retry = true, 0
   local stats = {i, -1, -1, 0, -1, -1, 0}
+  local b = base(i)
   if rpm and rpm >= 0 then
-    local log = KEYS[3 * i - 2]
+    local log = KEYS[b + 1]
     redis.call('ZREMRANGEBYSCORE', log, '-inf', now - WINDOW)
     local count = redis.call('ZCARD', log)
     local reset = WINDOW
@@ -55,11 +64,10 @@ local function check(i)
     stats[2], stats[3], stats[4] = rpm, math.max(0, rpm - count - 1), reset
   end
   if tpm and tpm >= 0 then
-    local tat = tonumber(redis.call('GET', KEYS[3 * i - 1]) or '0')
+    local tat = tonumber(redis.call('GET', KEYS[b + 2]) or '0')
     if tat < now then tat = now end
-    local want = math.min(tokens, tpm)
     local new_tat = tat
-    if tpm > 0 then new_tat = tat + want * WINDOW / tpm end
+    if tpm > 0 then new_tat = tat + math.min(tokens, tpm) * WINDOW / tpm end
     if tpm == 0 or new_tat - now > WINDOW then
       ok = false
       retry = math.max(retry, tpm == 0 and WINDOW or math.ceil(new_tat - now - WINDOW))
@@ -72,57 +80,74 @@ end
 
 local function apply(i)
   local rpm, tpm = limits(i)
+  local b = base(i)
   if rpm and rpm >= 0 then
-    redis.call('ZADD', KEYS[3 * i - 2], now, member)
-    redis.call('PEXPIRE', KEYS[3 * i - 2], WINDOW + 1000)
+    redis.call('ZADD', KEYS[b + 1], now, member)
+    redis.call('PEXPIRE', KEYS[b + 1], WINDOW + 1000)
   end
   if tpm and tpm > 0 then
-    local key = KEYS[3 * i - 1]
-    local tat = tonumber(redis.call('GET', key) or '0')
+    local tat = tonumber(redis.call('GET', KEYS[b + 2]) or '0')
     if tat < now then tat = now end
     tat = tat + math.min(tokens, tpm) * WINDOW / tpm
-    redis.call('SET', key, tostring(tat), 'PX', math.ceil(tat - now) + WINDOW)
+    redis.call('SET', KEYS[b + 2], tostring(tat), 'PX', math.ceil(tat - now) + WINDOW)
   end
 end
 
 local result = {}
 local retry = 0
-for i = 1, n_common do
+for i = 1, C do
   local ok, r, stats = check(i)
   for _, v in ipairs(stats) do table.insert(result, v) end
   if not ok then retry = math.max(retry, r) end
 end
 if max_conc > 0 then
-  local ck = KEYS[3 * n + 1]
+  local ck = KEYS[#KEYS]
   redis.call('ZREMRANGEBYSCORE', ck, '-inf', now)
   if redis.call('ZCARD', ck) >= max_conc then
-    return {0, 0, math.max(retry, 1000), now, -2}
+    return {0, 0, math.max(retry, 1000), now, -2, 0, unpack(result)}
   end
 end
 if retry > 0 then
-  return {0, 0, retry, now, unpack(result)}
+  return {0, 0, retry, now, 0, 0, unpack(result)}
 end
-local chosen = 0
-if n > n_common then
+
+-- Deployment choice: circuit state first (0 open, 1 closed, 2 half-open), then own limits.
+local chosen, probe = 0, 0
+if D > 0 then
+  local state, unhealthy = {}, 0
+  for i = C + 1, n do
+    local open_until = tonumber(redis.call('HGET', KEYS[base(i) + 4], 'open_until') or '0')
+    if open_until == 0 then state[i] = 1
+    elseif now < open_until then state[i] = 0; unhealthy = unhealthy + 1
+    else state[i] = 2; unhealthy = unhealthy + 1 end
+  end
+  -- The last deployment is never ejected; below 50% healthy, panic mode uses them all.
+  local ignore = (D == 1) or ((D - unhealthy) * 2 < D)
   local best = -1
-  for i = n_common + 1, n do
-    local ok, r, stats = check(i)
-    if ok then
-      chosen = i
-      for _, v in ipairs(stats) do table.insert(result, v) end
-      break
+  for i = C + 1, n do
+    if ignore or state[i] ~= 0 then
+      local ok, r, stats = check(i)
+      if ok and state[i] == 2 and not ignore then
+        ok = redis.call('SET', KEYS[base(i) + 5], member, 'NX', 'PX', probe_ms) ~= false
+        if ok then probe = 1 end
+      end
+      if ok then
+        chosen = i
+        for _, v in ipairs(stats) do table.insert(result, v) end
+        break
+      end
+      if r > 0 and (best < 0 or r < best) then best = r end
     end
-    if best < 0 or r < best then best = r end
   end
   if chosen == 0 then
-    return {0, 0, best, now, -3, unpack(result)}
+    return {0, 0, best > 0 and best or 1000, now, -3, 0, unpack(result)}
   end
 end
-for i = 1, n_common do apply(i) end
+for i = 1, C do apply(i) end
 if chosen > 0 then apply(chosen) end
 if max_conc > 0 then
-  local ck = KEYS[3 * n + 1]
+  local ck = KEYS[#KEYS]
   redis.call('ZADD', ck, now + lease, member)
   redis.call('PEXPIRE', ck, lease + 1000)
 end
-return {1, chosen > 0 and (chosen - n_common) or 0, 0, now, unpack(result)}
+return {1, chosen > 0 and (chosen - C) or 0, 0, now, 0, probe, unpack(result)}
