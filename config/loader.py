@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,9 +27,11 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-)?")  # the head of ${VAR} / 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.I)
 _SIZE_UNITS = {None: 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
-_DURATION_FIELDS = {"timeout", "connect", "first_byte", "idle", "redis_timeout"}
+_DURATION_FIELDS = {"timeout", "connect", "first_byte", "idle", "redis_timeout", "circuit_base_ejection"}
 _SIZE_FIELDS = {"max_body_bytes"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_AZURE_DEPLOYMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_BEDROCK_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,2047}$")
 DEFAULT_PATH = Path("config/gateway.yaml")
 
 
@@ -143,7 +146,7 @@ def _convert(doc: _Doc, path: str, hint: Any, value: Any, name: str) -> Any:
     if name in _SIZE_FIELDS:
         return parse_size(value)
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return None if value is None else _convert(doc, path, args[0], value, name)
     if dataclasses.is_dataclass(hint):
@@ -237,7 +240,7 @@ def _provider(doc: _Doc, name: str, data: Any) -> m.Deployment:
                                           "family": m.DEPLOYMENT_TYPES[kind]})
     if kind == "bedrock" and not dep.region and not dep.base_url:
         dep.region = "us-east-1"
-    if dep.region and not re.match(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$", dep.region):
+    if dep.region and not re.fullmatch(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$", dep.region):
         raise doc.error(f"{path}.region", f"invalid AWS region {dep.region!r}")
     if not dep.base_url:
         defaults = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com",
@@ -248,7 +251,7 @@ def _provider(doc: _Doc, name: str, data: Any) -> m.Deployment:
             dep.base_url = defaults[kind]
         else:
             raise doc.error(f"{path}.base_url", f"deployments of type {kind} need a base_url")
-    if not re.match(r"^https?://[^/?#@\s]+(/[^?#\s]*)?$", dep.base_url):
+    if not re.fullmatch(r"^https?://[^/?#@\s]+(/[^?#\s]*)?$", dep.base_url):
         raise doc.error(f"{path}.base_url", f"not an http(s) URL without query or credentials: {dep.base_url!r}")
     dep.base_url = dep.base_url.rstrip("/")
     unset = sorted({v for p, names in doc.unset.items() if p.startswith(path + ".") for v in names})
@@ -319,6 +322,13 @@ def _validate(doc: _Doc, cfg: m.Config) -> None:
         key.sha256 = key.sha256.lower()
         if bool(key.aws_access_key_id) != bool(key.aws_secret_access_key):
             raise doc.error(path, "aws_access_key_id and aws_secret_access_key go together")
+        for family in key.families:
+            choice(f"{path}.families", family, m.FAMILIES)
+    for dep in cfg.providers:  # names templated into upstream paths are validated here and per request
+        pattern = {"azure_openai": _AZURE_DEPLOYMENT, "bedrock": _BEDROCK_MODEL}.get(dep.type)
+        for model, name in dep.deployment_map.items():
+            if pattern is not None and not pattern.fullmatch(name):
+                raise doc.error(f"providers.{dep.name}.deployments.{model}", f"invalid deployment name {name!r}")
 
 
 def resolve_path(path: str | os.PathLike[str] | None) -> Path:

@@ -91,6 +91,7 @@ class GatewaySettings:
     enable_failover: bool = True
     max_retries: int = 3
     failure_threshold: int = 5  # consecutive transient failures that open a deployment's circuit
+    circuit_base_ejection: float = 30.0  # first ejection of an open circuit (s); the n-th lasts n x this, <= 300 s
     timeout: float = 60.0
     max_body_bytes: int = 32 * 1024 * 1024
     rate_limit: RateLimit = field(default_factory=RateLimit)
@@ -113,6 +114,7 @@ class StaticKey:
     aws_access_key_id: str = ""
     aws_secret_access_key: Secret = Secret("")
     models: list[str] = field(default_factory=list)
+    families: list[str] = field(default_factory=list)  # allowed inbound API families (empty = all)
     rate_limit: RateLimit = field(default_factory=RateLimit)
     max_concurrent: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)

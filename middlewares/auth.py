@@ -1,15 +1,19 @@
 """Authentication: the gateway key, presented the way the client's SDK presents a provider key.
 
 Contract:
-- `auth.mode: keys`: Bearer / `x-api-key` keys are hashed (sha256) and looked up among the static keys
-  (and, through the key backend, managed keys); digests are compared in constant time. SigV4 clients
-  (boto3) are verified by recomputing the signature with the key's secret over the received Host,
-  raw path and query, signed headers and body; `X-Amz-Date` must be within 15 minutes.
+- `auth.mode: keys`: a Bearer / `x-api-key` key is looked up in each key backend in turn: the static
+  keys of the config first (sha256 digests, compared in constant time), then the managed keys of
+  `proxy.keys` (HMAC digests with `auth.secret`; only when `auth.secret` is set, otherwise they are
+  ignored and a warning is logged at startup). SigV4 clients (boto3) are verified by recomputing the
+  signature with the key's secret over the received Host, raw path and query, signed headers and body;
+  `X-Amz-Date` must be within 15 minutes.
 - Missing key: 401 (Bedrock: 403 MissingAuthenticationTokenException); unknown key: 401
-  (Bedrock: UnrecognizedClientException); bad/expired/other-body signature: Bedrock 403
-  InvalidSignatureException. All native to the inbound family.
+  (Bedrock: UnrecognizedClientException); bad/expired/other-body/garbled signature: Bedrock 403
+  InvalidSignatureException. All native to the inbound family; no input makes it a 500.
 - `auth.mode: none`: everyone is the anonymous principal (a warning is logged at startup).
-- Sets `ctx.principal`. The client credential itself is never forwarded (the adapters drop it).
+- Sets `ctx.principal` (key id, allowed models and families, limits, metadata for the access log).
+  The client credential itself is never forwarded (the adapters drop it) nor logged.
+- A backend is a small protocol (`KeyBackend`); pass your own list with `backends=`.
 """
 from __future__ import annotations
 
@@ -17,22 +21,32 @@ import hashlib
 import hmac
 from typing import Any, Protocol
 
+import structlog
+
 from config.models import Config, StaticKey
 from proxy.context import Principal, RequestContext, get_context, read_body
 from proxy.errors import GatewayError
+from proxy.keys import ManagedKeys
 from proxy.runtime import Runtime
 from providers import sigv4
+
+log = structlog.get_logger("llm_gateway.auth")
+MAX_KEY_LENGTH = 512
 
 
 class KeyBackend(Protocol):
     """Where keys come from. Static config keys are one backend; managed keys in Redis another."""
 
-    async def by_digest(self, digest: str) -> Principal | None: ...
-    async def by_access_key(self, access_key_id: str) -> tuple[Principal, str] | None: ...
+    async def by_key(self, key: str) -> Principal | None:
+        """The principal of a Bearer / x-api-key key, or None when this backend does not know it."""
+
+    async def by_access_key(self, access_key_id: str) -> tuple[Principal, str] | None:
+        """The principal and SigV4 secret of an access key id, or None."""
 
 
 def principal_of(key: StaticKey) -> Principal:
-    return Principal(key_id=key.id, models=tuple(key.models), rpm=key.rate_limit.requests_per_minute,
+    return Principal(key_id=key.id, models=tuple(key.models), families=tuple(key.families),
+                     rpm=key.rate_limit.requests_per_minute,
                      tpm=key.rate_limit.tokens_per_minute, max_concurrent=key.max_concurrent,
                      metadata=dict(key.metadata))
 
@@ -42,6 +56,9 @@ class StaticKeys:
         self._by_digest = {k.sha256: (bytes.fromhex(k.sha256), principal_of(k)) for k in keys}
         self._by_akid = {k.aws_access_key_id: (principal_of(k), str(k.aws_secret_access_key))
                          for k in keys if k.aws_access_key_id}
+
+    async def by_key(self, key: str) -> Principal | None:
+        return await self.by_digest(hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest())
 
     async def by_digest(self, digest: str) -> Principal | None:
         found = self._by_digest.get(digest)
@@ -57,7 +74,16 @@ class AuthMiddleware:
     def __init__(self, app: Any, config: Config, *, deps: Runtime, backends: list[KeyBackend] | None = None) -> None:
         self.app = app
         self.enabled = config.auth.mode == "keys"
-        self.backends: list[KeyBackend] = backends if backends is not None else [StaticKeys(config.auth.keys)]
+        if backends is None:
+            backends = [StaticKeys(config.auth.keys)]
+            secret = str(config.auth.secret)
+            if secret:
+                backends.append(ManagedKeys(lambda: deps.store, secret,
+                                            stale_ok=config.state.on_redis_error != "closed"))
+            elif self.enabled:
+                log.warning("managed_keys_disabled", detail="auth.secret is empty: keys created with "
+                            "`llm-gateway keys` or /admin/keys are ignored (set GATEWAY_SECRET)")
+        self.backends: list[KeyBackend] = backends
         self.anonymous = Principal(key_id="anonymous")
         self.max_body = config.gateway.max_body_bytes
 
@@ -79,18 +105,18 @@ class AuthMiddleware:
         key = ctx.adapter.credential(ctx)
         if not key:
             raise GatewayError("caller_missing_credentials", "missing gateway API key")
-        if len(key) > 512:
+        if len(key) > MAX_KEY_LENGTH:
             raise GatewayError("caller_invalid_credentials", "invalid gateway API key")
-        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
         for backend in self.backends:
-            principal = await backend.by_digest(digest)
+            principal = await backend.by_key(key)
             if principal is not None:
                 return principal
         raise GatewayError("caller_invalid_credentials", "invalid gateway API key")
 
     async def _sigv4(self, ctx: RequestContext, scope: dict[str, Any]) -> Principal:
-        auth = sigv4.parse_authorization(ctx.header(b"authorization") or "")
-        if auth is None:
+        header = ctx.header(b"authorization") or ""
+        auth = sigv4.parse_authorization(header) if len(header) <= 4096 else None
+        if auth is None or len(auth.access_key_id) > 128:
             raise GatewayError("caller_invalid_signature", "malformed SigV4 Authorization header")
         found = None
         for backend in self.backends:
@@ -109,7 +135,7 @@ class AuthMiddleware:
             )
         except sigv4.SignatureExpired:
             raise GatewayError("caller_invalid_signature", "Signature expired: the request time is too far from the server time.") from None
-        except (sigv4.SignatureMismatch, sigv4.MalformedSignature):
+        except (ValueError, KeyError, TypeError, IndexError):  # mismatch, malformed, or a Host botocore cannot parse
             raise GatewayError("caller_invalid_signature", "The request signature we calculated does not match the signature you provided.") from None
         return principal
 

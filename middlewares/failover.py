@@ -86,8 +86,12 @@ class FailoverMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = get_context(scope)
-        budget = min(x for x in (self.timeout, client_deadline(ctx)) if x) if self.timeout or client_deadline(ctx) else None
+        client = client_deadline(ctx)
+        if client:  # answer before the client gives up: keep a margin for the reply to reach it
+            client -= min(1.0, 0.1 * client)
+        budget = min(x for x in (self.timeout, client) if x) if self.timeout or client else None
         deadline = ctx.started + budget if budget else None
+        ctx.extra["deadline"] = deadline  # the forwarder bounds each attempt's wait for the first byte by it
         health = self.runtime.health
         self.budget.admit()
         retrying = False

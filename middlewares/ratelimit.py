@@ -51,6 +51,10 @@ class RateLimitMiddleware:
         self.providers = {d.name: (d.rate_limit.requests_per_minute, d.rate_limit.tokens_per_minute)
                           for d in config.providers}
         self.local = LocalLimiter(config.state.replicas)
+        # With the embedded store and no limit anywhere there is nothing to enforce: skip the script
+        # until a live limit is set through this process's admin API.
+        self.nothing_configured = g.is_empty() and all(d.rate_limit.is_empty() for d in config.providers) \
+            and all(k.rate_limit.is_empty() and not k.max_concurrent for k in config.auth.keys)
         self.seen_limits: dict[str, tuple[int, int]] = {}  # scope -> effective limits last seen (for change logs)
         self.pending: set[asyncio.Task[Any]] = set()  # reconcile tasks, kept referenced until done
 
@@ -64,12 +68,18 @@ class RateLimitMiddleware:
         candidates = [(f"provider:{d.name}", *self.providers.get(d.name, (None, None))) for d in ctx.candidates]
         return common, candidates
 
+    def _unlimited(self, ctx: RequestContext) -> bool:
+        store = self.runtime.store
+        p = ctx.principal
+        return (self.nothing_configured and store.embedded and not store.live_limits
+                and (p is None or (p.rpm is None and p.tpm is None and not p.max_concurrent)))
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         ctx = get_context(scope)
-        if ctx.model_list:
+        if ctx.model_list or self._unlimited(ctx):
             await self.app(scope, receive, send)
             return
         common, candidates = self.scopes(ctx)
@@ -225,8 +235,9 @@ class RateLimitMiddleware:
         else:
             delta = -est  # nothing was generated
         final = ctx.deployment.name if ctx.deployment else None
-        groups = [(delta, [(name, tpm) for name, _, tpm in common] + [
-            (f"provider:{final}", self.providers.get(final, (None, None))[1])] if final in res["deployments"] else [])]
+        final_scope = [(f"provider:{final}", self.providers.get(final, (None, None))[1])] \
+            if final in res["deployments"] else []
+        groups = [(delta, [(name, tpm) for name, _, tpm in common] + final_scope)]
         failed = [d for d in res["deployments"] if d != final]
         if failed:  # attempts that failed over generated nothing: give their tokens back
             groups.append((-est, [(f"provider:{d}", self.providers.get(d, (None, None))[1]) for d in failed]))

@@ -1,73 +1,115 @@
-"""Telemetry: one structured access-log line per request, and the gateway-overhead figure.
+"""Telemetry: the request's span and metrics (through `runtime.observer`) and one access-log line.
 
-Contract: wraps `send` to see the status and the first byte; after the request (success, native
-error, cut stream or client disconnect) it logs one JSON line with request id, key id, family,
-model, deployment, status, attempts, tokens, upstream time, overhead and total duration, and the
-outcome. Never bodies, never secrets. It sits outside auth so auth failures are logged too.
+Contract: wraps `send` to see the status and the first body chunk (time to first chunk of a
+stream). After the request (success, native error, cut stream or client disconnect) it reports
+`request_end` to the observer and, with `monitoring.access_log`, logs one JSON line: request id,
+trace id, key id and key metadata, family, operation, model, deployment, status, attempts, tokens,
+upstream time, overhead and total duration, and the outcome (`ok`, a closed error code, or
+`client_disconnected`). Never bodies, never secrets. It sits outside auth so auth failures are
+seen too. Telemetry never changes what the client gets.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import structlog
 
 from config.models import Config
-from proxy.context import get_context
+from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError
 from proxy.runtime import Runtime
 
 log = structlog.get_logger("llm_gateway.access")
+_METADATA_LIMIT = 16
 
 
 class TelemetryMiddleware:
     def __init__(self, app: Any, config: Config, *, deps: Runtime) -> None:
         self.app = app
-        self.enabled = config.monitoring.access_log
+        self.runtime = deps
+        self.access_log = config.monitoring.access_log
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not self.enabled:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         ctx = get_context(scope)
+        observer = self.runtime.observer
+        handle = observer.request_start(ctx, scope)
         status = 0
+        waiting = True  # for the first body chunk
 
         async def observed_send(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+            nonlocal status, waiting
+            if waiting:
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                elif message.get("body"):
+                    waiting = False
+                    if ctx.stream and status < 400 and ctx.upstream_started is not None:
+                        observer.first_chunk(ctx, time.perf_counter() - ctx.upstream_started)
             await send(message)
 
         try:
             await self.app(scope, receive, observed_send)
         except GatewayError as err:
             ctx.error_code = err.code
-            status = status or (ctx.adapter.render_error(err, ctx.request_id)[0] if not ctx.committed else 0)
+            if not status and not ctx.committed and not ctx.client_disconnected:
+                status = ctx.adapter.render_error(err, ctx.request_id)[0]
+            raise
+        except asyncio.CancelledError:
+            ctx.error_code = ctx.error_code or ("client_disconnected" if ctx.client_disconnected else "cancelled")
             raise
         except Exception:
             ctx.error_code = "gateway_internal"
             status = status or 500
             raise
         finally:
-            total = time.perf_counter() - ctx.started
-            outcome = ("client_disconnected" if ctx.client_disconnected else
-                       ctx.error_code or ("ok" if status and status < 400 else "upstream_error"))
-            log.info(
-                "request",
-                request_id=ctx.request_id,
-                key_id=ctx.principal.key_id if ctx.principal else None,
-                family=ctx.family,
-                operation=ctx.operation,
-                model=ctx.model,
-                deployment=ctx.deployment.name if ctx.deployment else None,
-                status=status or ctx.status,
-                stream=ctx.stream,
-                attempts=ctx.attempts,
-                input_tokens=ctx.usage.input_tokens,
-                output_tokens=ctx.usage.output_tokens,
-                cached_tokens=ctx.usage.cached_tokens,
-                upstream_ms=round(ctx.upstream_seconds * 1000, 2),
-                overhead_ms=round((total - ctx.upstream_seconds) * 1000, 2),
-                duration_ms=round(total * 1000, 2),
-                outcome=outcome,
-            )
+            if not status:
+                status = 499 if ctx.client_disconnected else (ctx.status or 0)
+            outcome = _outcome(ctx, status)
+            observer.request_end(ctx, handle, status, outcome)
+            if self.access_log:
+                _log(ctx, status, outcome)
+
+
+def _outcome(ctx: RequestContext, status: int) -> str:
+    if ctx.client_disconnected:
+        return "client_disconnected"
+    if ctx.error_code:
+        return ctx.error_code
+    if 0 < status < 400:
+        return "ok"
+    return ctx.extra.get("attempt_error") or "_OTHER"
+
+
+def _log(ctx: RequestContext, status: int, outcome: str) -> None:
+    total = time.perf_counter() - ctx.started
+    principal = ctx.principal
+    fields: dict[str, Any] = {}
+    if principal is not None and principal.metadata:
+        fields["key_metadata"] = dict(list(principal.metadata.items())[:_METADATA_LIMIT])
+    log.info(
+        "request",
+        request_id=ctx.request_id,
+        trace_id=ctx.extra.get("trace_id"),
+        key_id=principal.key_id if principal else None,
+        family=ctx.family,
+        operation=ctx.operation,
+        model=ctx.model,
+        deployment=ctx.deployment.name if ctx.deployment and ctx.attempts else None,
+        status=status,
+        stream=ctx.stream,
+        attempts=ctx.attempts,
+        input_tokens=ctx.usage.input_tokens,
+        output_tokens=ctx.usage.output_tokens,
+        cached_tokens=ctx.usage.cached_tokens,
+        ttfb_ms=round(ctx.upstream_ttfb * 1000, 2) if ctx.upstream_ttfb is not None else None,
+        upstream_ms=round(ctx.upstream_seconds * 1000, 2),
+        overhead_ms=round(max(0.0, total - ctx.upstream_seconds) * 1000, 2),
+        duration_ms=round(total * 1000, 2),
+        outcome=outcome,
+        **fields,
+    )

@@ -35,6 +35,12 @@ _REQUEST_DROP = HOP_BY_HOP | {
 }
 _TAPPABLE_ENCODINGS = ("gzip", "deflate", "identity")
 UPSTREAM_PICKERS = frozenset({"api_base", "api-base", "base_url", "base-url", "azure_endpoint", "api_key"})
+# Compared with case, '-' and '_' folded, so `API_BASE`, `baseUrl` or `azure-endpoint` are refused as well.
+_PICKER_BODY = frozenset({"apibase", "baseurl", "azureendpoint", "apikey"})
+_PICKER_HEADERS = frozenset({"apibase", "baseurl", "azureendpoint"})
+# A header value may hold visible ASCII, space and tab only: CR, LF, NUL and other controls could split or
+# smuggle a request upstream, and bytes past 0x7f cannot be relayed faithfully (RFC 9110 obs-text).
+_BAD_VALUE = re.compile(rb"[^\t\x20-\x7e]")
 
 # (limit, remaining, reset in ms, scope name) of the most constraining scope
 RateState = tuple[int, int, int, str]
@@ -80,15 +86,28 @@ def forward_request_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[st
     return out
 
 
-# The gateway's own HTTP server writes Date and Server; relaying the upstream's would send them twice.
-_RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server"}
+# Response headers that never reach the client:
+# - Date and Server: the gateway's own HTTP server writes them; relaying the upstream's would send them twice;
+# - account- or session-identifying headers of the provider account behind the gateway: cookies (`set-cookie`,
+#   e.g. Cloudflare's `__cf_bm` on api.openai.com), `openai-project`, and AWS `x-amz-*` headers (credential
+#   scope, security tokens, edge ids), except the allowlisted ones below. `openai-organization`,
+#   `anthropic-organization-id`, `x-amzn-requestid` and every `x-amzn-*` Bedrock header pass (request ids,
+#   token counts and error types the SDKs read).
+_RESPONSE_DROP = HOP_BY_HOP | {b"date", b"server", b"set-cookie", b"set-cookie2", b"openai-project",
+                               b"www-authenticate", b"proxy-authenticate"}
+_RESPONSE_DROP_PREFIXES = (b"x-amz-",)
+_RESPONSE_KEEP = frozenset({b"x-amz-retry-after", b"x-amz-request-id"})
+
+
+def _dropped_response_header(name: bytes) -> bool:
+    return name in _RESPONSE_DROP or (name.startswith(_RESPONSE_DROP_PREFIXES) and name not in _RESPONSE_KEEP)
 
 
 def forward_response_headers(headers: list[tuple[bytes, bytes]], *, drop_length: bool) -> list[tuple[bytes, bytes]]:
     listed = connection_listed(headers)
     return [
         (k, v) for k, v in headers
-        if k not in _RESPONSE_DROP and k not in listed and not (drop_length and k == b"content-length")
+        if not _dropped_response_header(k) and k not in listed and not (drop_length and k == b"content-length")
     ]
 
 
@@ -100,22 +119,38 @@ def bearer(ctx: RequestContext) -> str | None:
 
 
 def check_path(path: str) -> None:
-    """No segment may decode to '.' or '..', nor smuggle a NUL or backslash."""
+    """No segment may decode (once or twice) to '.' or '..', nor smuggle a NUL, a control or a backslash;
+    an encoded slash (`%2F`) may not hide a dot segment either."""
     for segment in path.split("/"):
-        decoded = unquote(unquote(segment))
-        if decoded in (".", "..") or "\x00" in decoded or "\\" in decoded:
-            raise GatewayError("caller_invalid_request", "invalid path segment")
+        once = unquote(segment)
+        for decoded in (once, unquote(once)):
+            if any(c < " " or c == "\x7f" for c in decoded) or "\\" in decoded \
+                    or any(piece in (".", "..") for piece in decoded.split("/")):
+                raise GatewayError("caller_invalid_request", "invalid path segment")
+
+
+def _folded(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def check_headers(headers: list[tuple[bytes, bytes]]) -> None:
+    """400 for a header value with CR, LF, NUL, another control or a non-ASCII byte (never forwarded)."""
+    for key, value in headers:
+        if _BAD_VALUE.search(value) or _BAD_VALUE.search(key):
+            raise GatewayError("caller_invalid_request", "header values must be printable ASCII")
 
 
 def reject_upstream_pickers(ctx: RequestContext) -> None:
-    """A client may never choose the upstream: no top-level body field or header naming one."""
+    """A client may never choose the upstream: no top-level body field or header naming one (the nested data
+    of a request, such as tool schemas, is left alone). Header values are checked here as well."""
+    check_headers(ctx.headers)
     if isinstance(ctx.json, dict):
-        for key in UPSTREAM_PICKERS:
-            if key in ctx.json:
+        for key in ctx.json:
+            if isinstance(key, str) and _folded(key) in _PICKER_BODY:
                 raise GatewayError("caller_invalid_request", f"field {key!r} is not allowed: upstreams come from the gateway config")
     for key, _ in ctx.headers:
-        if key in (b"api-base", b"api_base", b"base-url", b"base_url", b"azure-endpoint", b"azure_endpoint"):
-            raise GatewayError("caller_invalid_request", f"header {key.decode()!r} is not allowed")
+        if _folded(key.decode("latin-1")) in _PICKER_HEADERS:
+            raise GatewayError("caller_invalid_request", f"header {key.decode('latin-1')!r} is not allowed: upstreams come from the gateway config")
 
 
 class Decompressor:
@@ -168,7 +203,7 @@ _MODEL_SAFE = re.compile(r"^[A-Za-z0-9._:/@+-]{1,256}$")
 
 
 def valid_model(model: object) -> str:
-    if not isinstance(model, str) or not _MODEL_SAFE.match(model):
+    if not isinstance(model, str) or not _MODEL_SAFE.fullmatch(model):
         raise GatewayError("caller_invalid_request", "model must be a non-empty model name")
     return model
 

@@ -25,7 +25,10 @@ from providers import sigv4
 from providers.base import Adapter, UpstreamRequest, UsageTap, forward_request_headers
 from providers.eventstream import FrameError, FrameReader, exception_frame
 
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,2047}$")
+# A model id (`anthropic.claude-v2:1`, `us.anthropic...`) has no '/'; an ARN (inference profile, provisioned
+# or imported model) may: `arn:<partition>:bedrock|sagemaker:<region>:<account>:<resource>`.
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,255}|arn:aws[a-z-]{0,12}:(bedrock|sagemaker):[a-z0-9-]{0,20}:"
+                       r"\d{0,12}:[A-Za-z0-9][A-Za-z0-9._:/+-]{0,1900}")
 _STREAM_OPS = {"invoke-with-response-stream", "converse-stream"}
 _OPERATIONS = {"invoke": "chat", "invoke-with-response-stream": "chat", "converse": "chat",
                "converse-stream": "chat", "count-tokens": "count_tokens"}
@@ -144,7 +147,7 @@ class BedrockAdapter(Adapter):
         if len(parts) < 4 or parts[1] != "model" or not parts[2]:
             raise GatewayError("caller_not_found", "unknown Bedrock runtime path")
         model = unquote(parts[2])
-        if not _MODEL_ID.match(model) or ".." in model.split("/"):
+        if not _MODEL_ID.fullmatch(model) or any(p in ("", ".", "..") for p in model.split("/")):
             raise GatewayError("caller_invalid_request", "invalid model identifier")
         ctx.model = model
         op = "/".join(parts[3:])

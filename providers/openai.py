@@ -9,6 +9,7 @@ Contract:
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable
 from urllib.parse import unquote
@@ -25,6 +26,8 @@ from providers.base import (
 _OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion",
                "/v1/embeddings": "embeddings", "/v1/responses": "chat"}
 _USAGE_INJECTED = {"/v1/chat/completions", "/v1/completions"}
+# An Azure deployment name is templated into the upstream path: letters, digits, '-', '_' and '.', ASCII only.
+_AZURE_DEPLOYMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _TYPES = {
     "caller_invalid_request": ("invalid_request_error", None),
     "caller_missing_credentials": ("invalid_request_error", "invalid_api_key"),
@@ -83,6 +86,9 @@ class _Tap:
             u.cached_tokens = details["cached_tokens"]
 
 
+_EVENT_END = re.compile(rb"(\r\n\r\n|\n\n)")
+
+
 class _StripUsageChunk:
     """Drops the injected usage chunk (`"choices":[]` with usage) from an SSE stream."""
 
@@ -93,16 +99,32 @@ class _StripUsageChunk:
 
     def __call__(self, chunk: bytes) -> bytes:
         data = self.buf + chunk
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
+        lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")  # SSE events may end LF LF or CRLF CRLF
+        end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        if not end:
             self.buf = data
             return b""
-        self.buf = data[cut + 2:]
-        events = data[: cut + 2]
+        self.buf = data[end:]
+        events = data[:end]
         if b'"choices":[]' not in events and b'"choices": []' not in events:
             return events
-        kept = [e for e in events.split(b"\n\n") if not (b'"usage"' in e and (b'"choices":[]' in e or b'"choices": []' in e))]
-        return b"\n\n".join(kept)
+        parts = _EVENT_END.split(events)  # [event, separator, event, separator, ..., b""]
+        return b"".join(event + sep for event, sep in zip(parts[::2], parts[1::2]) if not _is_usage_chunk(event))
+
+
+def _is_usage_chunk(event: bytes) -> bool:
+    """The injected usage chunk: no choices and a usage object. Other choice-less chunks (Azure's
+    `prompt_filter_results`, which carry `"usage": null` when usage was asked for) are kept."""
+    if b'"usage"' not in event or (b'"choices":[]' not in event and b'"choices": []' not in event):
+        return False
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            try:
+                obj = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                return False
+            return isinstance(obj, dict) and obj.get("choices") == [] and bool(obj.get("usage"))
+    return False
 
 
 class OpenAIAdapter(Adapter):
@@ -137,7 +159,7 @@ class OpenAIAdapter(Adapter):
         query = ctx.query
         if dep.type == "azure_openai":
             name = dep.deployment_map.get(ctx.model or "", ctx.model or "")
-            if not name or not all(c.isalnum() or c in "-_." for c in name):
+            if not _AZURE_DEPLOYMENT.fullmatch(name):
                 raise GatewayError("caller_not_found", "no Azure deployment for this model")
             base = dep.base_url.removesuffix("/openai")
             rest = f"/openai/deployments/{name}{rest}" if ctx.model else f"/openai{rest}"

@@ -6,15 +6,21 @@ Contract:
   errors -> telemetry -> auth -> inspect -> router -> ratelimit -> failover -> forwarder.
   The router orders the candidate deployments before rate limiting so that one atomic Redis call
   can both admit the request and reserve the first deployment whose own limits allow it.
-- `/healthz` (live) and `/readyz` (ready; reports degraded state but stays ready) and `/admin/*`
-  are answered before the stack. Everything else goes to
-  the stack, which 404s paths no family owns.
+- `/healthz` (live) and `/readyz` (ready; reports degraded state but stays ready), `/metrics`
+  (Prometheus text; 404 when `monitoring.metrics.enabled` is false) and `/admin/*` are answered
+  before the stack. Everything else goes to the stack, which 404s paths no family owns.
+- The telemetry observer (`proxy.observability`) is installed into the runtime here, before any
+  store or health object captures it, and closed with the runtime.
+- Every stack response carries `x-gateway-overhead-ms` (unless `monitoring.overhead_header: false`):
+  time so far minus upstream time so far, taken at response start (an attempt still streaming
+  counts as upstream time), so streams get it too.
 - Works standalone (lifespan opens/closes resources) and mounted under a Starlette `Mount`
   (no lifespan: resources open lazily, and the host calls `aclose()` on shutdown).
 """
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,8 @@ from middlewares.telemetry import TelemetryMiddleware
 from proxy.admin import AdminApp
 from proxy.forward import Forwarder
 from proxy.logs import configure_logging
+from proxy.observability import build_observer
+from proxy.observer import Observer
 from proxy.runtime import Runtime
 
 log = structlog.get_logger("llm_gateway")
@@ -48,13 +56,34 @@ def _json(status: int, payload: object) -> tuple[dict[str, Any], dict[str, Any]]
             {"type": "http.response.body", "body": body})
 
 
+def _overhead_send(scope: dict[str, Any], send: Any, t0: float) -> Any:
+    async def overhead_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            now = time.perf_counter()
+            ctx = (scope.get("state") or {}).get("gateway")
+            upstream = 0.0
+            if ctx is not None:
+                upstream = ctx.upstream_seconds
+                if ctx.extra.get("attempt_open") and ctx.upstream_started is not None:
+                    upstream += now - ctx.upstream_started
+            value = f"{max(0.0, now - t0 - upstream) * 1000:.2f}".encode()
+            message = {**message, "headers": [*message.get("headers", ()), (b"x-gateway-overhead-ms", value)]}
+        await send(message)
+
+    return overhead_send
+
+
 class GatewayApp:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, observer: Observer | None = None) -> None:
         if not config.enabled_providers:
             raise ConfigError(str(config.source or "<config>"), None, "providers",
                               "no provider is enabled: " + ("; ".join(config.warnings) or "none configured"))
         self.config = config
         self.runtime = Runtime(config)
+        self.runtime.observer = observer or build_observer(config)  # before the store or health capture it
+        if hasattr(self.runtime.observer, "aclose"):
+            self.runtime.closers.append(self.runtime.observer.aclose)
+        self.overhead_header = config.monitoring.overhead_header
         app: Any = Forwarder(config, deps=self.runtime)
         for middleware in reversed(STACK):
             app = middleware(app, config, deps=self.runtime)
@@ -77,14 +106,32 @@ class GatewayApp:
                 await send(start)
                 await send(body)
                 return
+            if path == "/metrics":
+                await self._metrics(send)
+                return
             if path == "/admin" or path.startswith("/admin/"):
                 await self.admin(scope, receive, send, path)
                 return
+            if self.overhead_header:
+                send = _overhead_send(scope, send, time.perf_counter())
             await self.stack(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         else:  # websockets are not part of any provider API we serve
             await send({"type": "websocket.close", "code": 1008})
+
+    async def _metrics(self, send: Any) -> None:
+        render = getattr(self.runtime.observer, "render_metrics", None)
+        body = render() if render is not None else None
+        if body is None:
+            start, message = _json(404, {"error": {"message": "metrics are disabled", "type": "not_found_error"}})
+            await send(start)
+            await send(message)
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     def readiness(self) -> dict[str, Any]:
         store = self.runtime.store
@@ -106,8 +153,10 @@ class GatewayApp:
         await self.runtime.aclose()
 
 
-def build_app(config: Config | str | os.PathLike[str] | None = None) -> GatewayApp:
+def build_app(config: Config | str | os.PathLike[str] | None = None, *,
+              observer: Observer | None = None) -> GatewayApp:
+    """`observer` replaces the telemetry built from `config.monitoring` (tests, embedding hosts)."""
     configure_logging()
     if not isinstance(config, Config):
         config = load_config(Path(config) if config else None)
-    return GatewayApp(config)
+    return GatewayApp(config, observer=observer)

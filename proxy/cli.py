@@ -1,18 +1,21 @@
 """The `llm-gateway` command line.
 
-Contract (see DESIGN.md "CLI"): `serve`, `check-config`, `demo`, `mock-provider` and `limits`. Every command
-takes `--config F`; the file comes from `--config`, then `LLM_GATEWAY_CONFIG`, then
-`./config/gateway.yaml`. Config errors print `file:line: field: message` and exit 1. Secrets are
-masked in every dump.
+Contract (see DESIGN.md "CLI"): `serve`, `check-config`, `demo`, `mock-provider`, `limits`, `keys` and
+`health`. Every command takes `--config F`; the file comes from `--config`, then `LLM_GATEWAY_CONFIG`,
+then `./config/gateway.yaml`. Config errors print `file:line: field: message` and exit 1. Secrets are
+masked in every dump. `keys create` prints the new key's secrets once (stdout) and nothing else there;
+audit lines go to stderr and never carry a secret.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
 import sys
 from typing import Any, Sequence
 
+import orjson
 import yaml
 
 from config import Config, ConfigError, Secret, load_config, resolve_path
@@ -101,6 +104,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or cfg.server.host
     port = args.port or cfg.server.port
     workers = args.workers or cfg.server.workers
+    if workers > 1:  # one /metrics for all workers: prometheus_client multiprocess mode (proxy/metrics.py)
+        from proxy.metrics import prepare_multiprocess
+        prepare_multiprocess()
     tls = {"ssl_certfile": cfg.server.certfile, "ssl_keyfile": cfg.server.keyfile} if cfg.server.certfile else {}
     uvicorn.run("proxy.cli:app_factory", factory=True, host=host, port=port, workers=workers,
                 **tls, **uvicorn_options())
@@ -114,6 +120,116 @@ def cmd_mock(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_store(args: argparse.Namespace, cfg: Config, what: str) -> Any:
+    """A Store on `--redis-url` or `state.redis_url` (None, with a message, when there is no Redis)."""
+    from proxy.state import Store
+
+    url = args.redis_url or str(cfg.state.redis_url)
+    if not url:
+        print(f"error: no Redis: pass --redis-url or set state.redis_url (the embedded store lives inside one "
+              f"gateway process; use {what} there)", file=sys.stderr)
+        return None
+    state = dataclasses.replace(cfg.state, redis_url=Secret(url), redis_timeout=max(cfg.state.redis_timeout, 2.0))
+    return Store(dataclasses.replace(cfg, state=state))
+
+
+def _audit() -> Any:
+    """Audit lines go to stderr: stdout carries only the output (JSON with --json)."""
+    import structlog
+
+    return structlog.wrap_logger(structlog.PrintLogger(sys.stderr), logger_name="llm_gateway.keys")
+
+
+def add_keys_arguments(sub: Any, common: Any) -> None:
+    p = common(sub.add_parser("keys", help="managed gateway keys (in Redis)"))
+    actions = p.add_subparsers(dest="action", required=True)
+    c = common(actions.add_parser("create", help="create a key; its secrets are printed once"))
+    c.add_argument("--name", required=True)
+    c.add_argument("--models", help="comma-separated model allowlist (default: every model)")
+    c.add_argument("--families", help="comma-separated API families: openai,anthropic,bedrock,ollama (default: all)")
+    c.add_argument("--rpm", type=int, help="requests per minute")
+    c.add_argument("--tpm", type=int, help="tokens per minute")
+    c.add_argument("--max-concurrent", type=int, help="requests in flight at once")
+    c.add_argument("--metadata", action="append", default=[], metavar="K=V",
+                   help="attached to the access log (repeatable; a repeated name joins its values with ',')")
+    c.add_argument("--json", action="store_true")
+    common(actions.add_parser("list", help="list keys (never their secrets)")).add_argument("--json", action="store_true")
+    r = common(actions.add_parser("revoke", help="revoke a key (every replica refuses it within a second)"))
+    r.add_argument("id")
+    r.add_argument("--json", action="store_true")
+
+
+async def _keys(args: argparse.Namespace, cfg: Config) -> int:
+    from proxy.keys import DISABLED_MESSAGE, KeyStore, keys_table, parse_spec
+    from proxy.state import StoreUnavailable
+
+    if args.action == "create":
+        if not str(cfg.auth.secret):
+            print(f"error: {DISABLED_MESSAGE}; no key was created", file=sys.stderr)
+            return 1
+        metadata: dict[str, str] = {}
+        try:
+            for item in args.metadata:
+                name, sep, value = item.partition("=")
+                if not sep:
+                    raise ValueError(f"--metadata {item!r}: use NAME=VALUE")
+                metadata[name] = f"{metadata[name]},{value}" if name in metadata else value
+            spec = parse_spec({"name": args.name, "models": args.models, "families": args.families, "rpm": args.rpm,
+                               "tpm": args.tpm, "max_concurrent": args.max_concurrent, "metadata": metadata})
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    store = _admin_store(args, cfg, "/admin/keys")
+    if store is None:
+        return 1
+    keys = KeyStore(store, str(cfg.auth.secret))
+    try:
+        if args.action == "create":
+            created = await keys.create(spec)
+            _audit().info("key_created", actor="cli", key_id=created["id"], name=spec.name)
+            if args.json:
+                print(orjson.dumps(created).decode())
+            else:
+                print("\n".join(f"{k}: {v}" for k, v in created.items()))
+                print("note: store the key and the AWS secret now; they are not shown again", file=sys.stderr)
+        elif args.action == "list":
+            rows = await keys.list()
+            print(orjson.dumps({"keys": rows}).decode() if args.json else keys_table(rows))
+        else:
+            if not await keys.revoke(args.id):
+                print(f"error: no key with id {args.id!r}", file=sys.stderr)
+                return 1
+            _audit().info("key_revoked", actor="cli", key_id=args.id)
+            print(orjson.dumps({"id": args.id, "revoked": True}).decode() if args.json else f"revoked {args.id}")
+        return 0
+    except StoreUnavailable as exc:
+        print(f"error: Redis unavailable ({exc})", file=sys.stderr)
+        return 1
+    finally:
+        await store.aclose()
+
+
+async def _health(args: argparse.Namespace, cfg: Config) -> int:
+    from proxy.admin import health_report, health_table
+    from proxy.health import SharedHealth
+    from proxy.state import StoreUnavailable
+
+    store = _admin_store(args, cfg, "/admin/health")
+    if store is None:
+        return 1
+    health = SharedHealth(cfg, store)
+    try:
+        report = health_report(await health.refresh(), False)
+    except StoreUnavailable as exc:
+        print(f"error: Redis unavailable ({exc})", file=sys.stderr)
+        return 1
+    finally:
+        await health.aclose()
+        await store.aclose()
+    print(orjson.dumps(report).decode() if args.json else health_table(report))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
@@ -122,6 +238,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm-gateway", description="LLM edge gateway: native provider APIs through one host.")
+    p.set_defaults(config=None, redis_url=None)
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_: str) -> argparse.ArgumentParser:
@@ -142,13 +259,20 @@ def parser() -> argparse.ArgumentParser:
     from proxy import limits_cli
 
     def with_redis(c: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        # SUPPRESS: `keys --config F create` and `keys create --config F` both work (a nested parser's
+        # default would otherwise overwrite the outer value); the root parser holds the None defaults.
         if not any(a.dest == "config" for a in c._actions):
-            c.add_argument("--config", help="config file")
-        c.add_argument("--redis-url", help="Redis URL (default: state.redis_url of the config)")
+            c.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+        c.add_argument("--redis-url", default=argparse.SUPPRESS, help="Redis URL (default: state.redis_url of the config)")
         return c
 
     limits_cli.add_arguments(sub, with_redis)
     sub.choices["limits"].set_defaults(func=lambda a: limits_cli.run(a, _load_lenient(a.config)))
+    add_keys_arguments(sub, with_redis)
+    sub.choices["keys"].set_defaults(func=lambda a: asyncio.run(_keys(a, _load_lenient(a.config))))
+    h = with_redis(command("health", "shared deployment health as the replicas see it"))
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(func=lambda a: asyncio.run(_health(a, _load_lenient(a.config))))
     m = command("mock-provider", "the simulated upstream (OpenAI, Anthropic, Bedrock, Ollama)")
     from proxy.mock import add_mock_arguments
 

@@ -44,7 +44,11 @@ class Forwarder:
         assert dep is not None, "the router runs before the forwarder"
         adapter = ctx.adapter
         up = adapter.upstream(ctx, dep)
-        remaining = max(0.001, self.budget - (time.perf_counter() - ctx.started)) if self.budget else None
+        deadline = ctx.extra.get("deadline")  # the failover layer's: gateway.timeout, or the client's when lower
+        if deadline is not None:
+            remaining: float | None = max(0.001, deadline - time.perf_counter())
+        else:
+            remaining = max(0.001, self.budget - (time.perf_counter() - ctx.started)) if self.budget else None
         t = dep.timeouts
         timeouts = {
             "connect": min(t.connect, remaining) if remaining else t.connect,
@@ -97,7 +101,8 @@ class Forwarder:
             ctx.upstream_seconds += time.perf_counter() - (ctx.upstream_started or time.perf_counter())
 
     async def _relay(self, ctx: RequestContext, response: httpx.Response, send: Any) -> None:
-        raw_headers = response.headers.raw
+        # Names as the upstream wrote them ("Content-Type" from nginx, Go, AWS); every check here is lower-case.
+        raw_headers = [(k.lower(), v) for k, v in response.headers.raw]
         adapter = ctx.adapter
         status = response.status_code
         ctx.status = status
@@ -177,6 +182,8 @@ class Forwarder:
         Returns the held bytes already tapped and filtered, ready to send."""
         held = b""
         first_byte = ctx.deployment.timeouts.first_byte  # type: ignore[union-attr]
+        if ctx.extra.get("deadline") is not None:
+            first_byte = max(0.001, min(first_byte, ctx.extra["deadline"] - time.perf_counter()))
         try:
             async with asyncio.timeout(first_byte):  # the body read timeout is already the idle one
                 async for chunk in chunks:

@@ -4,13 +4,15 @@ the latency- and load-aware strategies read (time-to-first-byte EWMA, in-flight 
 Contract:
 - `record(dep, outcome, retry_after)` feeds one attempt's outcome to the shared breaker in Redis
   (`health.lua`): it opens after `FAILURES_TO_OPEN` consecutive transient failures, or at once on a
-  provider 429/529 carrying `Retry-After` (until then); repeat ejections last 30 s x n, capped at
-  300 s, with jitter. The reservation script (`reserve.lua`) reads the same hash, so every replica
-  skips an open deployment from its next request on; exactly one replica wins the half-open probe.
+  provider 429/529 carrying `Retry-After` (until then); repeat ejections last 30 s x n
+  (`gateway.circuit_base_ejection`), capped at 300 s, with jitter. The reservation script
+  (`reserve.lua`) reads the same hash, so every replica skips an open deployment from its next
+  request on; exactly one replica wins the half-open probe.
 - While Redis is unavailable each replica keeps the same breaker locally (`locally_open`), and
   Redis being down causes no errors.
 - `observe_ttfb`, `begin`/`end` keep shared EWMA and in-flight figures; `snapshot()` is the local
-  copy (refreshed every `REFRESH` s off the request path) that strategies read without I/O.
+  copy (refreshed every `REFRESH` s off the request path, this replica's own attempts counted at
+  once) that strategies read without I/O.
 - Recording happens off the critical path (tasks kept referenced until done).
 """
 from __future__ import annotations
@@ -63,6 +65,7 @@ class SharedHealth:
         self.observer = observer or Observer()
         self.names = [d.name for d in config.providers]
         self.threshold = failures_to_open
+        self.base_ejection_ms = int(config.gateway.circuit_base_ejection * 1000) or BASE_EJECTION_MS
         self.local: dict[str, DeploymentStats] = {n: DeploymentStats() for n in self.names}
         self.shared: dict[str, DeploymentStats] = {n: DeploymentStats() for n in self.names}
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -92,7 +95,8 @@ class SharedHealth:
         else:
             s.fails += 1
             if s.fails >= self.threshold or (s.open_until and now >= s.open_until):
-                eject = min(BASE_EJECTION_MS * (s.ejections + 1), MAX_EJECTION_MS) / 1000 * random.uniform(0.9, 1.1)
+                eject = min(self.base_ejection_ms * (s.ejections + 1), MAX_EJECTION_MS) / 1000 \
+                    * random.uniform(0.9, 1.1)
         if eject:
             if not s.open_until or now >= s.open_until:
                 log.warning("circuit_opened", deployment=dep, scope="local", seconds=round(eject, 1))
@@ -101,7 +105,7 @@ class SharedHealth:
 
     async def _record_shared(self, dep: str, outcome: str, retry_after: float | None) -> None:
         keys = [health_key(dep), probe_key(dep)]
-        args = [outcome, int((retry_after or 0) * 1000), self.threshold, BASE_EJECTION_MS, MAX_EJECTION_MS,
+        args = [outcome, int((retry_after or 0) * 1000), self.threshold, self.base_ejection_ms, MAX_EJECTION_MS,
                 random.random()]
         try:
             state, open_until, ejections, _ = await self.store.script("health", keys, args)
@@ -123,11 +127,20 @@ class SharedHealth:
     # --- live figures for strategies ------------------------------------------------------------
     def begin(self, dep: str) -> None:
         self.local.setdefault(dep, DeploymentStats()).inflight += 1
+        self._shared_inflight(dep, 1)
         self._spawn(self._bump(dep, 1))
 
     def end(self, dep: str) -> None:
         self.local.setdefault(dep, DeploymentStats()).inflight -= 1
+        self._shared_inflight(dep, -1)
         self._spawn(self._bump(dep, -1))
+
+    def _shared_inflight(self, dep: str, by: int) -> None:
+        """Our own attempts count in the shared figure at once, not only from the next refresh:
+        otherwise every request between two refreshes sees the same stale counts, and least_busy herds."""
+        s = self.shared.get(dep)
+        if s is not None:
+            s.inflight = max(0, s.inflight + by)
 
     async def _bump(self, dep: str, by: int) -> None:
         async def op(c: Any) -> None:

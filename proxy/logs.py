@@ -1,7 +1,9 @@
 """Logging setup: structlog JSON lines on stdout, secrets redacted by field name before rendering.
 
 Contract: `configure_logging()` is idempotent. Any event field whose name is a credential name
-(`key`, `api_key`, `secret`, `authorization`, `*_token`, `*_secret`, ...) is replaced by `***`.
+(`key`, `api_key`, `secret`, `authorization`, `*_token`, `*_secret`, ...) is replaced by `***`, at
+any depth of nested dicts and lists (e.g. inside `key_metadata`). Access lines carry the request id
+and the trace id, so a log line, a trace and the client's `x-gateway-request-id` join up.
 """
 from __future__ import annotations
 
@@ -18,11 +20,27 @@ _SECRET_SUFFIXES = ("_key", "_secret", "secret_key", "_password", "_token", "_si
 _configured = False
 
 
+def _secret(name: object) -> bool:
+    lowered = str(name).lower()
+    return lowered in _SECRET_NAMES or lowered.endswith(_SECRET_SUFFIXES)
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
+    if depth > 8:
+        return value
+    if isinstance(value, dict):
+        return {k: "***" if _secret(k) else _scrub(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v, depth + 1) for v in value]
+    return value
+
+
 def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-    for name in list(event):
-        lowered = name.lower()
-        if lowered in _SECRET_NAMES or lowered.endswith(_SECRET_SUFFIXES):
+    for name, value in list(event.items()):
+        if _secret(name):
             event[name] = "***"
+        elif isinstance(value, (dict, list, tuple)):
+            event[name] = _scrub(value)
     return event
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from http.cookiejar import CookieJar
 from typing import Any, Callable
 
 import httpx
@@ -26,6 +27,17 @@ from proxy.state import Store
 
 TRANSPORTS = ("httpx", "aiohttp")
 _MAX_CONNECTIONS, _MAX_KEEPALIVE, _KEEPALIVE_EXPIRY = 1000, 200, 30.0
+
+
+class _NoCookies(CookieJar):
+    """The upstream client keeps no cookies: one upstream's Set-Cookie must never ride along on another
+    caller's request (Set-Cookie itself still reaches the client that got it)."""
+
+    def add_cookie_header(self, request: Any) -> None:
+        return None
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
 
 
 class Runtime:
@@ -59,6 +71,7 @@ class Runtime:
                 timeout=None,
                 follow_redirects=False,
                 trust_env=False,
+                cookies=_NoCookies(),
                 limits=httpx.Limits(max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_KEEPALIVE,
                                     keepalive_expiry=_KEEPALIVE_EXPIRY),
                 transport=transport,

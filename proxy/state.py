@@ -64,6 +64,7 @@ class Store:
         self._misses = 0
         self._open_until = 0.0
         self.degraded = False
+        self.live_limits = False  # a live limit was set through this process (embedded store)
         self.degraded_transitions = 0
         self.on_change: list[Any] = []  # callbacks(degraded: bool)
         self.loop_lag = 0.0
@@ -79,11 +80,16 @@ class Store:
             else:
                 import redis.asyncio as redis
 
+                from redis.asyncio.retry import Retry
+                from redis.backoff import NoBackoff
+
                 self._client = redis.Redis.from_url(
                     # no socket timeouts: `call` bounds every operation, connecting included, with a
-                    # lag-aware deadline (a fixed connect timeout fires during a local burst)
+                    # lag-aware deadline (a fixed connect timeout fires during a local burst).
+                    # No client retries either: a reservation must never be sent twice.
                     self.url, socket_connect_timeout=None, socket_timeout=None,
-                    health_check_interval=0, max_connections=256)
+                    health_check_interval=0, max_connections=256, retry=Retry(NoBackoff(), 0),
+                    retry_on_timeout=False)
             for name in ("reserve", "reconcile", "health"):
                 source = resources.files("proxy").joinpath("lua", f"{name}.lua").read_text()
                 self._scripts[name] = self._client.register_script(source)
@@ -176,6 +182,7 @@ class Store:
 
     async def set_limit(self, scope: str, rpm: int | None, tpm: int | None) -> None:
         mapping = {k: v for k, v in zip(LIMIT_FIELDS, (rpm, tpm)) if v is not None}
+        self.live_limits = True
         if mapping:
             await self.call(lambda c: c.hset(limits_key(scope), mapping=mapping), deadline=self._admin_deadline())
 

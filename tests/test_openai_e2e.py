@@ -427,11 +427,56 @@ def test_request_ids_and_client_gateway_headers(gw: SimpleNamespace, upstream: T
 
 def test_upstream_error_passes_through_verbatim(gw: SimpleNamespace, upstream: Tape) -> None:
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=GATEWAY_KEY, max_retries=0)
-    with pytest.raises(openai.RateLimitError) as info:
-        client.chat.completions.create(model="gpt-4o", messages=MSGS,
-                                       extra_headers={"x-mock-fault-status": "429", "x-mock-retry-after": "2"})
+    with pytest.raises(openai.BadRequestError) as info:  # a caller fault: not retried, not rewritten
+        client.chat.completions.create(model="gpt-4o", messages=MSGS, extra_headers={"x-mock-fault-status": "400"})
     response = info.value.response
-    answer = upstream.responses[-1]
+    [answer] = upstream.responses
+    assert response.status_code == answer.status == 400
     assert response.content == bytes(answer.body)
-    assert response.headers["retry-after"] == "2" and response.headers["retry-after-ms"] == "2000"
+    assert info.value.body == {"message": "simulated 400 fault", "type": "invalid_request_error", "param": None,
+                               "code": None}
+    assert response.headers["x-request-id"] == header(answer, "x-request-id")
     assert response.headers["x-gateway-provider"] == "openai"
+    assert response.headers["x-gateway-attempts"] == "1"
+
+
+# --- the usage-chunk removal, whatever the upstream's SSE framing ----------------------------------------
+
+def _framed_stream(sep: bytes) -> tuple[bytes, bytes]:
+    """An OpenAI-compatible stream framed with `sep`, and the same without its usage event."""
+    events = [b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"%d"}}]}' % i
+              for i in range(3)]
+    usage = b'data: {"id": "c", "object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 4, ' \
+            b'"completion_tokens": 3, "total_tokens": 7}}'
+    full = sep.join([*events, usage, b"data: [DONE]"]) + sep
+    return full, sep.join([*events, b"data: [DONE]"]) + sep
+
+
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("piece", [1, 7, 10_000])
+def test_usage_chunk_is_removed_whatever_the_framing(make_gateway: Any, sep: bytes, piece: int) -> None:
+    full, expected = _framed_stream(sep)
+
+    async def upstream(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(0, len(full), piece):
+            await send({"type": "http.response.body", "body": full[i:i + piece], "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    with serve(upstream, lifespan="off") as base:
+        gateway = make_gateway(f"""
+auth: {{keys: [{{id: t, sha256: {hashlib.sha256(GATEWAY_KEY.encode()).hexdigest()}}}]}}
+providers:
+  compat: {{type: openai_compatible, base_url: "{base}/v1", api_key: sk-compat}}
+""")
+        response = httpx.post(f"{gateway}/v1/chat/completions", headers=AUTH,
+                              json={"model": "local-model", "stream": True, "messages": []})
+        assert response.status_code == 200
+        assert response.content == expected
+        chunks = list(openai.OpenAI(base_url=f"{gateway}/v1", api_key=GATEWAY_KEY, max_retries=0)
+                      .chat.completions.create(model="local-model", messages=MSGS, stream=True))
+        assert [c.choices[0].delta.content for c in chunks] == ["0", "1", "2"]

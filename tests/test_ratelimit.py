@@ -164,10 +164,11 @@ def read_bucket(base: str, charges: Charges, key: str = GATEWAY_KEY, timeout: fl
             charges.add(PROBE_EST, t_lo, t_hi)
             if lo <= bucket <= hi:
                 return bucket
-            assert bucket > hi or time.monotonic() < deadline, (bucket, lo, hi)
+            last = f"the bucket held {bucket} tokens, expected {lo:.1f}..{hi:.1f}"
         else:
-            assert r.status_code == 429, r.text  # the bucket is still full of an unreconciled estimate
-        assert time.monotonic() < deadline, f"bucket not reconciled after {timeout}s: last reading {r.status_code} {r.headers}"
+            assert r.status_code == 429, r.text
+            last = "the probe was refused: the bucket is still full"
+        assert time.monotonic() < deadline, f"not settled after {timeout}s: {last}"
         time.sleep(0.1)
 
 
@@ -368,7 +369,7 @@ def test_deployment_limits_skip_then_429(backend: dict[str, Any], mock_upstream:
     ms = check_429(info.value.response.headers)
     # the earliest entry (dep-a's first request) frees 60 s after it was made
     assert 60000 - (t_hi - first_lo) * 1000 - 20 <= ms <= 60000 - (t_lo - first_hi) * 1000 + 20
-    assert int(info.value.response.headers["retry-after"]) == 59
+    assert int(info.value.response.headers["retry-after"]) < 60  # not a constant: it tracks the entry
     print(f"FIGURES deployments[{backend['name']}]: served={served} retry_after_ms={ms}")
 
 
@@ -379,15 +380,15 @@ def test_max_concurrent_per_key(backend: dict[str, Any], mock_upstream: str, mak
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=30) as client:
             async def one(i: int) -> httpx.Response:
-                await asyncio.sleep(0.02 * i)  # the first two are surely in flight before the rest
+                await asyncio.sleep(0.02 * i)  # spread a little; which two win does not matter
                 return await client.post(f"{base}/v1/chat/completions", json={"model": "gpt-4o", "max_tokens": 8,
                                          "messages": [{"role": "user", "content": "hi"}]},
                                          headers={**AUTH, "x-mock-stall-ms": "800"})
             return await asyncio.gather(*(one(i) for i in range(5)))
 
     responses = asyncio.run(burst())
-    assert [r.status_code for r in responses] == [200, 200, 429, 429, 429]
-    for r in responses[2:]:
+    assert sorted(r.status_code for r in responses) == [200, 200, 429, 429, 429]
+    for r in (r for r in responses if r.status_code == 429):
         check_429(r.headers, "policy_concurrency_limited")
         assert r.json()["error"]["code"] == "rate_limit_exceeded"
     # the slots are released when the requests settle (in the background)
@@ -498,6 +499,24 @@ def test_bedrock_throttling_exception(mock_upstream: str, make_gateway: Callable
     assert h["x-amzn-errortype"] == "ThrottlingException"
     assert 1 <= int(h["retry-after"]) <= 60
     assert "ratelimit" in h
+
+
+def test_ollama_native_429(mock_upstream: str, make_gateway: Callable[..., str]) -> None:
+    """Ollama has no rate-limit headers of its own: the IETF fields, and a native `{"error": ...}` 429."""
+    import ollama
+
+    base = make_gateway(gateway_yaml(mock_upstream, rpm=1))
+    client = ollama.Client(host=f"{base}/ollama", headers=AUTH)
+    assert client.chat(model="llama3", messages=[{"role": "user", "content": "hi"}], stream=False).message.content
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model="llama3", messages=[{"role": "user", "content": "hi"}], stream=False)
+    assert info.value.status_code == 429 and "Rate limit exceeded" in info.value.error
+    r = httpx.post(f"{base}/ollama/api/chat", headers=AUTH, json={"model": "llama3", "stream": False,
+                                                               "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 429 and list(r.json()) == ["error"]
+    check_429(r.headers)
+    policy, state = parse_ietf(r.headers)
+    assert policy["requests"]["q"] == "1" and state["requests"]["r"] == "0"
 
 
 def test_headers_report_most_constraining_scope(mock_upstream: str, make_gateway: Callable[..., str]) -> None:

@@ -1,0 +1,175 @@
+#!/usr/bin/env python
+"""Telemetry cost: the same gateway with telemetry off and fully on, in the same run, interleaved.
+
+    .venv/bin/python bench/telemetry.py [--duration 10] [--rounds 3] [--concurrency 16] [--transport httpx]
+
+- off:        metrics off, tracing off, no OTLP (access log on, as in bench/run.py)
+- on:         metrics on (prefix llm_gateway), tracing on at sample_rate 1.0, OTLP http/protobuf
+              to a local sink that accepts every post and discards it (traces and metrics)
+- black-hole: as `on`, but the OTLP endpoint accepts TCP and never answers (collector hung)
+Upstream: nginx answering a static chat completion (else the simulated provider). Servers on CPU 0,
+wrk and the sink on CPU 1 (as bench/run.py). Each round runs every target once, in turn, so drift
+hits all of them alike; the table shows the median round. Target: on >= 90% of off's throughput.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # noqa: E402 - bench/run.py: servers, wrk, pinning
+
+SINK = r'''
+import socket, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Sink(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def do_GET(self):
+        self.do_POST()
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+'''
+
+
+def config(workdir: Path, upstream: str, port: int, tag: str, monitoring: str) -> Path:
+    path = workdir / f"gateway-{tag}.yaml"
+    path.write_text(f"""
+gateway: {{timeout: 60s}}
+auth:
+  mode: keys
+  keys:
+    - id: bench
+      sha256: {hashlib.sha256(bench.KEY.encode()).hexdigest()}
+providers:
+  openai: {{type: openai, base_url: "{upstream}/v1", api_key: {bench.UPSTREAM_KEY}}}
+monitoring:
+{monitoring}
+  access_log: true
+server: {{host: 127.0.0.1, port: {port}, workers: 1}}
+""")
+    return path
+
+
+def gateway(workdir: Path, upstream: str, tag: str, monitoring: str, transport: str) -> bench.Server:
+    port = bench.free_port()
+    cfg = config(workdir, upstream, port, tag, monitoring)
+    cmd = [str(Path(bench.PY).parent / "llm-gateway"), "serve", "--config", str(cfg), "--port", str(port)]
+    return bench.Server(f"gateway-{tag}", cmd, port, workdir, env={"LLM_GATEWAY_TRANSPORT": transport},
+                        ready_path="/healthz")
+
+
+def black_hole() -> tuple[socket.socket, int]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1024)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--transport", default="httpx", help="gateway upstream transport (httpx, aiohttp)")
+    args = p.parse_args()
+    if not shutil.which("wrk"):
+        print("error: wrk not found (apt-get install -y wrk)", file=sys.stderr)
+        return 1
+    servers: list[bench.Server] = []
+    hole, hole_port = black_hole()
+    with tempfile.TemporaryDirectory(prefix="llm-gw-bench-telemetry-") as tmp:
+        workdir = Path(tmp)
+        try:
+            upstream = bench.start_nginx(workdir) if shutil.which("nginx") else bench.start_mock(workdir, 0)
+            servers.append(upstream)
+            sink_port = bench.free_port()
+            (workdir / "sink.py").write_text(SINK)
+            sink = bench.Server("otlp-sink", [bench.PY, str(workdir / "sink.py"), str(sink_port)], sink_port, workdir,
+                                cpu=bench.CLIENT_CPU)
+            servers.append(sink)
+            on = ("  metrics: {enabled: true, prefix: llm_gateway}\n  tracing: {enabled: true, sample_rate: 1.0}\n"
+                  "  otel: {endpoint: 'http://127.0.0.1:%d', protocol: http/protobuf}")
+            targets = {
+                "off": gateway(workdir, upstream.url, "off", "  metrics: {enabled: false}\n  tracing: {enabled: false}",
+                               args.transport),
+                "on": gateway(workdir, upstream.url, "on", on % sink_port, args.transport),
+                "black-hole": gateway(workdir, upstream.url, "hole", on % hole_port, args.transport),
+            }
+            servers.extend(targets.values())
+            script = bench.wrk_script(workdir)
+            for name, server in targets.items():
+                check = bench.sanity(server.url)
+                if not check["ok"]:
+                    raise RuntimeError(f"{name}: sanity request failed: {check['status']} {check['body'][:200]}")
+                bench.run_wrk(server, script, args.concurrency, min(2.0, args.duration))  # warm-up
+            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+            for i in range(args.rounds):
+                for name, server in targets.items():
+                    r = bench.run_wrk(server, script, args.concurrency, args.duration)
+                    r.pop("raw")
+                    rounds[name].append(r)
+                    print(f"  round {i + 1} {name:10} {r['rps']:8.0f} req/s  p50 {bench.fmt(r['p50_ms'])} ms  "
+                          f"p99 {bench.fmt(r['p99_ms'])} ms  CPU {bench.fmt(r['cpu_us_per_req'], 0)} us/req  "
+                          f"errors {r['errors']}", file=sys.stderr, flush=True)
+            import httpx
+
+            exported = httpx.get(targets["on"].url + "/metrics", timeout=10).text
+            dropped = [line for line in exported.splitlines()
+                       if line.startswith(("llm_gateway_telemetry_spans_dropped_total",
+                                           "llm_gateway_telemetry_export_failures_total"))]
+        finally:
+            for s in servers:
+                s.stop()
+            hole.close()
+    median = {name: statistics.median(r["rps"] for r in rs) for name, rs in rounds.items()}
+    lines = [f"| target | median req/s | rounds req/s | p50 ms | p99 ms (worst) | CPU us/req | errors | vs off |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for name, rs in rounds.items():
+        each = ", ".join(str(round(r["rps"])) for r in rs)
+        lines.append(f"| {name} | {median[name]:.0f} | {each} | "
+                     f"{statistics.median(r['p50_ms'] for r in rs):.2f} | {max(r['p99_ms'] for r in rs):.2f} | "
+                     f"{statistics.median(r['cpu_us_per_req'] for r in rs):.0f} | {sum(r['errors'] for r in rs)} | "
+                     f"{median[name] / median['off']:.2f} |")
+    table = "\n".join(lines)
+    print(f"\n## Telemetry cost (wrk c={args.concurrency}, {args.duration:g}s x {args.rounds} rounds, "
+          f"transport {args.transport})\n\n{table}\n")
+    print("`on` gateway telemetry counters: " + ("; ".join(dropped) or "-"))
+    out = bench.BENCH / "results" / f"telemetry-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"versions": bench.versions(), "args": vars(args), "rounds": rounds,
+                               "table": table, "telemetry_counters": dropped}, indent=2, default=str))
+    print(f"results: {out.relative_to(bench.ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

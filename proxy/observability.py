@@ -1,0 +1,323 @@
+"""The telemetry `Observer`: OpenTelemetry traces and Prometheus metrics behind the kernel's hooks.
+
+Contract:
+- Traces (when `monitoring.tracing.enabled` and an OTLP endpoint is configured, or an exporter is
+  given): one SERVER span per client request continuing the caller's W3C `traceparent`, one CLIENT
+  span per upstream attempt named `{gen_ai.operation.name} {model}` with the GenAI attributes, and
+  the attempt's `traceparent` sent upstream in place of the client's. Sampler: ParentBased
+  TraceIdRatio(`sample_rate`). Rate-limit, failover, retry-budget, disconnect and pool decisions are
+  span events; the routing choice is an attempt attribute. The tracer provider is private to the
+  app (never the global one) and shuts down with it.
+- Metrics (`monitoring.metrics.enabled`): `proxy.metrics.GatewayMetrics`; pushed over OTLP too
+  when an endpoint is configured (`proxy.otlp.PrometheusBridge`).
+- Every hook is guarded: telemetry never raises into traffic. The observer also keeps
+  `ctx.extra["attempt_open"]` so the app can compute the overhead header mid-attempt, and
+  `ctx.extra["trace_id"]` for the access log.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import structlog
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from config.models import Config, Deployment
+from proxy import otlp
+from proxy.context import RequestContext
+from proxy.metrics import ATTRIBUTES, GatewayMetrics, Upstream, error_type
+from proxy.observer import Observer
+
+log = structlog.get_logger("llm_gateway.telemetry")
+_PROPAGATOR = TraceContextTextMapPropagator()
+_SHUTDOWN_WAIT = 3.0
+
+
+def resource() -> Resource:
+    base = Resource.create({"service.instance.id": f"{socket.gethostname()}-{os.getpid()}"})
+    if base.attributes.get("service.name", "unknown_service").startswith("unknown_service"):
+        base = base.merge(Resource({"service.name": "llm-gateway"}))
+    return base
+
+
+class GatewayObserver(Observer):
+    def __init__(self, config: Config, *, span_exporter: SpanExporter | None = None,
+                 metric_reader: MetricReader | None = None) -> None:
+        mon = config.monitoring
+        self.metrics = GatewayMetrics(config) if mon.metrics.enabled else None
+        self.upstreams = self.metrics.upstreams if self.metrics else {d.name: Upstream(d) for d in config.providers}
+        self.strategy = config.gateway.routing_strategy
+        self.overrides = config.gateway.routing_overrides
+        self.tracer: Any = None
+        self.processor: otlp.BoundedSpanProcessor | None = None
+        self.provider: TracerProvider | None = None
+        self.reader: MetricReader | None = None
+        self.closed = False
+        res = resource() if (mon.otel.endpoint or span_exporter or metric_reader) else None
+        if mon.tracing.enabled and (span_exporter is not None or mon.otel.endpoint):
+            m = self.metrics
+            self.processor = otlp.BoundedSpanProcessor(
+                span_exporter or otlp.span_exporter(mon.otel),
+                on_drop=(lambda n: m.spans_dropped.inc(n)) if m else (lambda n: None),
+                on_fail=(lambda n: m.export_failures.inc(n)) if m else (lambda n: None))
+            self.provider = TracerProvider(resource=res, shutdown_on_exit=False,
+                                           sampler=ParentBased(TraceIdRatioBased(mon.tracing.sample_rate)))
+            self.provider.add_span_processor(self.processor)
+            self.tracer = self.provider.get_tracer("llm-gateway")
+        if self.metrics is not None and (metric_reader is not None or mon.otel.endpoint):
+            bridge = otlp.PrometheusBridge(self.metrics.registry, self.metrics.otel, ATTRIBUTES, res)  # type: ignore[arg-type]
+            self.reader = bridge.attach(metric_reader or PeriodicExportingMetricReader(otlp.metric_exporter(mon.otel)))
+
+    # --- request ---------------------------------------------------------------------------------
+    def request_start(self, ctx: RequestContext, scope: dict[str, Any]) -> Any:
+        try:
+            traceparent = ctx.header(b"traceparent")
+            if self.tracer is None:
+                if traceparent and len(traceparent) >= 55:
+                    ctx.extra["trace_id"] = traceparent[3:35]
+                return None
+            parent = None
+            if traceparent:
+                carrier = {"traceparent": traceparent}
+                state = ctx.header(b"tracestate")
+                if state:
+                    carrier["tracestate"] = state
+                parent = _PROPAGATOR.extract(carrier)
+            span = self.tracer.start_span(f"{ctx.method} {ctx.family}", context=parent, kind=SpanKind.SERVER,
+                                          attributes={"http.request.method": ctx.method, "url.path": ctx.path,
+                                                      "gateway.request_id": ctx.request_id,
+                                                      "gateway.family": ctx.family})
+            ctx.extra["otel.span"] = span
+            ctx.extra["trace_id"] = f"{span.get_span_context().trace_id:032x}"
+            return span
+        except Exception:  # noqa: BLE001
+            log.exception("telemetry_hook_failed", hook="request_start")
+            return None
+
+    def request_end(self, ctx: RequestContext, handle: Any, status: int, outcome: str) -> None:
+        try:
+            total = time.perf_counter() - ctx.started
+            dep = ctx.deployment if ctx.attempts else None
+            code = None if outcome == "ok" else error_type(outcome)
+            m = self.metrics
+            if m is not None:
+                provider = dep.name if dep else "none"
+                model = m.model(ctx.model, dep is not None)
+                m.child(m.requests, provider, model, str(status)).inc()
+                m.child(m.duration, provider, model).observe(total)
+                m.overhead.observe(max(0.0, total - ctx.upstream_seconds))
+                if code:
+                    m.child(m.errors, provider, model, code).inc()
+                u = ctx.usage
+                if dep is not None and u.known:
+                    up = m.upstreams.get(dep.name)
+                    genai = m.genai(ctx.operation, up, model)
+                    for kind, value in (("input", u.input_tokens), ("output", u.output_tokens)):
+                        if value:
+                            m.child(m.tokens, provider, model, kind).inc(value)
+                            m.child(m.token_usage, *genai, kind).observe(value)
+            span = handle
+            if span is not None and span.is_recording():
+                attrs: dict[str, Any] = {"http.response.status_code": status, "gateway.outcome": outcome,
+                                         "gateway.attempts": ctx.attempts, "gen_ai.operation.name": ctx.operation,
+                                         "gateway.overhead_ms": round((total - ctx.upstream_seconds) * 1000, 3)}
+                if ctx.model:
+                    attrs["gen_ai.request.model"] = ctx.model
+                if ctx.principal is not None:
+                    attrs["gateway.key_id"] = ctx.principal.key_id
+                if dep is not None:
+                    attrs["gateway.deployment"] = dep.name
+                if ctx.tried:
+                    attrs["gateway.tried"] = list(ctx.tried)
+                if ctx.candidates:
+                    attrs["gateway.routing.candidates"] = [d.name for d in ctx.candidates]
+                if ctx.usage.input_tokens is not None:
+                    attrs["gen_ai.usage.input_tokens"] = ctx.usage.input_tokens
+                if ctx.usage.output_tokens is not None:
+                    attrs["gen_ai.usage.output_tokens"] = ctx.usage.output_tokens
+                if code:
+                    attrs["error.type"] = code
+                span.set_attributes(attrs)
+                if status >= 500 or (code and status < 400):  # a cut stream is an error after a 200
+                    span.set_status(Status(StatusCode.ERROR, code))
+                span.update_name(f"{ctx.method} {ctx.family} {ctx.operation}")
+            if span is not None:
+                span.end()
+        except Exception:  # noqa: BLE001
+            log.exception("telemetry_hook_failed", hook="request_end")
+
+    # --- attempts --------------------------------------------------------------------------------
+    def attempt_start(self, ctx: RequestContext, dep: Deployment, url: str, headers: list[tuple[str, str]]) -> Any:
+        ctx.extra["attempt_open"] = True
+        started = time.perf_counter()
+        if self.tracer is None:
+            return (started, None)
+        try:
+            parent = ctx.extra.get("otel.span")
+            model = ctx.model or ""
+            attrs: dict[str, Any] = {"gen_ai.operation.name": ctx.operation, "gen_ai.request.model": model,
+                                     "gateway.deployment": dep.name, "gateway.attempt": ctx.attempts + 1,
+                                     "gateway.routing.strategy": self.overrides.get(model, self.strategy)}
+            up = self.upstreams.get(dep.name) or Upstream(dep)
+            attrs["gen_ai.provider.name"] = up.provider_name
+            if up.address:
+                attrs["server.address"], attrs["server.port"] = up.address, up.port
+            span = self.tracer.start_span(f"{ctx.operation} {model}".strip(), kind=SpanKind.CLIENT, attributes=attrs,
+                                          context=set_span_in_context(parent) if parent is not None else None)
+            sc = span.get_span_context()
+            if sc.is_valid:
+                headers[:] = [(k, v) for k, v in headers if k.lower() != "traceparent"]
+                headers.append(("traceparent", f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"))
+            return (started, span)
+        except Exception:  # noqa: BLE001
+            log.exception("telemetry_hook_failed", hook="attempt_start")
+            return (started, None)
+
+    def attempt_end(self, ctx: RequestContext, dep: Deployment, handle: Any, status: int | None,
+                    error_type_: str | None) -> None:
+        ctx.extra["attempt_open"] = False
+        try:
+            started, span = handle if isinstance(handle, tuple) else (time.perf_counter(), None)
+            seconds = time.perf_counter() - started
+            code = error_type(error_type_)
+            if code:
+                ctx.extra["attempt_error"] = code
+            m = self.metrics
+            if m is not None:
+                model = m.model(ctx.model, True)
+                up = m.upstreams.get(dep.name)
+                m.child(m.op_duration, *m.genai(ctx.operation, up, model), code).observe(seconds)
+                if code == "upstream_rate_limited":
+                    m.child(m.rate_limit_hits, dep.name, model, code).inc()
+            if span is not None and span.is_recording():
+                attrs: dict[str, Any] = {"gen_ai.response.model": ctx.model or ""}
+                if status:
+                    attrs["http.response.status_code"] = status
+                if code:
+                    attrs["error.type"] = code
+                u = ctx.usage
+                if ctx.committed and u.known:
+                    if u.input_tokens is not None:
+                        attrs["gen_ai.usage.input_tokens"] = u.input_tokens
+                    if u.output_tokens is not None:
+                        attrs["gen_ai.usage.output_tokens"] = u.output_tokens
+                    if u.cached_tokens:
+                        attrs["gen_ai.usage.cache_read.input_tokens"] = u.cached_tokens
+                ttfc = ctx.extra.get("ttfc")
+                if ttfc is not None and ctx.committed:
+                    attrs["gen_ai.response.time_to_first_chunk"] = ttfc
+                span.set_attributes(attrs)
+                if code:
+                    span.set_status(Status(StatusCode.ERROR, code))
+            if span is not None:
+                span.end()
+        except Exception:  # noqa: BLE001
+            log.exception("telemetry_hook_failed", hook="attempt_end")
+
+    def first_chunk(self, ctx: RequestContext, seconds: float) -> None:
+        ctx.extra["ttfc"] = seconds
+        m = self.metrics
+        if m is not None and ctx.deployment is not None:
+            try:
+                genai = m.genai(ctx.operation, m.upstreams.get(ctx.deployment.name), m.model(ctx.model, True))
+                m.child(m.ttft, *genai[:3]).observe(time.perf_counter() - ctx.started)
+            except Exception:  # noqa: BLE001
+                log.exception("telemetry_hook_failed", hook="first_chunk")
+
+    # --- decisions -------------------------------------------------------------------------------
+    def _event(self, ctx: RequestContext | None, name: str, attrs: dict[str, Any]) -> None:
+        span = ctx.extra.get("otel.span") if ctx is not None else None
+        if span is not None and span.is_recording():
+            span.add_event(name, attrs)
+
+    def failover(self, ctx: RequestContext, failed: Deployment, nxt: Deployment, reason: str) -> None:
+        try:
+            code = error_type(reason)
+            if self.metrics is not None:
+                self.metrics.child(self.metrics.retries, failed.name, code).inc()
+                if nxt.name != failed.name:
+                    self.metrics.child(self.metrics.failovers, failed.name, code).inc()
+            self._event(ctx, "failover" if nxt.name != failed.name else "retry",
+                        {"gateway.failed": failed.name, "gateway.next": nxt.name, "error.type": code})
+        except Exception:  # noqa: BLE001
+            log.exception("telemetry_hook_failed", hook="failover")
+
+    def retry_budget_exhausted(self, ctx: RequestContext) -> None:
+        if self.metrics is not None:
+            self.metrics.budget_exhausted.inc()
+        self._event(ctx, "retry_budget_exhausted", {})
+
+    def rate_limited(self, ctx: RequestContext, scope: str, source: str) -> None:
+        try:
+            m = self.metrics
+            if source == "gateway" and m is not None:  # a provider's 429 is counted at attempt_end
+                code = "policy_concurrency_limited" if "concurren" in scope else "policy_rate_limited"
+                m.child(m.rate_limit_hits, "none", m.model(ctx.model, False), code).inc()
+            self._event(ctx, "rate_limited", {"gateway.limit.scope": scope, "gateway.limit.source": source})
+        except Exception:  # noqa: BLE001
+            log.exception("telemetry_hook_failed", hook="rate_limited")
+
+    def limiter_mode(self, degraded: bool, mode: str) -> None:
+        if self.metrics is not None:
+            self.metrics.limiter_degraded.labels(mode).set(1 if degraded else 0)
+
+    def redis_call(self, seconds: float, ok: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.child(self.metrics.redis, "ok" if ok else "error").observe(seconds)
+
+    def circuit_changed(self, deployment: str, is_open: bool) -> None:
+        m = self.metrics
+        if m is not None and deployment in m.upstreams:
+            m.health.labels(deployment).set(0 if is_open else 1)
+            m.child(m.circuit_changes, deployment, "open" if is_open else "closed").inc()
+
+    def client_disconnected(self, ctx: RequestContext) -> None:
+        m = self.metrics
+        if m is not None:
+            provider = ctx.deployment.name if ctx.deployment else "none"
+            m.child(m.disconnects, provider, m.model(ctx.model, ctx.deployment is not None)).inc()
+        self._event(ctx, "client_disconnected", {})
+
+    def pool_saturated(self, ctx: RequestContext) -> None:
+        if self.metrics is not None and ctx.deployment is not None:
+            self.metrics.child(self.metrics.pool_saturated, ctx.deployment.name).inc()
+        self._event(ctx, "pool_saturated", {})
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def render_metrics(self) -> bytes | None:
+        return self.metrics.render() if self.metrics is not None else None
+
+    def flush(self) -> None:
+        if self.processor is not None:
+            self.processor.force_flush()
+
+    def _shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()
+        if self.reader is not None:
+            self.reader.shutdown()
+
+    async def aclose(self) -> None:
+        """Flush and stop the exporters; a dead collector delays shutdown by at most `_SHUTDOWN_WAIT` s."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.provider is None and self.reader is None:
+            return
+        worker = threading.Thread(target=self._shutdown, name="llm-gateway-telemetry-shutdown", daemon=True)
+        worker.start()
+        await asyncio.to_thread(worker.join, _SHUTDOWN_WAIT)
+
+
+def build_observer(config: Config) -> GatewayObserver:
+    return GatewayObserver(config)

@@ -1,0 +1,422 @@
+"""Observability: spans, metrics (Prometheus and OTLP), access logs and the overhead header.
+
+Four paths through a real gateway on a real socket, against the simulated provider:
+a success (plain and streamed), a failover (first deployment answers 503), a gateway 429, and a
+stream the upstream cuts. Spans go to an in-memory exporter through the product's own span
+processor; OTLP metrics come from an in-memory reader fed by the product's Prometheus bridge;
+`/metrics` is parsed with prometheus_client's parser. Access logs come from a real `serve`
+process. A black-holed or closed collector must cost zero errors.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client.parser import text_string_to_metric_families
+
+from config import parse_config
+from proxy.app import build_app
+from proxy.mock import MockOptions, build_mock_app
+from proxy.observability import GatewayObserver
+from proxy.otlp import BoundedSpanProcessor
+from tests.conftest import GATEWAY_KEY, GATEWAY_KEY_SHA, clear_recorded, recorded
+from tests.procs import Procs, procs  # noqa: F401 - `procs` is a fixture
+from tests.servers import free_port, serve
+
+LIMITED_KEY = "gw-test-limited-0123456789"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
+CONTRACT = ("llm_requests", "llm_request_duration_seconds", "llm_errors", "llm_tokens_used",
+            "llm_rate_limit_hits", "provider_health_status")
+
+
+def config_text(good: str, bad: str, extra: str = "") -> str:
+    return f"""
+gateway: {{timeout: 30s, max_retries: 2}}
+auth:
+  keys:
+    - id: team-test
+      sha256: {GATEWAY_KEY_SHA}
+      metadata: {{team: search, tags: "alpha,beta", api_key: not-for-logs}}
+    - id: limited
+      sha256: {hashlib.sha256(LIMITED_KEY.encode()).hexdigest()}
+      rate_limit: {{requests_per_minute: 1}}
+providers:
+  openai-bad: {{type: openai, base_url: "{bad}/v1", api_key: sk-bad, models: [gpt-4o]}}
+  openai-good: {{type: openai, base_url: "{good}/v1", api_key: sk-good, models: [gpt-4o-mini, gpt-4o]}}
+  anthropic: {{type: anthropic, base_url: "{good}", api_key: sk-ant}}
+monitoring:
+  metrics: {{enabled: true, prefix: llm_gateway}}
+  tracing: {{enabled: true, sample_rate: 1.0}}
+{extra}
+"""
+
+
+@pytest.fixture(scope="module")
+def faulty_upstream() -> Iterator[str]:
+    """A provider that answers every request 503 (the failover's first deployment)."""
+    with serve(build_mock_app(MockOptions(chunk_interval_ms=0, fault_status=503)), lifespan="off") as base:
+        yield base
+
+
+class Rig:
+    def __init__(self, base: str, observer: GatewayObserver, spans: InMemorySpanExporter,
+                 reader: InMemoryMetricReader) -> None:
+        self.base, self.observer, self.exporter, self.reader = base, observer, spans, reader
+
+    def post(self, path: str, body: dict[str, Any], key: str = GATEWAY_KEY, **headers: str) -> httpx.Response:
+        return httpx.post(self.base + path, json=body, headers={"authorization": f"Bearer {key}", **headers},
+                          timeout=30)
+
+    def spans(self, request_id: str, count: int) -> list[Any]:
+        """Every span of the trace whose SERVER span carries this request id (waits for `count`)."""
+        deadline = time.monotonic() + 10
+        while True:
+            self.observer.flush()
+            finished = self.exporter.get_finished_spans()
+            server = [s for s in finished if s.attributes.get("gateway.request_id") == request_id]
+            if server:
+                trace = server[0].context.trace_id
+                found = [s for s in finished if s.context.trace_id == trace]
+                if len(found) >= count:
+                    return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"spans for {request_id}: {[s.name for s in finished]}")
+            time.sleep(0.02)
+
+    def scrape(self) -> dict[str, Any]:
+        text = httpx.get(self.base + "/metrics").text
+        return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+@pytest.fixture(scope="module")
+def rig(mock_upstream: str, faulty_upstream: str) -> Iterator[Rig]:
+    cfg = parse_config(config_text(mock_upstream, faulty_upstream), "test.yaml", {})
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    observer = GatewayObserver(cfg, span_exporter=exporter, metric_reader=reader)
+    with serve(build_app(cfg, observer=observer)) as base:
+        yield Rig(base, observer, exporter, reader)
+
+
+def by_kind(spans: list[Any], kind: SpanKind) -> list[Any]:
+    return sorted((s for s in spans if s.kind == kind), key=lambda s: s.start_time)
+
+
+def sample(families: dict[str, Any], family: str, suffix: str = "", **labels: str) -> float:
+    total = 0.0
+    for s in families[family].samples:
+        if s.name == family + suffix and all(s.labels.get(k) == v for k, v in labels.items()):
+            total += s.value
+    return total
+
+
+# ------------------------------------------------------------------------------------------ traces
+
+def test_success_spans_continue_the_caller_trace_and_propagate_upstream(rig: Rig, mock_upstream: str) -> None:
+    clear_recorded(mock_upstream)
+    r = rig.post("/v1/chat/completions", CHAT, traceparent=f"00-{TRACE_ID}-{PARENT_ID}-01")
+    assert r.status_code == 200, r.text
+    assert float(r.headers["x-gateway-overhead-ms"]) >= 0
+    spans = rig.spans(r.headers["x-gateway-request-id"], 2)
+    (server,), (client,) = by_kind(spans, SpanKind.SERVER), by_kind(spans, SpanKind.CLIENT)
+    assert f"{server.context.trace_id:032x}" == TRACE_ID
+    assert f"{server.parent.span_id:016x}" == PARENT_ID and server.parent.is_remote
+    assert client.parent.span_id == server.context.span_id
+    assert client.name == "chat gpt-4o-mini"
+    a = client.attributes
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "openai"
+    assert a["gen_ai.request.model"] == a["gen_ai.response.model"] == "gpt-4o-mini"
+    assert a["gen_ai.usage.input_tokens"] > 0 and a["gen_ai.usage.output_tokens"] > 0
+    assert a["server.address"] == "127.0.0.1" and a["server.port"] == int(mock_upstream.rsplit(":", 1)[1])
+    assert a["gateway.deployment"] == "openai-good" and a["http.response.status_code"] == 200
+    assert "error.type" not in a and client.status.status_code != StatusCode.ERROR
+    s = server.attributes
+    assert s["http.response.status_code"] == 200 and s["gateway.outcome"] == "ok" and s["gateway.key_id"] == "team-test"
+    assert s["gateway.attempts"] == 1 and s["gen_ai.usage.output_tokens"] == a["gen_ai.usage.output_tokens"]
+    # the upstream saw the attempt span's context, not the caller's parent id
+    sent = [tuple(h) for h in recorded(mock_upstream)[-1]["headers"] if h[0].lower() == "traceparent"]
+    assert sent == [("traceparent", f"00-{TRACE_ID}-{client.context.span_id:016x}-01")]
+
+
+def test_streamed_success_reports_time_to_first_chunk(rig: Rig) -> None:
+    with httpx.stream("POST", rig.base + "/v1/chat/completions", json={**CHAT, "stream": True},
+                      headers={"authorization": f"Bearer {GATEWAY_KEY}"}, timeout=30) as r:
+        assert r.status_code == 200
+        assert float(r.headers["x-gateway-overhead-ms"]) >= 0
+        body = r.read()
+    assert b"[DONE]" in body
+    spans = rig.spans(r.headers["x-gateway-request-id"], 2)
+    (client,) = by_kind(spans, SpanKind.CLIENT)
+    assert client.attributes["gen_ai.response.time_to_first_chunk"] > 0
+    assert client.attributes["gen_ai.usage.output_tokens"] > 0
+    families = rig.scrape()
+    assert sample(families, "gen_ai_server_time_to_first_token_seconds", "_count", gen_ai_request_model="gpt-4o-mini") >= 1
+
+
+def test_failover_shows_two_attempts_and_the_decision(rig: Rig) -> None:
+    before = rig.scrape()
+    r = rig.post("/v1/chat/completions", {**CHAT, "model": "gpt-4o"})  # openai-bad first, then openai-good
+    assert r.status_code == 200 and r.headers["x-gateway-attempts"] == "2", r.text
+    spans = rig.spans(r.headers["x-gateway-request-id"], 3)
+    (server,), clients = by_kind(spans, SpanKind.SERVER), by_kind(spans, SpanKind.CLIENT)
+    assert [c.attributes["gateway.deployment"] for c in clients] == ["openai-bad", "openai-good"]
+    assert [c.attributes["gateway.attempt"] for c in clients] == [1, 2]
+    assert clients[0].attributes["error.type"] == "upstream_error"
+    assert clients[0].attributes["http.response.status_code"] == 503
+    assert clients[0].status.status_code == StatusCode.ERROR
+    assert "error.type" not in clients[1].attributes and all(c.parent.span_id == server.context.span_id for c in clients)
+    events = [e for e in server.events if e.name == "failover"]
+    assert events and events[0].attributes["gateway.failed"] == "openai-bad"
+    assert events[0].attributes["gateway.next"] == "openai-good"
+    assert server.attributes["gateway.tried"] == ("openai-bad", "openai-good")
+    after = rig.scrape()
+    for family in ("llm_gateway_failovers", "llm_gateway_retries"):
+        assert sample(after, family, "_total", provider="openai-bad", error_type="upstream_error") == \
+            sample(before, family, "_total", provider="openai-bad", error_type="upstream_error") + 1
+    assert sample(after, "gen_ai_client_operation_duration_seconds", "_count", error_type="upstream_error") >= 1
+
+
+def test_gateway_rate_limit_is_a_span_event_and_a_hit(rig: Rig) -> None:
+    first = rig.post("/v1/chat/completions", CHAT, key=LIMITED_KEY)
+    second = rig.post("/v1/chat/completions", CHAT, key=LIMITED_KEY)
+    assert first.status_code == 200 and second.status_code == 429
+    assert float(second.headers["x-gateway-overhead-ms"]) >= 0
+    spans = rig.spans(second.headers["x-gateway-request-id"], 1)
+    (server,) = spans  # no upstream attempt
+    assert server.attributes["http.response.status_code"] == 429
+    assert server.attributes["error.type"] == "policy_rate_limited"
+    assert any(e.name == "rate_limited" and e.attributes["gateway.limit.source"] == "gateway" for e in server.events)
+    families = rig.scrape()
+    assert sample(families, "llm_gateway_llm_rate_limit_hits", "_total", error_type="policy_rate_limited") >= 1
+    assert sample(families, "llm_gateway_llm_errors", "_total", error_type="policy_rate_limited") >= 1
+    assert sample(families, "llm_gateway_llm_requests", "_total", status="429", provider="none") >= 1
+
+
+def test_cut_stream_is_an_error_after_a_200(rig: Rig) -> None:
+    with httpx.stream("POST", rig.base + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=30,
+                      headers={"authorization": f"Bearer {GATEWAY_KEY}", "x-mock-cut-after": "3"}) as r:
+        assert r.status_code == 200
+        body = r.read()
+    assert b'"error"' in body and b"[DONE]" not in body
+    spans = rig.spans(r.headers["x-gateway-request-id"], 2)
+    (server,), clients = by_kind(spans, SpanKind.SERVER), by_kind(spans, SpanKind.CLIENT)
+    assert clients[-1].attributes["error.type"] == "upstream_stream_error"
+    assert server.attributes["error.type"] == "upstream_stream_error"
+    assert server.attributes["http.response.status_code"] == 200
+    assert server.status.status_code == StatusCode.ERROR
+    families = rig.scrape()
+    assert sample(families, "llm_gateway_llm_errors", "_total", error_type="upstream_stream_error",
+                  provider="openai-good") >= 1
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+def test_prometheus_exposition_has_every_metric_with_bounded_labels(rig: Rig) -> None:
+    rig.post("/v1/chat/completions", CHAT)
+    rig.post("/v1/chat/completions", {**CHAT, "model": "no-such-model-xyz"})
+    families = rig.scrape()
+    for name in CONTRACT:
+        assert f"llm_gateway_{name}" in families, name
+    for name in ("gen_ai_client_token_usage", "gen_ai_client_operation_duration_seconds",
+                 "gen_ai_server_time_to_first_token_seconds", "llm_gateway_retries", "llm_gateway_failovers",
+                 "llm_gateway_circuit_state_changes", "llm_gateway_limiter_degraded",
+                 "llm_gateway_redis_call_duration_seconds", "llm_gateway_pool_saturated",
+                 "llm_gateway_client_disconnects", "llm_gateway_overhead_seconds",
+                 "llm_gateway_telemetry_spans_dropped", "llm_gateway_retry_budget_exhausted"):
+        assert name in families, name
+    requests = families["llm_gateway_llm_requests"]
+    assert {s.labels["model"] for s in requests.samples} <= {"gpt-4o-mini", "gpt-4o", "none", "other"}
+    assert not any("request_id" in s.labels or "path" in s.labels for f in families.values() for s in f.samples)
+    assert sample(families, "llm_gateway_llm_tokens_used", "_total", provider="openai-good", token_type="input") > 0
+    assert sample(families, "llm_gateway_llm_tokens_used", "_total", provider="openai-good", token_type="output") > 0
+    assert sample(families, "llm_gateway_provider_health_status", provider="openai-good") == 1
+    usage = families["gen_ai_client_token_usage"]
+    bounds = sorted({float(s.labels["le"]) for s in usage.samples if s.name.endswith("_bucket")})
+    assert bounds[:3] == [1.0, 4.0, 16.0] and bounds[-2] == 67108864.0
+    assert {s.labels.get("gen_ai_token_type") for s in usage.samples} >= {"input", "output"}
+    assert sample(families, "llm_gateway_overhead_seconds", "_count") >= 1
+
+
+def test_otlp_metrics_use_semantic_convention_names(rig: Rig) -> None:
+    rig.post("/v1/chat/completions", CHAT)
+    data = rig.reader.get_metrics_data()
+    (resource_metrics,) = data.resource_metrics
+    assert resource_metrics.resource.attributes["service.name"] == "llm-gateway"
+    assert resource_metrics.resource.attributes["service.instance.id"]
+    metrics = {m.name: m for sm in resource_metrics.scope_metrics for m in sm.metrics}
+    assert {"gen_ai.client.token.usage", "gen_ai.client.operation.duration", "llm_gateway_llm_requests_total",
+            "llm_gateway_llm_request_duration_seconds", "llm_gateway_provider_health_status"} <= set(metrics)
+    usage = metrics["gen_ai.client.token.usage"]
+    assert usage.unit == "{token}"
+    point = next(p for p in usage.data.data_points if p.attributes.get("gen_ai.token.type") == "output")
+    assert point.attributes["gen_ai.provider.name"] == "openai"
+    assert point.attributes["gen_ai.request.model"] == "gpt-4o-mini"
+    assert list(point.explicit_bounds)[:4] == [1, 4, 16, 64] and point.count >= 1
+    assert sum(point.bucket_counts) == point.count
+    requests = metrics["llm_gateway_llm_requests_total"]
+    assert requests.data.is_monotonic and sum(p.value for p in requests.data.data_points) >= 1
+    duration = metrics["gen_ai.client.operation.duration"]
+    assert duration.unit == "s" and list(duration.data.data_points[0].explicit_bounds)[:3] == [0.01, 0.02, 0.04]
+
+
+def test_metrics_off_means_404_and_header_can_be_turned_off(make_gateway: Callable[..., str], mock_upstream: str) -> None:
+    base = make_gateway(config_text(mock_upstream, mock_upstream, "").replace(
+        "metrics: {enabled: true, prefix: llm_gateway}", "metrics: {enabled: false}\n  overhead_header: false"))
+    assert httpx.get(base + "/metrics").status_code == 404
+    r = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {GATEWAY_KEY}"})
+    assert r.status_code == 200 and "x-gateway-overhead-ms" not in r.headers
+
+
+def test_model_label_cardinality_is_capped(mock_upstream: str) -> None:
+    from proxy.metrics import DYNAMIC_MODELS, GatewayMetrics
+
+    cfg = parse_config(config_text(mock_upstream, mock_upstream), "t.yaml", {})
+    m = GatewayMetrics(cfg)
+    assert m.model("gpt-4o", False) == "gpt-4o" and m.model(None, False) == "none"
+    assert m.model("made-up", False) == "other"  # never routed: never a label
+    labels = {m.model(f"served-{i}", True) for i in range(DYNAMIC_MODELS + 20)}
+    assert len(labels) == DYNAMIC_MODELS + 1 and "other" in labels
+
+
+# ------------------------------------------------------------------------------------------ logs
+
+def test_access_log_lines_are_json_with_the_required_fields(procs: Procs, mock_upstream: str) -> None:  # noqa: F811
+    (gw,) = procs.gateways(config_text(mock_upstream, mock_upstream), 1)
+    ok = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, timeout=30,
+                    headers={"authorization": f"Bearer {GATEWAY_KEY}", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+    denied = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer wrong"})
+    assert ok.status_code == 200 and denied.status_code == 401
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in gw.log_path.read_text().splitlines() if line.startswith("{")]
+        access = {line["request_id"]: line for line in lines if line.get("event") == "request"}
+        if len(access) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    line = access[ok.headers["x-gateway-request-id"]]
+    for field in ("request_id", "trace_id", "key_id", "key_metadata", "family", "model", "deployment", "status",
+                  "attempts", "input_tokens", "output_tokens", "overhead_ms", "duration_ms", "outcome", "timestamp"):
+        assert field in line, field
+    assert line["trace_id"] == TRACE_ID and line["key_id"] == "team-test" and line["outcome"] == "ok"
+    assert line["key_metadata"]["team"] == "search" and line["key_metadata"]["api_key"] == "***"
+    assert line["status"] == 200 and line["attempts"] == 1 and line["output_tokens"] > 0
+    assert line["overhead_ms"] >= 0 and line["duration_ms"] >= line["overhead_ms"]
+    refused = access[denied.headers["x-gateway-request-id"]]
+    assert refused["status"] == 401 and refused["outcome"] == "caller_invalid_credentials" and refused["key_id"] is None
+    text = gw.log_path.read_text()
+    assert "hello there" not in text and "sk-good" not in text and GATEWAY_KEY not in text
+
+
+# ------------------------------------------------------------------------------------------ collector down
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for s in held:
+            s.close()
+        server.close()
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_dead_collector_costs_no_errors(make_gateway: Callable[..., str], mock_upstream: str, protocol: str) -> None:
+    with black_hole() as port:
+        hole = f"http://127.0.0.1:{port}" if protocol == "http/protobuf" else f"127.0.0.1:{port}"
+        for endpoint in (hole, f"127.0.0.1:{free_port()}"):  # black-holed, then closed
+            base = make_gateway(config_text(mock_upstream, mock_upstream, f"  otel: {{endpoint: '{endpoint}', protocol: {protocol}}}"))
+            statuses: list[int] = []
+
+            async def burst() -> None:
+                import asyncio
+
+                async with httpx.AsyncClient(timeout=10) as client:
+                    async def one(i: int) -> None:
+                        body = {**CHAT, "stream": True} if i % 3 == 0 else CHAT
+                        r = await client.post(base + "/v1/chat/completions", json=body,
+                                              headers={"authorization": f"Bearer {GATEWAY_KEY}"})
+                        statuses.append(r.status_code)
+
+                    for _ in range(4):
+                        await asyncio.gather(*(one(i) for i in range(50)))
+
+            import asyncio
+
+            started = time.monotonic()
+            asyncio.run(burst())
+            assert statuses == [200] * 200, sorted(set(statuses))
+            assert time.monotonic() - started < 20
+            assert httpx.get(base + "/metrics").status_code == 200
+
+
+def test_span_queue_is_bounded_and_drops_are_counted() -> None:
+    release = threading.Event()
+    dropped: list[int] = []
+    failed: list[int] = []
+
+    class Stuck:
+        def export(self, batch: list[Any]) -> SpanExportResult:
+            release.wait(5)
+            return SpanExportResult.FAILURE
+
+        def shutdown(self) -> None:
+            pass
+
+    processor = BoundedSpanProcessor(Stuck(), on_drop=dropped.append, on_fail=failed.append, max_queue=8, batch=4,
+                                     delay=0.01)
+    for _ in range(100):
+        processor.on_end(object())  # type: ignore[arg-type]
+    assert len(processor.queue) <= 8 and sum(dropped) >= 100 - 8 - 4
+    release.set()
+    processor.shutdown()
+    assert not processor.queue and sum(failed) >= 1
+
+
+def test_several_workers_lose_no_counts(procs: Procs, mock_upstream: str) -> None:  # noqa: F811
+    """`serve --workers 2`: /metrics sums every worker (prometheus_client multiprocess mode)."""
+    import sys
+
+    config = procs.directory / "workers.yaml"
+    config.write_text(config_text(mock_upstream, mock_upstream).replace("tracing: {enabled: true", "tracing: {enabled: false"))
+    port = free_port()
+    gw = procs.spawn("workers", [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--host",
+                                 "127.0.0.1", "--port", str(port), "--workers", "2"], port)
+    procs.wait_http(gw, "/healthz")
+    sent = 40
+    for _ in range(sent):
+        with httpx.Client() as client:  # a new connection each time, so both workers take some
+            r = client.post(gw.url + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {GATEWAY_KEY}"})
+            assert r.status_code == 200
+    for _ in range(3):  # whichever worker answers the scrape reports every worker's counts
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(gw.url + "/metrics").text)}
+        assert sample(families, "llm_gateway_llm_requests", "_total", status="200") == sent
+        assert sample(families, "llm_gateway_provider_health_status", provider="openai-good") == 1
