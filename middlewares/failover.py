@@ -101,7 +101,9 @@ class FailoverMiddleware:
                 assert dep is not None, "the router sets a deployment"
                 remaining = self.max_retries - (ctx.attempts + 1) + 1
                 ctx.may_retry = remaining > 0 and self.max_retries > 0
-                ctx.hold_stream = ctx.may_retry and ctx.stream
+                # Hold a stream's start only when another deployment could take over: with one
+                # deployment the first chunk goes out at once (no added time to first chunk).
+                ctx.hold_stream = ctx.may_retry and ctx.stream and len(ctx.candidates) > 1
                 health.begin(dep.name)
                 try:
                     await self.app(scope, receive, send)

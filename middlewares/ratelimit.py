@@ -128,6 +128,9 @@ class RateLimitMiddleware:
         rows = [stats[i:i + _STAT] for i in range(0, len(stats) - _STAT + 1, _STAT)]
         everything = common + candidates
         headers = self._headers(ctx, rows, everything)
+        if not admitted and marker == -4:
+            raise GatewayError("upstream_unavailable", "no deployment for this model can serve right now",
+                               retry_after=retry_ms / 1000.0, headers={"retry-after": str(max(1, math.ceil(retry_ms / 1000)))})
         if not admitted:
             reason = {-2: "concurrent request limit", -3: "every deployment for this model is at its limit"}.get(marker, "rate limit")
             self.runtime.observer.rate_limited(ctx, reason, "gateway")

@@ -111,6 +111,11 @@ class _StripUsageChunk:
         parts = _EVENT_END.split(events)  # [event, separator, event, separator, ..., b""]
         return b"".join(event + sep for event, sep in zip(parts[::2], parts[1::2]) if not _is_usage_chunk(event))
 
+    def flush(self) -> bytes:
+        """At the end of the stream: whatever is left (an unterminated last event) goes out as is."""
+        rest, self.buf = self.buf, b""
+        return b"" if _is_usage_chunk(rest) else rest
+
 
 def _is_usage_chunk(event: bytes) -> bool:
     """The injected usage chunk: no choices and a usage object. Other choice-less chunks (Azure's

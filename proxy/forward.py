@@ -145,8 +145,9 @@ class Forwarder:
             raise GatewayError("upstream_stream_error", f"upstream stream failed ({kind})",
                                status=504 if isinstance(exc, httpx.TimeoutException) else 502) from None
         _finish(ctx, tap)
+        rest = flt.flush() if flt is not None and hasattr(flt, "flush") else b""
         ctx.extra["relay_done"] = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": rest, "more_body": False})
 
     @staticmethod
     async def _emit(chunk: bytes, tap: Any, flt: Any, send: Any) -> None:

@@ -26,7 +26,12 @@ from config import parse_config
 from proxy.app import build_app
 from proxy.mock import MockOptions, build_mock_app
 from tests.conftest import (
-    GATEWAY_KEY, GATEWAY_KEY_SHA, UPSTREAM_ANTHROPIC_KEY, clear_recorded, recorded, standard_config,
+    GATEWAY_KEY,
+    GATEWAY_KEY_SHA,
+    UPSTREAM_ANTHROPIC_KEY,
+    clear_recorded,
+    recorded,
+    standard_config,
 )
 from tests.servers import serve
 from tests.test_openai_e2e import Contexts, Tape

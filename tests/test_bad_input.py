@@ -1,10 +1,12 @@
-"""Bad input, table-driven per family: every failure is a native error of the inbound API, never a traceback.
+"""Bad input, table-driven per family: every failure is a native error of the inbound API, never a
+traceback.
 
-One gateway (failover off, so each case is one attempt) serves all four families. Each family has a normal deployment on the simulated upstream, a
-"slow" one (first_byte timeout 300 ms, and the request asks the mock to stall 2 s) and a "dead" one whose
-base_url is a closed port. Two keys: an open one and a narrow one with a model allowlist.
-Requests are raw httpx with correct-looking paths (Bedrock requests are SigV4-signed with botocore), and
-a few cases are repeated with the official SDKs to check they raise the right exception classes.
+One gateway (failover off, so each case is one attempt) serves all four families. Each family has a
+normal deployment on the simulated upstream, a "slow" one (first_byte timeout 300 ms, and the request
+asks the mock to stall 2 s) and a "dead" one whose base_url is a closed port. Two keys: an open one and
+a narrow one with a model allowlist. Requests are raw httpx with correct-looking paths (Bedrock requests
+are SigV4-signed with botocore), and a few cases are repeated with the official SDKs to check they raise
+the right exception classes.
 """
 from __future__ import annotations
 
@@ -28,7 +30,15 @@ from botocore.credentials import Credentials
 
 from config import parse_config
 from proxy.app import build_app
-from tests.conftest import CLIENT_AKID, CLIENT_AWS_SECRET, GATEWAY_KEY, GATEWAY_KEY_SHA, recorded
+from tests.conftest import (
+    CLIENT_AKID,
+    CLIENT_AWS_SECRET,
+    GATEWAY_KEY,
+    GATEWAY_KEY_SHA,
+    UPSTREAM_AKID,
+    UPSTREAM_AWS_SECRET,
+    recorded,
+)
 from tests.servers import free_port, serve
 
 NARROW_KEY = "gw-narrow-key-00000000000000"
@@ -45,38 +55,33 @@ MODELS = {
 }
 
 
+def _target(family: str, base: str) -> str:
+    return {"openai": f'type: openai, base_url: "{base}/v1", api_key: sk-o',
+            "anthropic": f'type: anthropic, base_url: "{base}", api_key: sk-a',
+            "bedrock": f'type: bedrock, base_url: "{base}", region: us-east-1, '
+                       f"aws_access_key_id: {UPSTREAM_AKID}, aws_secret_access_key: {UPSTREAM_AWS_SECRET}",
+            "ollama": f'type: ollama, base_url: "{base}"'}[family]
+
+
 def _config(up: str, dead: str) -> str:
-    m = MODELS
+    deployments = []
+    for family in FAMILIES:
+        m = MODELS[family]
+        for suffix, base, models, extra in (("", up, [m["ok"], m["narrow"]], ""),
+                                            ("-slow", up, [m["slow"]], ", timeouts: {first_byte: 300ms}"),
+                                            ("-dead", dead, [m["dead"]], "")):
+            deployments.append(f"  {family}{suffix}: {{{_target(family, base)}, models: {json.dumps(models)}{extra}}}")
+    narrow = json.dumps([MODELS[f]["narrow"] for f in FAMILIES])
     return f"""
 gateway: {{timeout: 20s, max_body_bytes: 1KiB, enable_failover: false}}  # one attempt: failover is tested apart
 auth:
   keys:
-    - {{id: open, sha256: {GATEWAY_KEY_SHA}, aws_access_key_id: {CLIENT_AKID}, aws_secret_access_key: {CLIENT_AWS_SECRET}}}
-    - id: narrow
-      sha256: {hashlib.sha256(NARROW_KEY.encode()).hexdigest()}
-      aws_access_key_id: {NARROW_AKID}
-      aws_secret_access_key: {NARROW_SECRET}
-      models: [{", ".join(f'"{m[f]["narrow"]}"' for f in FAMILIES)}]
+    - {{id: open, sha256: {GATEWAY_KEY_SHA}, aws_access_key_id: {CLIENT_AKID},
+        aws_secret_access_key: {CLIENT_AWS_SECRET}}}
+    - {{id: narrow, sha256: {hashlib.sha256(NARROW_KEY.encode()).hexdigest()}, aws_access_key_id: {NARROW_AKID},
+        aws_secret_access_key: {NARROW_SECRET}, models: {narrow}}}
 providers:
-  openai: {{type: openai, base_url: "{up}/v1", api_key: sk-o, models: [{m["openai"]["ok"]}, {m["openai"]["narrow"]}]}}
-  openai-slow: {{type: openai, base_url: "{up}/v1", api_key: sk-o, models: [{m["openai"]["slow"]}], timeouts: {{first_byte: 300ms}}}}
-  openai-dead: {{type: openai, base_url: "{dead}/v1", api_key: sk-o, models: [{m["openai"]["dead"]}]}}
-  anthropic: {{type: anthropic, base_url: "{up}", api_key: sk-a, models: [{m["anthropic"]["ok"]}, {m["anthropic"]["narrow"]}]}}
-  anthropic-slow: {{type: anthropic, base_url: "{up}", api_key: sk-a, models: [{m["anthropic"]["slow"]}], timeouts: {{first_byte: 300ms}}}}
-  anthropic-dead: {{type: anthropic, base_url: "{dead}", api_key: sk-a, models: [{m["anthropic"]["dead"]}]}}
-  bedrock:
-    type: bedrock
-    base_url: "{up}"
-    region: us-east-1
-    aws_access_key_id: AKIAUPSTREAM00000001
-    aws_secret_access_key: upstream-aws-secret-abcd
-    models: ["{m["bedrock"]["ok"]}", "{m["bedrock"]["narrow"]}"]
-  bedrock-slow: {{type: bedrock, base_url: "{up}", region: us-east-1, aws_access_key_id: AKIAUPSTREAM00000001, aws_secret_access_key: upstream-aws-secret-abcd, models: ["{m["bedrock"]["slow"]}"], timeouts: {{first_byte: 300ms}}}}
-  bedrock-dead: {{type: bedrock, base_url: "{dead}", region: us-east-1, aws_access_key_id: AKIAUPSTREAM00000001, aws_secret_access_key: upstream-aws-secret-abcd, models: ["{m["bedrock"]["dead"]}"]}}
-  ollama: {{type: ollama, base_url: "{up}", models: [{m["ollama"]["ok"]}, {m["ollama"]["narrow"]}]}}
-  ollama-slow: {{type: ollama, base_url: "{up}", models: [{m["ollama"]["slow"]}], timeouts: {{first_byte: 300ms}}}}
-  ollama-dead: {{type: ollama, base_url: "{dead}", models: [{m["ollama"]["dead"]}]}}
-"""
+""" + "\n".join(deployments) + "\n"
 
 
 @pytest.fixture(scope="module")

@@ -377,7 +377,8 @@ providers:
 def test_other_v1_paths_pass_through_with_query(gw: SimpleNamespace, upstream: Tape, prefix: str) -> None:
     response = httpx.get(f"{gw.url}{prefix}/files?purpose=batch&limit=2&after=file%2Fabc", headers=AUTH)
     rec = only_request(upstream)
-    assert (rec["method"], rec["raw_path"], rec["query"]) == ("GET", "/v1/files", "purpose=batch&limit=2&after=file%2Fabc")
+    assert (rec["method"], rec["raw_path"]) == ("GET", "/v1/files")
+    assert rec["query"] == "purpose=batch&limit=2&after=file%2Fabc"
     assert_upstream_credentials(rec)
     [answer] = upstream.responses
     assert response.status_code == answer.status == 404  # the simulated upstream has no files API
@@ -402,10 +403,11 @@ def test_request_body_and_query_reach_upstream_byte_for_byte(gw: SimpleNamespace
 
 def test_request_ids_and_client_gateway_headers(gw: SimpleNamespace, upstream: Tape) -> None:
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=GATEWAY_KEY, max_retries=0)
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-4o", messages=MSGS,
         extra_headers={"x-request-id": "abc-123", "x-gateway-provider": "evil", "x-gateway-attempts": "99",
-                       "X-Custom-Trace": "keep-me", "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})
+                       "X-Custom-Trace": "keep-me", "traceparent": traceparent})
     assert raw.headers["x-gateway-request-id"] == "abc-123"
     assert raw.headers["x-gateway-provider"] == "openai"
     assert raw.headers["x-gateway-attempts"] == "1"
@@ -414,7 +416,7 @@ def test_request_ids_and_client_gateway_headers(gw: SimpleNamespace, upstream: T
     assert not any(n.startswith("x-gateway-") for n in names), names
     up = dict(rec["headers"])
     assert up["x-custom-trace"] == "keep-me"
-    assert up["traceparent"] == "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert up["traceparent"] == traceparent
     assert up["x-stainless-retry-count"] == "0"
     assert gw.contexts.last(1).request_id == "abc-123"
 

@@ -9,7 +9,8 @@
 --       5 concurrency lease ms, 6 probe lock ms, then per scope (common first): default rpm,
 --       default tpm (-1 = unlimited).
 -- Returns {admitted, chosen candidate (1-based, 0 = none), retry_after_ms, now_ms, marker, probe,
---          stats...}; marker 0 ok/limited, -2 concurrency, -3 no candidate admissible;
+--          stats...}; marker 0 ok/limited, -2 concurrency, -3 every candidate at its limit,
+--          -4 no candidate may serve now (open circuit / probe in progress);
 --          stats per checked scope = {scope index, rpm, rpm remaining, rpm reset ms, tpm,
 --          tpm remaining, tpm reset ms}.
 local WINDOW = 60000
@@ -140,7 +141,9 @@ if D > 0 then
     end
   end
   if chosen == 0 then
-    return {0, 0, best > 0 and best or 1000, now, -3, 0, unpack(result)}
+    -- -3: every candidate is at its own limit; -4: none may serve now (circuit or probe lock)
+    if best > 0 then return {0, 0, best, now, -3, 0, unpack(result)} end
+    return {0, 0, 1000, now, -4, 0, unpack(result)}
   end
 end
 for i = 1, C do apply(i) end
