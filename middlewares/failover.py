@@ -2,9 +2,10 @@
 
 Contract:
 - An attempt that fails before any byte reached the client (connect error, timeout before the
-  first byte, a retryable status: 429 but not quota, 500/502/503/504/529, or an in-band stream error
+  first byte, a retryable status: 429, 500/502/503/504/529, or an in-band stream error
   held back before the first content) is retried on the next healthy candidate that is within its
-  own limits (`ctx.admit_deployment`), else on the same deployment. After the first byte nothing is
+  own limits (`ctx.admit_deployment`), else on the same deployment (after a 429 only once; a billing
+  quota such as OpenAI `insufficient_quota` only moves to another deployment). After the first byte nothing is
   retried: the error layer ends the stream with the family's error frame.
 - Backoff is exponential with full jitter; a `Retry-After` is honoured when it fits the deadline.
   The deadline is `gateway.timeout`, or the client's `x-stainless-timeout` /
@@ -116,8 +117,11 @@ class FailoverMiddleware:
                     if failure.kind == "rate_limited":
                         self.runtime.observer.rate_limited(ctx, f"provider:{dep.name}", "upstream")
                     throttled = failure.kind == "rate_limited" or failure.status == 529
-                    health.record(dep.name, "throttle" if throttled and failure.retry_after else "fail",
-                                  failure.retry_after)
+                    cut_by_client = (failure.code == "upstream_timeout" and deadline is not None
+                                     and time.perf_counter() >= deadline - 0.05)
+                    if failure.kind != "quota" and not cut_by_client:  # neither is the deployment's health
+                        health.record(dep.name, "throttle" if throttled and failure.retry_after else "fail",
+                                      failure.retry_after)
                     if ctx.committed or ctx.client_disconnected:
                         raise
                     nxt = await self._next(ctx, failure, deadline, retrying)
@@ -150,7 +154,13 @@ class FailoverMiddleware:
             chosen = await ctx.admit_deployment(untried) if ctx.admit_deployment else untried[0]
         delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (ctx.attempts - 1)))
         if chosen is None:
-            chosen = ctx.deployment  # nothing else can take it: the same deployment again
+            # Nothing else can take it: the same deployment again, except for a billing quota
+            # (never transient), and after a 429 only once (the client's SDK backs off too).
+            if failure.kind == "quota" or (failure.kind == "rate_limited" and ctx.extra.get("throttle_retried")):
+                return None
+            if failure.kind == "rate_limited":
+                ctx.extra["throttle_retried"] = True
+            chosen = ctx.deployment
             if failure.retry_after is not None:
                 delay = max(delay, failure.retry_after)
         if deadline is not None and now + delay >= deadline:
@@ -173,7 +183,7 @@ class FailoverMiddleware:
                     (b"x-gateway-request-id", ctx.request_id.encode()),
                     (b"x-gateway-provider", ctx.deployment.name.encode()),  # type: ignore[union-attr]
                     (b"x-gateway-attempts", str(ctx.attempts).encode())]
-        if ctx.attempts > 1:
+        if ctx.attempts > 1 or failure.kind == "quota":
             headers.append((b"x-should-retry", b"false"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -111,9 +111,11 @@ class Forwarder:
             body = await _read_bounded(response, ERROR_BODY_LIMIT)
             kind = adapter.classify(status, raw_headers, body)
             native = adapter.error_response(ctx, status, forward_response_headers(raw_headers, drop_length=True), body)
-            if ctx.may_retry and kind in ("transient", "rate_limited"):
+            # A billing quota may be failed over to another account, never retried on this one.
+            if ctx.may_retry and (kind in ("transient", "rate_limited")
+                                  or (kind == "quota" and len(ctx.candidates) > len(set(ctx.tried)))):
                 raise UpstreamFailure(
-                    "upstream_rate_limited" if kind == "rate_limited" else "upstream_error",
+                    "upstream_rate_limited" if kind in ("rate_limited", "quota") else "upstream_error",
                     f"deployment {ctx.deployment.name!r} answered {status}",  # type: ignore[union-attr]
                     kind=kind, retry_after=retry_after_of(raw_headers), response=native)
             ctx.extra["upstream_outcome"] = kind

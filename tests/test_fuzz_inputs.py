@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from config import parse_config
 from proxy.app import build_app
-from tests.conftest import CLIENT_AKID, GATEWAY_KEY, standard_config
+from proxy.mock import MockOptions, build_mock_app
+from tests.conftest import CLIENT_AKID, GATEWAY_KEY, UPSTREAM_AKID, UPSTREAM_AWS_SECRET, standard_config
 from tests.servers import serve
 
 # The gateway (another thread) uses `random` for routing and jitter while hypothesis draws: not a strategy's doing.
@@ -37,13 +38,39 @@ AUTHS: list[dict[str, str]] = [{}, {"authorization": f"Bearer {GATEWAY_KEY}"}, {
                                {"authorization": f"Bearer {GATEWAY_KEY}", "anthropic-version": "2023-06-01"}]
 
 
+class SturdyMock:
+    """The simulated upstream, but a body it cannot digest (e.g. `"input": null` on embeddings makes the
+    mock raise) is a 400 like a real provider's, not a 500 relayed verbatim: the target here is the gateway."""
+
+    def __init__(self) -> None:
+        self.app = build_mock_app(MockOptions(chunk_interval_ms=0, aws_access_key_id=UPSTREAM_AKID,
+                                              aws_secret_access_key=UPSTREAM_AWS_SECRET))
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:  # noqa: BLE001
+            if started or scope["type"] != "http":
+                raise
+            await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": b'{"error": {"message": "bad body", "type": "invalid_request_error"}}'})
+
+
 @pytest.fixture(scope="module")
-def client(mock_upstream: str) -> Iterator[httpx.Client]:
-    config = standard_config(mock_upstream).replace("gateway: {timeout: 30s}",
-                                                    "gateway: {timeout: 10s, max_body_bytes: 64KiB}")
-    with serve(build_app(parse_config(config, "fuzz.yaml", {}))) as base:
-        with httpx.Client(base_url=base, timeout=15) as c:
-            yield c
+def client() -> Iterator[httpx.Client]:
+    with serve(SturdyMock(), lifespan="off") as upstream:
+        config = standard_config(upstream).replace("gateway: {timeout: 30s}",
+                                                   "gateway: {timeout: 10s, max_body_bytes: 64KiB}")
+        with serve(build_app(parse_config(config, "fuzz.yaml", {}))) as base:
+            with httpx.Client(base_url=base, timeout=15) as c:
+                yield c
 
 
 def check(client: httpx.Client, method: str, url: str, headers: Any = None, content: bytes | None = None) -> None:
@@ -58,6 +85,7 @@ def check(client: httpx.Client, method: str, url: str, headers: Any = None, cont
     SENT["count"] += 1
     text = response.content.decode("latin-1")
     assert response.status_code != 500, (method, url, headers, content[:200] if content else None, text[:500])
+    assert response.headers.get("x-gateway-error") != "gateway_internal", (method, url, text[:500])
     assert "Traceback" not in text and 'File "' not in text, (method, url, text[:500])
 
 
