@@ -147,10 +147,13 @@ def reject_upstream_pickers(ctx: RequestContext) -> None:
     if isinstance(ctx.json, dict):
         for key in ctx.json:
             if isinstance(key, str) and _folded(key) in _PICKER_BODY:
-                raise GatewayError("caller_invalid_request", f"field {key!r} is not allowed: upstreams come from the gateway config")
+                raise GatewayError("caller_invalid_request",
+                                   f"field {key!r} is not allowed: upstreams come from the gateway config")
     for key, _ in ctx.headers:
-        if _folded(key.decode("latin-1")) in _PICKER_HEADERS:
-            raise GatewayError("caller_invalid_request", f"header {key.decode('latin-1')!r} is not allowed: upstreams come from the gateway config")
+        name = key.decode("latin-1")
+        if _folded(name) in _PICKER_HEADERS:
+            raise GatewayError("caller_invalid_request",
+                               f"header {name!r} is not allowed: upstreams come from the gateway config")
 
 
 class Decompressor:

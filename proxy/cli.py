@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import orjson
 import yaml
 
-from config import Config, ConfigError, Secret, load_config, resolve_path
+from config import Config, ConfigError, Secret, load_config, parse_config, resolve_path
 
 
 def _masked(value: Any) -> Any:
@@ -50,10 +50,14 @@ def _load(path: str | None) -> Config:
         raise SystemExit(1) from None
 
 
+# Without any config file, the admin commands still honour the documented variables.
+_ENV_ONLY = 'state: {redis_url: "${REDIS_URL:-}"}\nauth: {secret: "${GATEWAY_SECRET:-}"}\n'
+
+
 def _load_lenient(path: str | None) -> Config:
-    """Admin commands need the state settings only; a missing default config is fine."""
+    """Admin commands need the state (and auth.secret) settings only; a missing default config is fine."""
     if path is None and not resolve_path(None).exists():
-        return Config()
+        return parse_config(_ENV_ONLY, "<environment>")
     return _load(path)
 
 

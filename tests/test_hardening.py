@@ -108,7 +108,8 @@ class Headers:
 
 @pytest.fixture(scope="module")
 def env(mock_upstream: str) -> Iterator[dict[str, Any]]:
-    with serve(Canary(), lifespan="off") as canary_url:
+    canary = Canary()
+    with serve(canary, lifespan="off") as canary_url:
         gateways = {}
         recorders = {}
         import contextlib
@@ -121,7 +122,7 @@ def env(mock_upstream: str) -> Iterator[dict[str, Any]]:
                 recorders[http] = recorder
                 gateways[http] = stack.enter_context(serve(app, http=http))
             yield {"gw": gateways["httptools"], "gateways": gateways, "recorders": recorders,
-                   "mock": mock_upstream, "canary_url": canary_url}
+                   "mock": mock_upstream, "canary_url": canary_url, "canary": canary}
 
 
 def mock_hits(mock: str, marker: str) -> list[dict[str, Any]]:
@@ -314,7 +315,11 @@ def test_host_and_target_tricks_never_change_the_upstream(env: dict[str, Any], s
     gw = env["gateways"][server]
     body = json.dumps(BODIES["openai"]).encode()
     statuses = []
-    for host in HOSTS:
+    canary = env["canary_url"].split("//")[1]  # a live server the tricks below name: it must see nothing
+    hosts = HOSTS + [canary, f"{canary}@169.254.169.254", f"user@{canary}"]
+    targets = TARGETS + [f"http://{canary}/v1/chat/completions", f"//{canary}/v1/chat/completions",
+                         f"/v1/..%2F..%2F{canary}/chat/completions"]
+    for host in hosts:
         for auth in (AUTH["openai"], {}):
             status, answer = raw_request(gw, "POST", "/v1/chat/completions",
                                          {**auth, "content-type": "application/json"}, body, host=host)
@@ -322,14 +327,16 @@ def test_host_and_target_tricks_never_change_the_upstream(env: dict[str, Any], s
             if not auth:
                 assert status in (0, 400, 401), (host, status)  # never past auth
             statuses.append(status)
-    for target in TARGETS:
+    for target in targets:
         status, answer = raw_request(gw, "POST", target, {**AUTH["openai"], "content-type": "application/json"},
                                      body, host="127.0.0.1")
         assert status != 500 and b"Traceback" not in answer, (target, answer[:300])
         statuses.append(status)
     assert 200 in statuses  # the tricks were served (from config), not just refused
     only_config_hosts(env)
+    assert env["canary"].hits == 0
     assert httpx.get(env["canary_url"] + "/").status_code == 302  # the canary is alive, just never contacted
+    env["canary"].hits = 0
 
 
 @pytest.mark.parametrize("server", ["httptools", "h11"])
