@@ -65,6 +65,8 @@ class InspectMiddleware:
         ctx.adapter.inspect(ctx)
         principal = ctx.principal
         if principal is not None and not principal.allows(ctx.family, ctx.model):
+            if principal.families and ctx.family not in principal.families:
+                raise GatewayError("caller_forbidden", f"this key may not use the {ctx.family} API")
             raise GatewayError("caller_forbidden", f"this key may not use model {ctx.model!r}")
         ctx.estimated_tokens = estimate_tokens(ctx, self.per_model.get(ctx.model or "", self.default_output))
         await self.app(scope, receive, send)

@@ -287,6 +287,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command not in ("serve", "demo", "mock-provider"):
+        from proxy.logs import configure_logging
+
+        configure_logging(stream=sys.stderr)  # keep stdout for the command's own (JSON) output
     return int(args.func(args) or 0)
 
 

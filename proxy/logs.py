@@ -44,7 +44,8 @@ def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def configure_logging(level: int = logging.INFO) -> None:
+def configure_logging(level: int = logging.INFO, stream: Any = None) -> None:
+    """JSON lines to `stream` (default stdout; the admin CLI passes stderr so its own output stays clean)."""
     global _configured
     if _configured:
         return
@@ -59,6 +60,6 @@ def configure_logging(level: int = logging.INFO) -> None:
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
+        logger_factory=structlog.BytesLoggerFactory((stream or sys.stdout).buffer),
         cache_logger_on_first_use=True,
     )

@@ -128,8 +128,9 @@ class GatewayObserver(Observer):
                             m.child(m.token_usage, *genai, kind).observe(value)
             span = handle
             if span is not None and span.is_recording():
+                # usage and the upstream details are on the attempt spans; the operation is in the name
                 attrs: dict[str, Any] = {"http.response.status_code": status, "gateway.outcome": outcome,
-                                         "gateway.attempts": ctx.attempts, "gen_ai.operation.name": ctx.operation,
+                                         "gateway.attempts": ctx.attempts,
                                          "gateway.overhead_ms": round((total - ctx.upstream_seconds) * 1000, 3)}
                 if ctx.model:
                     attrs["gen_ai.request.model"] = ctx.model
@@ -137,14 +138,10 @@ class GatewayObserver(Observer):
                     attrs["gateway.key_id"] = ctx.principal.key_id
                 if dep is not None:
                     attrs["gateway.deployment"] = dep.name
-                if ctx.tried:
+                if len(ctx.tried) > 1:
                     attrs["gateway.tried"] = list(ctx.tried)
-                if ctx.candidates:
+                if len(ctx.candidates) > 1:
                     attrs["gateway.routing.candidates"] = [d.name for d in ctx.candidates]
-                if ctx.usage.input_tokens is not None:
-                    attrs["gen_ai.usage.input_tokens"] = ctx.usage.input_tokens
-                if ctx.usage.output_tokens is not None:
-                    attrs["gen_ai.usage.output_tokens"] = ctx.usage.output_tokens
                 if code:
                     attrs["error.type"] = code
                 span.set_attributes(attrs)

@@ -11,9 +11,11 @@ Contract:
   (`skip_auto_headers`), no cookie jar, no environment proxies (`trust_env=False`), no redirects.
 - Timeouts come from `request.extensions["timeout"]` (httpx's {"connect", "read", "write", "pool"}):
   `pool` + `connect` bound getting a connection, `connect` bounds the TCP/TLS connect, `read` bounds
-  the wait for the response head (first byte). When the body iteration STARTS, `read` is read again
-  from the same dict and becomes the per-chunk idle timeout, so a caller may change it after the
-  headers arrived (the forwarder does: first byte -> idle).
+  the wait for the response head (first byte, counted from the end of the upload). aiohttp has no
+  write timeout, so the whole head phase is also bounded by connect + pool + write + read (a stalled
+  upload ends as WriteTimeout then). When the body iteration STARTS, `read` is read again from the
+  same dict and becomes the per-chunk idle timeout, so a caller may change it after the headers
+  arrived (the forwarder does: first byte -> idle).
 - Failures raise the httpx exception httpcore would: ConnectError / ConnectTimeout before a
   connection, ReadTimeout for a late head or a stalled body, RemoteProtocolError for a peer that
   closed early or spoke bad HTTP, ReadError / WriteError for other socket errors.
@@ -133,12 +135,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             body = await request.aread()
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
                    if k.lower() not in _DROP_REQUEST_HEADERS]
+        parts = [timeouts.get(name) for name in ("connect", "pool", "write", "read")]
+        head = asyncio.timeout(None if None in parts else sum(parts))  # type: ignore[arg-type]
         try:
-            response = await session.request(
-                request.method, URL(str(request.url), encoded=True), headers=headers,
-                data=body or None, allow_redirects=False, timeout=timeout,
-            )
+            async with head:
+                response = await session.request(
+                    request.method, URL(str(request.url), encoded=True), headers=headers,
+                    data=body or None, allow_redirects=False, timeout=timeout,
+                )
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            if head.expired():
+                raise httpx.WriteTimeout("no response head within connect + pool + write + read") from exc
             raise _as_httpx_error(exc, body=False) from exc
         extensions: dict[str, Any] = {"http_version": b"HTTP/1.1"}
         if response.reason:

@@ -261,7 +261,8 @@ class MockApp:
             return
         try:
             handled = await family.handle(ex, path)
-        except ValueError as exc:  # malformed JSON or wrong body shape, before any byte was sent
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            # malformed JSON or a wrong body shape (e.g. "input": null), found before any byte was sent
             await ex.error(family, 400, f"malformed request body: {exc}")
             return
         if not handled:
