@@ -10,7 +10,8 @@ Contract:
   request on; exactly one replica wins the half-open probe.
 - While Redis is unavailable each replica keeps the same breaker locally (`locally_open`), and
   Redis being down causes no errors.
-- `observe_ttfb`, `begin`/`end` keep shared EWMA and in-flight figures; `snapshot()` is the local
+- `observe_ttfb`, `begin`/`end` keep shared EWMA and in-flight figures, pushed in one pipeline per
+  refresh (not per request); a success reaches Redis only when it changes the breaker; `snapshot()` is the local
   copy (refreshed every `REFRESH` s off the request path, this replica's own attempts counted at
   once) that strategies read without I/O.
 - Recording happens off the critical path (tasks kept referenced until done).
@@ -69,6 +70,8 @@ class SharedHealth:
         self.local: dict[str, DeploymentStats] = {n: DeploymentStats() for n in self.names}
         self.shared: dict[str, DeploymentStats] = {n: DeploymentStats() for n in self.names}
         self.tasks: set[asyncio.Task[Any]] = set()
+        self._pending_inflight: dict[str, int] = {}
+        self._pending_ttfb: dict[str, float] = {}
         self._refresher: asyncio.Task[None] | None = None
         self.state_changes = 0
 
@@ -79,8 +82,16 @@ class SharedHealth:
 
     # --- breaker ------------------------------------------------------------------------------
     def record(self, dep: str, outcome: str, retry_after: float | None = None) -> None:
-        """outcome: "ok", "fail" (transient) or "throttle" (429/529 with Retry-After)."""
+        """outcome: "ok", "fail" (transient) or "throttle" (429/529 with Retry-After).
+
+        A success is written to Redis only when it changes something (a failure count or an open
+        circuit, here or in the shared view): the common case costs no Redis call."""
+        local = self.local.get(dep)
+        shared = self.shared.get(dep)
         self._record_local(dep, outcome, retry_after)
+        if outcome == "ok" and not ((local and (local.fails or local.open_until))
+                                    or (shared and (shared.fails or shared.open_until))):
+            return
         self._spawn(self._record_shared(dep, outcome, retry_after))
 
     def _record_local(self, dep: str, outcome: str, retry_after: float | None) -> None:
@@ -128,12 +139,12 @@ class SharedHealth:
     def begin(self, dep: str) -> None:
         self.local.setdefault(dep, DeploymentStats()).inflight += 1
         self._shared_inflight(dep, 1)
-        self._spawn(self._bump(dep, 1))
+        self._pending_inflight[dep] = self._pending_inflight.get(dep, 0) + 1
 
     def end(self, dep: str) -> None:
         self.local.setdefault(dep, DeploymentStats()).inflight -= 1
         self._shared_inflight(dep, -1)
-        self._spawn(self._bump(dep, -1))
+        self._pending_inflight[dep] = self._pending_inflight.get(dep, 0) - 1
 
     def _shared_inflight(self, dep: str, by: int) -> None:
         """Our own attempts count in the shared figure at once, not only from the next refresh:
@@ -142,33 +153,33 @@ class SharedHealth:
         if s is not None:
             s.inflight = max(0, s.inflight + by)
 
-    async def _bump(self, dep: str, by: int) -> None:
-        async def op(c: Any) -> None:
-            async with c.pipeline(transaction=False) as p:
-                p.hincrby(stats_key(dep), "inflight", by)
-                p.expire(stats_key(dep), 3600)
-                await p.execute()
-
-        try:
-            await self.store.call(op)
-        except StoreUnavailable:
-            pass
-
     def observe_ttfb(self, dep: str, seconds: float) -> None:
         s = self.local.setdefault(dep, DeploymentStats())
         s.ttfb_ewma = seconds if s.ttfb_ewma is None else 0.7 * s.ttfb_ewma + 0.3 * seconds
-        value = s.ttfb_ewma
+        self._pending_ttfb[dep] = s.ttfb_ewma
+
+    async def _flush(self) -> None:
+        """Push this replica's in-flight deltas and EWMAs in one pipeline (every REFRESH s, not per request)."""
+        inflight, self._pending_inflight = {d: n for d, n in self._pending_inflight.items() if n}, {}
+        ttfb, self._pending_ttfb = self._pending_ttfb, {}
+        if not inflight and not ttfb:
+            return
 
         async def op(c: Any) -> None:
-            await c.hset(stats_key(dep), "ttfb_ewma", repr(value))
+            async with c.pipeline(transaction=False) as p:
+                for dep, delta in inflight.items():
+                    p.hincrby(stats_key(dep), "inflight", delta)
+                    p.expire(stats_key(dep), 3600)
+                for dep, value in ttfb.items():
+                    p.hset(stats_key(dep), "ttfb_ewma", repr(value))
+                    p.expire(stats_key(dep), 3600)
+                await p.execute()
 
-        async def write() -> None:
-            try:
-                await self.store.call(op)
-            except StoreUnavailable:
-                pass
-
-        self._spawn(write())
+        try:
+            await self.store.call(op, deadline=max(self.store.timeout, 1.0))
+        except StoreUnavailable:  # keep the in-flight deltas so the shared count stays balanced
+            for dep, delta in inflight.items():
+                self._pending_inflight[dep] = self._pending_inflight.get(dep, 0) + delta
 
     def snapshot(self) -> dict[str, DeploymentStats]:
         """Shared figures where known (refreshed in the background), local ones otherwise."""
@@ -182,6 +193,7 @@ class SharedHealth:
     async def _refresh_loop(self) -> None:
         while True:
             try:
+                await self._flush()
                 await self.refresh()
             except StoreUnavailable:
                 pass

@@ -6,8 +6,8 @@ Contract:
   span per upstream attempt named `{gen_ai.operation.name} {model}` with the GenAI attributes, and
   the attempt's `traceparent` sent upstream in place of the client's. Sampler: ParentBased
   TraceIdRatio(`sample_rate`). Rate-limit, failover, retry-budget, disconnect and pool decisions are
-  span events; the routing choice is an attempt attribute. The tracer provider is private to the
-  app (never the global one) and shuts down with it.
+  span events; the routing choice is an attempt attribute. Spans are light records on the request
+  path (`proxy.tracing`), exported through the SDK's exporters; nothing global is touched.
 - Metrics (`monitoring.metrics.enabled`): `proxy.metrics.GatewayMetrics`; pushed over OTLP too
   when an endpoint is configured (`proxy.otlp.PrometheusBridge`).
 - Every hook is guarded: telemetry never raises into traffic. The observer also keeps
@@ -26,20 +26,17 @@ from typing import Any
 import structlog
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace import SpanKind
 
 from config.models import Config, Deployment
 from proxy import otlp
 from proxy.context import RequestContext
 from proxy.metrics import ATTRIBUTES, GatewayMetrics, Upstream, error_type
 from proxy.observer import Observer
+from proxy.tracing import BoundedSpanProcessor, Tracer, parse_traceparent
 
 log = structlog.get_logger("llm_gateway.telemetry")
-_PROPAGATOR = TraceContextTextMapPropagator()
 _SHUTDOWN_WAIT = 3.0
 
 
@@ -58,47 +55,39 @@ class GatewayObserver(Observer):
         self.upstreams = self.metrics.upstreams if self.metrics else {d.name: Upstream(d) for d in config.providers}
         self.strategy = config.gateway.routing_strategy
         self.overrides = config.gateway.routing_overrides
-        self.tracer: Any = None
-        self.processor: otlp.BoundedSpanProcessor | None = None
-        self.provider: TracerProvider | None = None
+        self.tracer: Tracer | None = None
+        self.processor: BoundedSpanProcessor | None = None
         self.reader: MetricReader | None = None
         self.closed = False
         res = resource() if (mon.otel.endpoint or span_exporter or metric_reader) else None
         if mon.tracing.enabled and (span_exporter is not None or mon.otel.endpoint):
             m = self.metrics
-            self.processor = otlp.BoundedSpanProcessor(
-                span_exporter or otlp.span_exporter(mon.otel),
+            self.processor = BoundedSpanProcessor(
+                span_exporter if span_exporter is not None else otlp.span_exporter(mon.otel), res,  # type: ignore[arg-type]
                 on_drop=(lambda n: m.spans_dropped.inc(n)) if m else (lambda n: None),
                 on_fail=(lambda n: m.export_failures.inc(n)) if m else (lambda n: None))
-            self.provider = TracerProvider(resource=res, shutdown_on_exit=False,
-                                           sampler=ParentBased(TraceIdRatioBased(mon.tracing.sample_rate)))
-            self.provider.add_span_processor(self.processor)
-            self.tracer = self.provider.get_tracer("llm-gateway")
+            self.tracer = Tracer(mon.tracing.sample_rate, self.processor)
         if self.metrics is not None and (metric_reader is not None or mon.otel.endpoint):
             bridge = otlp.PrometheusBridge(self.metrics.registry, self.metrics.otel, ATTRIBUTES, res)  # type: ignore[arg-type]
-            self.reader = bridge.attach(metric_reader or PeriodicExportingMetricReader(otlp.metric_exporter(mon.otel)))
+            reader = metric_reader if metric_reader is not None else \
+                PeriodicExportingMetricReader(otlp.metric_exporter(mon.otel))
+            self.reader = bridge.attach(reader)
 
     # --- request ---------------------------------------------------------------------------------
     def request_start(self, ctx: RequestContext, scope: dict[str, Any]) -> Any:
         try:
             traceparent = ctx.header(b"traceparent")
             if self.tracer is None:
-                if traceparent and len(traceparent) >= 55:
-                    ctx.extra["trace_id"] = traceparent[3:35]
+                parsed = parse_traceparent(traceparent)
+                if parsed is not None:
+                    ctx.extra["trace_id"] = f"{parsed[0]:032x}"
                 return None
-            parent = None
-            if traceparent:
-                carrier = {"traceparent": traceparent}
-                state = ctx.header(b"tracestate")
-                if state:
-                    carrier["tracestate"] = state
-                parent = _PROPAGATOR.extract(carrier)
-            span = self.tracer.start_span(f"{ctx.method} {ctx.family}", context=parent, kind=SpanKind.SERVER,
-                                          attributes={"http.request.method": ctx.method, "url.path": ctx.path,
-                                                      "gateway.request_id": ctx.request_id,
-                                                      "gateway.family": ctx.family})
+            span = self.tracer.start_server(f"{ctx.method} {ctx.family}", traceparent,
+                                            ctx.header(b"tracestate") if traceparent else None,
+                                            {"http.request.method": ctx.method, "url.path": ctx.path,
+                                             "gateway.request_id": ctx.request_id})
             ctx.extra["otel.span"] = span
-            ctx.extra["trace_id"] = f"{span.get_span_context().trace_id:032x}"
+            ctx.extra["trace_id"] = f"{span.trace_id:032x}"
             return span
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="request_start")
@@ -127,29 +116,28 @@ class GatewayObserver(Observer):
                             m.child(m.tokens, provider, model, kind).inc(value)
                             m.child(m.token_usage, *genai, kind).observe(value)
             span = handle
-            if span is not None and span.is_recording():
-                # usage and the upstream details are on the attempt spans; the operation is in the name
-                attrs: dict[str, Any] = {"http.response.status_code": status, "gateway.outcome": outcome,
-                                         "gateway.attempts": ctx.attempts,
+            if span is not None and span.sampled:
+                # Few attributes (each costs ~2 us to export): usage, deployment and upstream details are
+                # on the attempt spans, the family and operation in the name, the outcome in error.type.
+                attrs: dict[str, Any] = {"http.response.status_code": status, "gateway.attempts": ctx.attempts,
                                          "gateway.overhead_ms": round((total - ctx.upstream_seconds) * 1000, 3)}
                 if ctx.model:
                     attrs["gen_ai.request.model"] = ctx.model
                 if ctx.principal is not None:
                     attrs["gateway.key_id"] = ctx.principal.key_id
-                if dep is not None:
-                    attrs["gateway.deployment"] = dep.name
                 if len(ctx.tried) > 1:
-                    attrs["gateway.tried"] = list(ctx.tried)
+                    attrs["gateway.tried"] = tuple(ctx.tried)
                 if len(ctx.candidates) > 1:
-                    attrs["gateway.routing.candidates"] = [d.name for d in ctx.candidates]
+                    attrs["gateway.routing.candidates"] = tuple(d.name for d in ctx.candidates)
+                    attrs["gateway.routing.strategy"] = self.overrides.get(ctx.model or "", self.strategy)
                 if code:
                     attrs["error.type"] = code
-                span.set_attributes(attrs)
+                span.attributes.update(attrs)
                 if status >= 500 or (code and status < 400):  # a cut stream is an error after a 200
-                    span.set_status(Status(StatusCode.ERROR, code))
-                span.update_name(f"{ctx.method} {ctx.family} {ctx.operation}")
-            if span is not None:
-                span.end()
+                    span.error = code or str(status)
+                span.name = f"{ctx.method} {ctx.family} {ctx.operation}"
+            if span is not None and self.tracer is not None:
+                self.tracer.end(span)
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="request_end")
 
@@ -161,20 +149,23 @@ class GatewayObserver(Observer):
             return (started, None)
         try:
             parent = ctx.extra.get("otel.span")
+            if parent is None:
+                return (started, None)
             model = ctx.model or ""
-            attrs: dict[str, Any] = {"gen_ai.operation.name": ctx.operation, "gen_ai.request.model": model,
-                                     "gateway.deployment": dep.name, "gateway.attempt": ctx.attempts + 1,
-                                     "gateway.routing.strategy": self.overrides.get(model, self.strategy)}
+            if not parent.sampled:  # ids only, for the upstream's traceparent
+                span = self.tracer.start_child(parent, "", SpanKind.CLIENT, {})
+                headers[:] = [(k, v) for k, v in headers if k.lower() != "traceparent"]
+                headers.append(("traceparent", span.traceparent))
+                return (started, span)
             up = self.upstreams.get(dep.name) or Upstream(dep)
-            attrs["gen_ai.provider.name"] = up.provider_name
+            attrs: dict[str, Any] = {"gen_ai.operation.name": ctx.operation, "gen_ai.request.model": model,
+                                     "gen_ai.provider.name": up.provider_name, "gateway.deployment": dep.name,
+                                     "gateway.attempt": ctx.attempts + 1}
             if up.address:
                 attrs["server.address"], attrs["server.port"] = up.address, up.port
-            span = self.tracer.start_span(f"{ctx.operation} {model}".strip(), kind=SpanKind.CLIENT, attributes=attrs,
-                                          context=set_span_in_context(parent) if parent is not None else None)
-            sc = span.get_span_context()
-            if sc.is_valid:
-                headers[:] = [(k, v) for k, v in headers if k.lower() != "traceparent"]
-                headers.append(("traceparent", f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"))
+            span = self.tracer.start_child(parent, f"{ctx.operation} {model}".strip(), SpanKind.CLIENT, attrs)
+            headers[:] = [(k, v) for k, v in headers if k.lower() != "traceparent"]
+            headers.append(("traceparent", span.traceparent))
             return (started, span)
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="attempt_start")
@@ -196,7 +187,7 @@ class GatewayObserver(Observer):
                 m.child(m.op_duration, *m.genai(ctx.operation, up, model), code).observe(seconds)
                 if code == "upstream_rate_limited":
                     m.child(m.rate_limit_hits, dep.name, model, code).inc()
-            if span is not None and span.is_recording():
+            if span is not None and span.sampled:
                 attrs: dict[str, Any] = {"gen_ai.response.model": ctx.model or ""}
                 if status:
                     attrs["http.response.status_code"] = status
@@ -213,11 +204,11 @@ class GatewayObserver(Observer):
                 ttfc = ctx.extra.get("ttfc")
                 if ttfc is not None and ctx.committed:
                     attrs["gen_ai.response.time_to_first_chunk"] = ttfc
-                span.set_attributes(attrs)
+                span.attributes.update(attrs)
                 if code:
-                    span.set_status(Status(StatusCode.ERROR, code))
-            if span is not None:
-                span.end()
+                    span.error = code
+            if span is not None and self.tracer is not None:
+                self.tracer.end(span)
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="attempt_end")
 
@@ -225,7 +216,7 @@ class GatewayObserver(Observer):
         ctx.extra["ttfc"] = seconds
         m = self.metrics
         if m is not None and ctx.deployment is not None:
-            try:
+            try:  # the gateway is the server here: request start to the first chunk sent
                 genai = m.genai(ctx.operation, m.upstreams.get(ctx.deployment.name), m.model(ctx.model, True))
                 m.child(m.ttft, *genai[:3]).observe(time.perf_counter() - ctx.started)
             except Exception:  # noqa: BLE001
@@ -234,8 +225,8 @@ class GatewayObserver(Observer):
     # --- decisions -------------------------------------------------------------------------------
     def _event(self, ctx: RequestContext | None, name: str, attrs: dict[str, Any]) -> None:
         span = ctx.extra.get("otel.span") if ctx is not None else None
-        if span is not None and span.is_recording():
-            span.add_event(name, attrs)
+        if span is not None:
+            span.event(name, attrs)
 
     def failover(self, ctx: RequestContext, failed: Deployment, nxt: Deployment, reason: str) -> None:
         try:
@@ -250,9 +241,12 @@ class GatewayObserver(Observer):
             log.exception("telemetry_hook_failed", hook="failover")
 
     def retry_budget_exhausted(self, ctx: RequestContext) -> None:
-        if self.metrics is not None:
-            self.metrics.budget_exhausted.inc()
-        self._event(ctx, "retry_budget_exhausted", {})
+        try:
+            if self.metrics is not None:
+                self.metrics.budget_exhausted.inc()
+            self._event(ctx, "retry_budget_exhausted", {})
+        except Exception:  # noqa: BLE001
+            log.exception("telemetry_hook_failed", hook="retry_budget_exhausted")
 
     def rate_limited(self, ctx: RequestContext, scope: str, source: str) -> None:
         try:
@@ -265,30 +259,45 @@ class GatewayObserver(Observer):
             log.exception("telemetry_hook_failed", hook="rate_limited")
 
     def limiter_mode(self, degraded: bool, mode: str) -> None:
-        if self.metrics is not None:
-            self.metrics.limiter_degraded.labels(mode).set(1 if degraded else 0)
+        try:
+            if self.metrics is not None:
+                self.metrics.limiter_degraded.labels(mode).set(1 if degraded else 0)
+        except Exception:  # noqa: BLE001
+            log.exception("telemetry_hook_failed", hook="limiter_mode")
 
     def redis_call(self, seconds: float, ok: bool) -> None:
-        if self.metrics is not None:
-            self.metrics.child(self.metrics.redis, "ok" if ok else "error").observe(seconds)
+        try:
+            if self.metrics is not None:
+                self.metrics.child(self.metrics.redis, "ok" if ok else "error").observe(seconds)
+        except Exception:  # noqa: BLE001
+            log.exception("telemetry_hook_failed", hook="redis_call")
 
     def circuit_changed(self, deployment: str, is_open: bool) -> None:
-        m = self.metrics
-        if m is not None and deployment in m.upstreams:
-            m.health.labels(deployment).set(0 if is_open else 1)
-            m.child(m.circuit_changes, deployment, "open" if is_open else "closed").inc()
+        try:
+            m = self.metrics
+            if m is not None and deployment in m.upstreams:
+                m.health.labels(deployment).set(0 if is_open else 1)
+                m.child(m.circuit_changes, deployment, "open" if is_open else "closed").inc()
+        except Exception:  # noqa: BLE001
+            log.exception("telemetry_hook_failed", hook="circuit_changed")
 
     def client_disconnected(self, ctx: RequestContext) -> None:
-        m = self.metrics
-        if m is not None:
-            provider = ctx.deployment.name if ctx.deployment else "none"
-            m.child(m.disconnects, provider, m.model(ctx.model, ctx.deployment is not None)).inc()
-        self._event(ctx, "client_disconnected", {})
+        try:
+            m = self.metrics
+            if m is not None:
+                provider = ctx.deployment.name if ctx.deployment else "none"
+                m.child(m.disconnects, provider, m.model(ctx.model, ctx.deployment is not None)).inc()
+            self._event(ctx, "client_disconnected", {})
+        except Exception:  # noqa: BLE001
+            log.exception("telemetry_hook_failed", hook="client_disconnected")
 
     def pool_saturated(self, ctx: RequestContext) -> None:
-        if self.metrics is not None and ctx.deployment is not None:
-            self.metrics.child(self.metrics.pool_saturated, ctx.deployment.name).inc()
-        self._event(ctx, "pool_saturated", {})
+        try:
+            if self.metrics is not None and ctx.deployment is not None:
+                self.metrics.child(self.metrics.pool_saturated, ctx.deployment.name).inc()
+            self._event(ctx, "pool_saturated", {})
+        except Exception:  # noqa: BLE001
+            log.exception("telemetry_hook_failed", hook="pool_saturated")
 
     # --- lifecycle -------------------------------------------------------------------------------
     def render_metrics(self) -> bytes | None:
@@ -296,11 +305,11 @@ class GatewayObserver(Observer):
 
     def flush(self) -> None:
         if self.processor is not None:
-            self.processor.force_flush()
+            self.processor.flush()
 
     def _shutdown(self) -> None:
-        if self.provider is not None:
-            self.provider.shutdown()
+        if self.processor is not None:
+            self.processor.shutdown()
         if self.reader is not None:
             self.reader.shutdown()
 
@@ -309,7 +318,7 @@ class GatewayObserver(Observer):
         if self.closed:
             return
         self.closed = True
-        if self.provider is None and self.reader is None:
+        if self.processor is None and self.reader is None:
             return
         worker = threading.Thread(target=self._shutdown, name="llm-gateway-telemetry-shutdown", daemon=True)
         worker.start()

@@ -1,30 +1,24 @@
-"""OTLP plumbing: exporters from `monitoring.otel`, a bounded span processor, and the metrics bridge.
+"""OTLP plumbing: exporters from `monitoring.otel`, and the Prometheus-to-OTLP metrics bridge.
 
 Contract:
 - `span_exporter(otel)` / `metric_exporter(otel)`: `grpc` takes `host:port` (plaintext unless
   `https://` is given or `OTEL_EXPORTER_OTLP_INSECURE` says otherwise); `http/protobuf` takes a URL
   and gets `/v1/traces` or `/v1/metrics` appended. Everything else (headers, timeout, compression,
   certificates) comes from the standard `OTEL_EXPORTER_OTLP_*` variables, read by the SDK itself.
-- `BoundedSpanProcessor`: a fixed-size queue drained by one daemon thread. A full queue drops the
-  new span and counts it (no log line per span); a failed export is counted. The request path only
-  appends to a deque, so a slow or dead collector costs no errors and no latency.
 - `PrometheusBridge`: turns the Prometheus registry into OTLP `MetricsData` (cumulative), so each
   metric is recorded once and pushed by a standard `PeriodicExportingMetricReader`
   (`OTEL_METRIC_EXPORT_INTERVAL` honoured) with this process's `service.instance.id`.
 """
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
-from typing import Any, Callable
+from typing import Any
 
 from opentelemetry.sdk.metrics.export import (AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric,
                                               MetricReader, MetricsData, NumberDataPoint, ResourceMetrics,
                                               ScopeMetrics, Sum)
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from config.models import OtelSettings
@@ -58,66 +52,6 @@ def metric_exporter(otel: OtelSettings) -> Any:
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter  # type: ignore[assignment]
     return OTLPMetricExporter(endpoint=_url(otel, "metrics"))
-
-
-class BoundedSpanProcessor(SpanProcessor):
-    def __init__(self, exporter: SpanExporter, *, on_drop: Callable[[int], None], on_fail: Callable[[int], None],
-                 max_queue: int = 2048, batch: int = 512, delay: float = 2.0) -> None:
-        self.exporter, self.on_drop, self.on_fail = exporter, on_drop, on_fail
-        self.max_queue, self.batch, self.delay = max_queue, batch, delay
-        self.queue: deque[ReadableSpan] = deque()
-        self.wake = threading.Event()
-        self.lock = threading.Lock()  # one export at a time (worker or flush)
-        self.stopped = False
-        self.thread = threading.Thread(target=self._run, name="llm-gateway-span-export", daemon=True)
-        self.thread.start()
-
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        pass
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self.stopped:
-            return
-        if len(self.queue) >= self.max_queue:
-            self.on_drop(1)
-            return
-        self.queue.append(span)
-        if len(self.queue) >= self.batch:
-            self.wake.set()
-
-    def _run(self) -> None:
-        while not self.stopped:
-            self.wake.wait(self.delay)
-            self.wake.clear()
-            self._drain()
-
-    def _drain(self) -> None:
-        with self.lock:
-            while self.queue:
-                batch = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
-                try:
-                    ok = self.exporter.export(batch) is SpanExportResult.SUCCESS
-                except Exception:  # noqa: BLE001 - export never reaches traffic
-                    ok = False
-                if not ok:
-                    self.on_fail(len(batch))
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        self._drain()
-        return True
-
-    def shutdown(self) -> None:
-        """Stop accepting spans, export what is queued (bounded by the exporter's timeout), close."""
-        if self.stopped:
-            return
-        self.stopped = True
-        self.wake.set()
-        self.thread.join()
-        self._drain()
-        try:
-            self.exporter.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
 
 
 class PrometheusBridge:

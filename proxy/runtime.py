@@ -4,14 +4,13 @@ Contract: `Runtime` is built once per app from the config and handed to every mi
 Resources open on first use (a Starlette `Mount` forwards no lifespan events) and close in
 `aclose()`. It holds no per-request state.
 The upstream client is always an `httpx.AsyncClient`; its wire transport is chosen by the
-`transport` argument, else `LLM_GATEWAY_TRANSPORT`: `httpx` (default: httpcore) or `aiohttp`
+`transport` argument, else `gateway.upstream_transport`: `aiohttp` (the default, chosen by measurement) or `httpx` (httpcore)
 (`proxy.transport.AiohttpTransport`). A callable returning an `httpx.AsyncBaseTransport` is also
 accepted (benchmarks). An unknown name fails at construction.
 """
 from __future__ import annotations
 
 import asyncio
-import os
 from http.cookiejar import CookieJar
 from typing import Any, Callable
 
@@ -44,9 +43,9 @@ class Runtime:
     def __init__(self, config: Config, *,
                  transport: str | Callable[[], httpx.AsyncBaseTransport] | None = None) -> None:
         self.config = config
-        choice = transport or os.environ.get("LLM_GATEWAY_TRANSPORT", "").strip().lower() or "httpx"
+        choice = transport or config.gateway.upstream_transport
         if isinstance(choice, str) and choice not in TRANSPORTS:
-            raise ValueError(f"LLM_GATEWAY_TRANSPORT: unknown transport {choice!r} (one of: {', '.join(TRANSPORTS)})")
+            raise ValueError(f"unknown upstream transport {choice!r} (one of: {', '.join(TRANSPORTS)})")
         self.transport = choice
         self.adapters: dict[str, Adapter] = build_adapters()
         self._client: httpx.AsyncClient | None = None
@@ -67,7 +66,7 @@ class Runtime:
             elif callable(self.transport):
                 transport = self.transport()
             # Redirects never followed; no environment proxies; timeouts are set per request.
-            self._client = httpx.AsyncClient(
+            client = httpx.AsyncClient(
                 timeout=None,
                 follow_redirects=False,
                 trust_env=False,
@@ -76,6 +75,8 @@ class Runtime:
                                     keepalive_expiry=_KEEPALIVE_EXPIRY),
                 transport=transport,
             )
+            client.headers = httpx.Headers()  # send only what the client sent: no user-agent or accept of ours
+            self._client = client
         return self._client
 
     @property

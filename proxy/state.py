@@ -122,6 +122,8 @@ class Store:
 
     async def call(self, op: Any, *, deadline: float | None = None) -> Any:
         """Run one Redis operation under the deadline and the breaker."""
+        if self.embedded:  # in process: nothing to wait for, nothing that can hang
+            return await op(self.client)
         if self._lag_task is None or self._lag_task.done():
             self._lag_task = asyncio.ensure_future(self._watch_lag())
         now = time.monotonic()

@@ -236,11 +236,13 @@ def test_tokens_reconciled_to_real_usage(backend: dict[str, Any], mock_upstream:
     usage = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": PROMPT}],
                                            max_tokens=300).usage
     charges.add(usage.total_tokens, t_lo, time.monotonic())
+    read_bucket(base, charges)  # reconcile runs after the response: let it land before the next one
     t_lo = time.monotonic()
     stream = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": PROMPT}],
                                             max_tokens=300, stream=True, stream_options={"include_usage": True})
     usage = [c.usage for c in stream if c.usage][-1]
     charges.add(usage.total_tokens, t_lo, time.monotonic())
+    read_bucket(base, charges)
     ant = anthropic.Anthropic(base_url=base, api_key=GATEWAY_KEY, max_retries=0)
     t_lo = time.monotonic()
     with ant.messages.stream(model="claude-x", max_tokens=300, messages=[{"role": "user", "content": PROMPT}]) as s:

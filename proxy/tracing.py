@@ -1,0 +1,164 @@
+"""Traces with a cheap request path: light span records, exported through the OpenTelemetry SDK.
+
+Contract:
+- `Tracer.start(...)` / `Tracer.end(record)` are what the request path pays: one slotted record, a
+  dict of attributes, ids from `random.getrandbits`. No SDK span objects, locks or context objects
+  are made per request (measured: they cost the gateway ~10% of its throughput, half of it in
+  garbage collection of spans that wait in the export queue).
+- Sampling is ParentBased(TraceIdRatio(`sample_rate`)): a remote parent's sampled flag decides,
+  otherwise the low 64 bits of the trace id against the ratio (the SDK's TraceIdRatioBased rule).
+  Unsampled records still carry ids (for `traceparent` and logs) but are never queued.
+- `BoundedSpanProcessor` queues sampled records (fixed size; a full queue drops the new record and
+  counts it, no log line per span) and one daemon thread turns each batch into SDK `ReadableSpan`s
+  and hands them to any SDK `SpanExporter` (OTLP gRPC/HTTP, or an in-memory one in tests). A slow
+  or dead collector blocks only that thread.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
+SCOPE = InstrumentationScope("llm-gateway")
+_LOW64 = (1 << 64) - 1
+_getrandbits = random.getrandbits
+
+
+class SpanRecord:
+    __slots__ = ("name", "kind", "trace_id", "span_id", "parent_id", "remote", "sampled", "trace_state",
+                 "start", "end_time", "attributes", "events", "error")
+
+    def __init__(self, name: str, kind: SpanKind, trace_id: int, parent_id: int, remote: bool, sampled: bool,
+                 trace_state: str, attributes: dict[str, Any]) -> None:
+        self.name, self.kind, self.trace_id, self.parent_id = name, kind, trace_id, parent_id
+        self.remote, self.sampled, self.trace_state, self.attributes = remote, sampled, trace_state, attributes
+        self.span_id = _getrandbits(64) or 1
+        self.start = time.time_ns()
+        self.end_time = 0
+        self.events: list[tuple[str, dict[str, Any], int]] | None = None
+        self.error: str | None = None
+
+    @property
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
+
+    def event(self, name: str, attributes: dict[str, Any]) -> None:
+        if self.sampled:
+            if self.events is None:
+                self.events = []
+            self.events.append((name, attributes, time.time_ns()))
+
+
+def parse_traceparent(value: str | None) -> tuple[int, int, bool] | None:
+    """W3C traceparent -> (trace id, parent span id, sampled), or None when absent or invalid."""
+    if not value or len(value) < 55:
+        return None
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff" or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, bool(flags & 1)
+
+
+class Tracer:
+    def __init__(self, sample_rate: float, processor: "BoundedSpanProcessor") -> None:
+        self.bound = round(max(0.0, min(1.0, sample_rate)) * (_LOW64 + 1))
+        self.processor = processor
+
+    def start_server(self, name: str, traceparent: str | None, tracestate: str | None,
+                     attributes: dict[str, Any]) -> SpanRecord:
+        parent = parse_traceparent(traceparent)
+        if parent is not None:
+            trace_id, parent_id, sampled = parent
+            return SpanRecord(name, SpanKind.SERVER, trace_id, parent_id, True, sampled, tracestate or "", attributes)
+        trace_id = _getrandbits(128) or 1
+        return SpanRecord(name, SpanKind.SERVER, trace_id, 0, False, (trace_id & _LOW64) < self.bound, "", attributes)
+
+    @staticmethod
+    def start_child(parent: SpanRecord, name: str, kind: SpanKind, attributes: dict[str, Any]) -> SpanRecord:
+        return SpanRecord(name, kind, parent.trace_id, parent.span_id, False, parent.sampled, parent.trace_state,
+                          attributes)
+
+    def end(self, record: SpanRecord) -> None:
+        if record.sampled and not record.end_time:
+            record.end_time = time.time_ns()
+            self.processor.on_end(record)
+
+
+class BoundedSpanProcessor:
+    def __init__(self, exporter: SpanExporter, resource: Resource, *, on_drop: Callable[[int], None],
+                 on_fail: Callable[[int], None], max_queue: int = 2048, batch: int = 512, delay: float = 1.0) -> None:
+        self.exporter, self.resource, self.on_drop, self.on_fail = exporter, resource, on_drop, on_fail
+        self.max_queue, self.batch, self.delay = max_queue, batch, delay
+        self.queue: deque[SpanRecord] = deque()
+        self.wake = threading.Event()
+        self.lock = threading.Lock()  # one export at a time (worker or flush)
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="llm-gateway-span-export", daemon=True)
+        self.thread.start()
+
+    def on_end(self, record: SpanRecord) -> None:
+        if self.stopped:
+            return
+        if len(self.queue) >= self.max_queue:
+            self.on_drop(1)
+            return
+        self.queue.append(record)
+        if len(self.queue) == self.batch:
+            self.wake.set()
+
+    def _run(self) -> None:
+        while not self.stopped:
+            self.wake.wait(self.delay)
+            self.wake.clear()
+            self._drain()
+
+    def _drain(self) -> None:
+        with self.lock:
+            while self.queue:
+                batch = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
+                try:
+                    ok = self.exporter.export([self.readable(r) for r in batch]) is SpanExportResult.SUCCESS
+                except Exception:  # noqa: BLE001 - export never reaches traffic
+                    ok = False
+                if not ok:
+                    self.on_fail(len(batch))
+
+    def readable(self, r: SpanRecord) -> ReadableSpan:
+        state = TraceState.from_header([r.trace_state]) if r.trace_state else None
+        context = SpanContext(r.trace_id, r.span_id, False, TraceFlags(TraceFlags.SAMPLED), state)
+        parent = SpanContext(r.trace_id, r.parent_id, r.remote, TraceFlags(TraceFlags.SAMPLED), state) \
+            if r.parent_id else None
+        events = [Event(name, attrs, ts) for name, attrs, ts in r.events or ()]
+        status = Status(StatusCode.ERROR, r.error) if r.error is not None else Status(StatusCode.UNSET)
+        return ReadableSpan(r.name, context, parent, self.resource, r.attributes, events, (), r.kind, None, status,
+                            r.start, r.end_time, SCOPE)
+
+    def flush(self) -> None:
+        self._drain()
+
+    def shutdown(self) -> None:
+        """Stop accepting spans, export what is queued (bounded by the exporter's timeout), close."""
+        if self.stopped:
+            return
+        self.stopped = True
+        self.wake.set()
+        self.thread.join()
+        self._drain()
+        try:
+            self.exporter.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
