@@ -121,6 +121,8 @@ def bearer(ctx: RequestContext) -> str | None:
 def check_path(path: str) -> None:
     """No segment may decode (once or twice) to '.' or '..', nor smuggle a NUL, a control or a backslash;
     an encoded slash (`%2F`) may not hide a dot segment either."""
+    if path.isascii() and path.isprintable() and "%" not in path and "\\" not in path and "/." not in path:
+        return  # the common case: nothing encoded, no dot segment, no control character
     for segment in path.split("/"):
         once = unquote(segment)
         for decoded in (once, unquote(once)):

@@ -56,18 +56,20 @@ class Forwarder:
             "write": t.connect if not remaining else min(max(t.connect, 30.0), remaining),
             "pool": t.connect,
         }
-        client = self.runtime.client
+        wire = self.runtime.wire
         observer = self.runtime.observer
         span = observer.attempt_start(ctx, dep, up.url, up.headers)
-        request = client.build_request(up.method, up.url, headers=up.headers, content=up.body,
-                                       extensions={"timeout": timeouts})
+        # The httpx Request/Response API straight on the transport: no client-level cookie, auth,
+        # redirect or header-merging work per request (redirects are never followed anyway).
+        request = httpx.Request(up.method, up.url, headers=up.headers, content=up.body,
+                                extensions={"timeout": timeouts})
         ctx.attempts += 1
         ctx.tried.append(dep.name)
         ctx.upstream_started = time.perf_counter()
         watcher = asyncio.ensure_future(_watch_disconnect(receive, ctx, asyncio.current_task()))
         try:
             try:
-                response = await client.send(request, stream=True)
+                response = await wire.handle_async_request(request)
             except httpx.PoolTimeout:  # our own pool is full: not the deployment's fault
                 observer.pool_saturated(ctx)
                 raise GatewayError("gateway_unavailable", "the gateway is at its upstream connection limit; retry shortly",

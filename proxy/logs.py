@@ -7,6 +7,7 @@ and the trace id, so a log line, a trace and the client's `x-gateway-request-id`
 """
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import Any
@@ -20,6 +21,7 @@ _SECRET_SUFFIXES = ("_key", "_secret", "secret_key", "_password", "_token", "_si
 _configured = False
 
 
+@functools.lru_cache(maxsize=4096)  # field names repeat on every line: decide once per name
 def _secret(name: object) -> bool:
     lowered = str(name).lower()
     return lowered in _SECRET_NAMES or lowered.endswith(_SECRET_SUFFIXES)

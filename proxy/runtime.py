@@ -25,7 +25,7 @@ from proxy.state import Store
 
 
 TRANSPORTS = ("httpx", "aiohttp")
-_MAX_CONNECTIONS, _MAX_KEEPALIVE, _KEEPALIVE_EXPIRY = 1000, 200, 30.0
+_KEEPALIVE_EXPIRY = 30.0
 
 
 class _NoCookies(CookieJar):
@@ -49,6 +49,7 @@ class Runtime:
         self.transport = choice
         self.adapters: dict[str, Adapter] = build_adapters()
         self._client: httpx.AsyncClient | None = None
+        self._wire: httpx.AsyncBaseTransport | None = None
         self._store: Store | None = None
         self._health: SharedHealth | None = None
         self._lock = asyncio.Lock()
@@ -56,25 +57,29 @@ class Runtime:
         self.observer: Observer = Observer()  # replaced by the telemetry layer when enabled
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            transport: httpx.AsyncBaseTransport | None = None
-            if self.transport == "aiohttp":
+    def wire(self) -> httpx.AsyncBaseTransport:
+        """The upstream transport the forwarder drives directly (httpx Request/Response API)."""
+        if self._wire is None:
+            size = self.config.gateway.upstream_max_connections
+            if callable(self.transport):
+                self._wire = self.transport()
+            elif self.transport == "aiohttp":
                 from proxy.transport import AiohttpTransport
 
-                transport = AiohttpTransport(max_connections=_MAX_CONNECTIONS, keepalive_expiry=_KEEPALIVE_EXPIRY)
-            elif callable(self.transport):
-                transport = self.transport()
-            # Redirects never followed; no environment proxies; timeouts are set per request.
-            client = httpx.AsyncClient(
-                timeout=None,
-                follow_redirects=False,
-                trust_env=False,
-                cookies=_NoCookies(),
-                limits=httpx.Limits(max_connections=_MAX_CONNECTIONS, max_keepalive_connections=_MAX_KEEPALIVE,
-                                    keepalive_expiry=_KEEPALIVE_EXPIRY),
-                transport=transport,
-            )
+                self._wire = AiohttpTransport(max_connections=size, keepalive_expiry=_KEEPALIVE_EXPIRY)
+            else:
+                self._wire = httpx.AsyncHTTPTransport(
+                    trust_env=False, limits=httpx.Limits(max_connections=size, max_keepalive_connections=size,
+                                                         keepalive_expiry=_KEEPALIVE_EXPIRY))
+        return self._wire
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """A full httpx client over the same transport, for the few calls off the hot path."""
+        if self._client is None:
+            # Redirects never followed; no environment proxies; no cookies; timeouts set per request.
+            client = httpx.AsyncClient(timeout=None, follow_redirects=False, trust_env=False,
+                                       cookies=_NoCookies(), transport=self.wire)
             client.headers = httpx.Headers()  # send only what the client sent: no user-agent or accept of ours
             self._client = client
         return self._client
@@ -99,8 +104,11 @@ class Runtime:
         if store is not None:
             await store.aclose()
         client, self._client = self._client, None
+        wire, self._wire = self._wire, None
         if client is not None:
-            await client.aclose()
+            await client.aclose()  # closes the shared transport too
+        elif wire is not None:
+            await wire.aclose()
         for closer in self.closers:
             result = closer()
             if asyncio.iscoroutine(result):

@@ -108,9 +108,9 @@ class StreamingUpstream:
             watcher.cancel()
 
 
-def _config(upstream: str) -> str:
+def _config(upstream: str, transport: str) -> str:
     return f"""
-gateway: {{timeout: 60s}}
+gateway: {{timeout: 60s, upstream_transport: {transport}, upstream_max_connections: {POOL_SIZE}}}
 auth:
   keys:
     - {{id: team-test, sha256: {GATEWAY_KEY_SHA}}}
@@ -123,18 +123,18 @@ providers:
 """
 
 
-def _small_pool(app: GatewayApp, max_connections: int) -> httpx.AsyncClient:
-    """Give the gateway's runtime an upstream client with a small pool, before its first request.
-
-    The runtime opens its client lazily on first use; presetting it is the least invasive way to
-    shrink the pool without a config field. The other settings mirror `Runtime.client`.
-    """
-    assert getattr(app.runtime, "_client", "missing") is None, "the runtime must not have opened its client yet"
-    client = httpx.AsyncClient(timeout=None, follow_redirects=False, trust_env=False,
-                               limits=httpx.Limits(max_connections=max_connections,
-                                                   max_keepalive_connections=max_connections))
-    app.runtime._client = client
-    return client
+def _busy_upstream_connections(app: GatewayApp) -> tuple[int, int]:
+    """(connections still busy, connections held) in the gateway's own upstream pool, either transport."""
+    wire = app.runtime.wire
+    pool = getattr(wire, "_pool", None)  # httpx / httpcore
+    if pool is not None:
+        busy = [c for c in pool.connections if not (c.is_idle() or c.is_closed())]
+        return len(busy), len(pool.connections)
+    session = getattr(wire, "_session", None)  # aiohttp
+    connector = session.connector if session is not None else None
+    acquired = len(getattr(connector, "_acquired", ()))
+    idle = sum(len(v) for v in getattr(connector, "_conns", {}).values())
+    return acquired, acquired + idle
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +144,10 @@ def upstream() -> Iterator[tuple[StreamingUpstream, str]]:
         yield fake, base
 
 
-@pytest.fixture(scope="module")
-def gateway_app(upstream: tuple[StreamingUpstream, str]) -> Iterator[tuple[GatewayApp, str]]:
-    app = build_app(parse_config(_config(upstream[1]), "test.yaml", {}))
-    _small_pool(app, POOL_SIZE)
+@pytest.fixture(scope="module", params=["aiohttp", "httpx"])
+def gateway_app(request: pytest.FixtureRequest, upstream: tuple[StreamingUpstream, str]) -> Iterator[tuple[GatewayApp, str]]:
+    """The gateway with a small upstream pool (a leak starves it fast), on each wire transport."""
+    app = build_app(parse_config(_config(upstream[1], request.param), "test.yaml", {}))
     with serve(app) as base:
         yield app, base
 
@@ -190,15 +190,16 @@ def _one_drop(base: str, rid: str, chunks: int) -> float:
 
 def test_client_drop_mid_stream_closes_upstream_within_1s(upstream, gateway_app) -> None:
     fake, _ = upstream
-    _, base = gateway_app
-    closed_at = _one_drop(base, "drop-a", chunks=2)
-    _wait_for(fake, ["drop-a"], "disconnected", timeout=3)
-    rec = fake.records["drop-a"]
+    app, base = gateway_app
+    rid = f"drop-a-{app.config.gateway.upstream_transport}"
+    closed_at = _one_drop(base, rid, chunks=2)
+    _wait_for(fake, [rid], "disconnected", timeout=3)
+    rec = fake.records[rid]
     assert rec["disconnected"] is not None, "the upstream never saw the gateway go away"
     assert rec["disconnected"] - closed_at < 1.0
-    _wait_for(fake, ["drop-a"], "ended", timeout=2)
-    assert fake.records["drop-a"]["ended"] - rec["started"] < 5.0  # not the full 30 s stream
-    assert fake.records["drop-a"]["requests"] == 1
+    _wait_for(fake, [rid], "ended", timeout=2)
+    assert fake.records[rid]["ended"] - rec["started"] < 5.0  # not the full 30 s stream
+    assert fake.records[rid]["requests"] == 1
 
 
 @pytest.mark.parametrize("stall_after", [1, 3], ids=["stall-before-commit", "stall-mid-stream"])
@@ -207,8 +208,8 @@ def test_client_drop_during_upstream_stall_closes_upstream_within_1s(upstream, g
     gateway may still be holding the stream (nothing sent to the client yet); with three the client
     has bytes. Either way the client hangs up during the stall, and the upstream must hear of it."""
     fake, _ = upstream
-    _, base = gateway_app
-    rid = f"stall-{stall_after}"
+    app, base = gateway_app
+    rid = f"stall-{stall_after}-{app.config.gateway.upstream_transport}"
     port = int(base.rsplit(":", 1)[1])
     body = orjson.dumps(_body())
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
@@ -246,7 +247,7 @@ def test_200_dropped_streams_do_not_leak_upstream_connections(upstream, gateway_
     fake, _ = upstream
     app, base = gateway_app
     n = 200
-    rids = [f"mass-{i}" for i in range(n)]
+    rids = [f"mass-{app.config.gateway.upstream_transport}-{i}" for i in range(n)]
     limits = httpx.Limits(max_connections=n + 50, max_keepalive_connections=n + 50)
 
     async def drops() -> list[float]:
@@ -277,8 +278,6 @@ def test_200_dropped_streams_do_not_leak_upstream_connections(upstream, gateway_
     assert all(r.json()["choices"][0]["message"]["content"] == "pong" for r in responses)
 
     # The pool holds no connection that is still busy with a dropped stream.
-    pool = getattr(getattr(app.runtime.client, "_transport", None), "_pool", None)
-    if pool is not None:
-        busy = [c for c in pool.connections if not (c.is_idle() or c.is_closed())]
-        assert not busy, f"{len(busy)} upstream connections still busy"
-        assert len(pool.connections) <= POOL_SIZE
+    busy, held = _busy_upstream_connections(app)
+    assert busy == 0, f"{busy} upstream connections still busy"
+    assert held <= POOL_SIZE

@@ -54,7 +54,7 @@ def test_gateway_mounted_in_a_host_starlette_app(mock_upstream: str) -> None:
         return PlainTextResponse("host says hi")
 
     host = Starlette(routes=[Route("/host", host_route), Mount("/llm", app=gw)], lifespan=lifespan)
-    assert gw.runtime._client is None  # nothing opened before the first request
+    assert gw.runtime._wire is None  # nothing opened before the first request
 
     with serve(host) as base:
         assert events == ["startup"]
@@ -71,7 +71,7 @@ def test_gateway_mounted_in_a_host_starlette_app(mock_upstream: str) -> None:
                                                 messages=[{"role": "user", "content": "hi"}])
         text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
         assert text.startswith("This is a simulated response from gpt-4o-mini")
-        assert gw.runtime._client is not None  # opened lazily, without a lifespan event
+        assert gw.runtime._wire is not None  # opened lazily, without a lifespan event
 
         claude = anthropic.Anthropic(base_url=f"{base}/llm", api_key=GATEWAY_KEY, max_retries=0)
         msg = claude.messages.create(model="claude-x", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
@@ -99,7 +99,7 @@ def test_gateway_mounted_in_a_host_starlette_app(mock_upstream: str) -> None:
         "/v1/chat/completions", "/v1/chat/completions", "/v1/messages", "/api/chat",
         "/model/anthropic.claude-3-sonnet-20240229-v1%3A0/converse"]
     assert events == ["startup", "gateway closed"]
-    assert gw.runtime._client is None
+    assert gw.runtime._wire is None
 
 
 def test_aclose_is_safe_before_first_use_and_twice() -> None:
