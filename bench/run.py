@@ -167,18 +167,24 @@ def start_mock(workdir: Path, interval_ms: float, cpu: str = SERVER_CPU, name: s
                   port, workdir, cpu=cpu, ready_path="/__mock/health")
 
 
-def gateway_config(workdir: Path, upstream: str, port: int, tag: str, transport: str = "aiohttp") -> Path:
+def gateway_config(workdir: Path, upstream: str, port: int, tag: str, transport: str = "aiohttp",
+                   redis_url: str = "") -> Path:
+    """The bench gateway; with `redis_url`, limits on every scope (high enough never to refuse)."""
     path = workdir / f"gateway-{tag}.yaml"
     transport = transport if transport in ("httpx", "aiohttp") else "aiohttp"
+    lim = "{requests_per_minute: 100000000, tokens_per_minute: 1000000000000}"
+    global_limit, key_limit, dep_limit = (f", rate_limit: {lim}", f"\n      rate_limit: {lim}", f", rate_limit: {lim}") \
+        if redis_url else ("", "", "")
     path.write_text(f"""
-gateway: {{timeout: 60s, upstream_transport: {transport}}}
+gateway: {{timeout: 60s, upstream_transport: {transport}{global_limit}}}
+state: {{redis_url: "{redis_url}"}}
 auth:
   mode: keys
   keys:
     - id: bench
-      sha256: {hashlib.sha256(KEY.encode()).hexdigest()}
+      sha256: {hashlib.sha256(KEY.encode()).hexdigest()}{key_limit}
 providers:
-  openai: {{type: openai, base_url: "{upstream}/v1", api_key: {UPSTREAM_KEY}}}
+  openai: {{type: openai, base_url: "{upstream}/v1", api_key: {UPSTREAM_KEY}{dep_limit}}}
 monitoring:
   access_log: true
 server: {{host: 127.0.0.1, port: {port}, workers: 1}}
@@ -186,17 +192,42 @@ server: {{host: 127.0.0.1, port: {port}, workers: 1}}
     return path
 
 
-def start_gateway(workdir: Path, upstream: str, transport: str, tag: str, cpu: str = SERVER_CPU) -> Server:
+def start_gateway(workdir: Path, upstream: str, transport: str, tag: str, cpu: str = SERVER_CPU,
+                  redis_url: str = "") -> Server:
     """`llm-gateway serve` (access log to a file); httpx_aiohttp goes through the in-file launcher."""
     port = free_port()
-    cfg = gateway_config(workdir, upstream, port, tag, transport)
+    cfg = gateway_config(workdir, upstream, port, tag, transport, redis_url)
     if transport == "httpx_aiohttp":
         cmd = [PY, str(Path(__file__).resolve()), "--_serve-gateway", str(cfg), str(port)]
         env = {}
     else:
         cmd = [str(Path(PY).parent / "llm-gateway"), "serve", "--config", str(cfg), "--port", str(port)]
         env = {}
-    return Server(f"gateway[{transport}]-{tag}", cmd, port, workdir, cpu=cpu, env=env, ready_path="/healthz")
+    name = f"gateway[{transport}{'+limits' if redis_url else ''}]-{tag}"
+    return Server(name, cmd, port, workdir, cpu=cpu, env=env, ready_path="/healthz")
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A bench-owned redis-server on a free port, on the load generator's core (as if remote)."""
+    port = free_port()
+    proc = subprocess.Popen(["taskset", "-c", CLIENT_CPU, "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        try:
+            import redis
+
+            client = redis.Redis.from_url(url)
+            client.ping()
+            # the model scope is live-only: set it the way ops would
+            client.hset("llmgw:{llmgw}:limits:model:gpt-4o-mini",
+                        mapping={"requests_per_minute": 100000000, "tokens_per_minute": 1000000000000})
+            return proc, url
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
 
 
 def _serve_gateway_httpx_aiohttp(config: str, port: int) -> None:
@@ -453,6 +484,16 @@ def phase_throughput(args: argparse.Namespace, workdir: Path, servers: list[Serv
             print(f"warning: gateway[{transport}] skipped: {exc}", file=sys.stderr)
             continue
         servers.append(s)
+    if args.limits:
+        proc, url = start_redis(workdir)
+        report["redis"] = url
+        args.redis_proc = proc
+        try:
+            targets["gateway[aiohttp+limits]"] = s = start_gateway(workdir, upstream.url, "aiohttp", "limits",
+                                                                   redis_url=url)
+            servers.append(s)
+        except RuntimeError as exc:
+            print(f"warning: gateway[aiohttp+limits] skipped: {exc}", file=sys.stderr)
     if args.litellm_venv:
         s = start_litellm(workdir, Path(args.litellm_venv), upstream.url)
         if s is not None:
@@ -546,7 +587,10 @@ def main() -> int:
                    help="request counts at which --memory reads the RSS (default 10000,100000)")
     p.add_argument("--litellm-venv", help="a venv with litellm[proxy] installed: adds LiteLLM as a target")
     p.add_argument("--skip-streaming", action="store_true")
+    p.add_argument("--limits", action="store_true",
+                   help="add gateway[aiohttp+limits]: a bench-owned redis-server and limits on every scope")
     args = p.parse_args()
+    args.redis_proc = None
     args.transports = [t.strip() for t in args.transports.split(",") if t.strip()]
     args.memory_marks = sorted(int(m) for m in args.memory_marks.split(",") if m.strip())
     for tool in ("wrk",):
@@ -578,6 +622,9 @@ def main() -> int:
         finally:
             for s in servers:
                 s.stop()
+            if args.redis_proc is not None:
+                args.redis_proc.kill()
+                args.redis_proc.wait()
     print("\n## Versions\n")
     print(", ".join(f"{k} {v}" for k, v in report["versions"].items()))
     print(f"\nUpstream for non-streaming: {report['direct_upstream']}; {report['pinning']}; "
