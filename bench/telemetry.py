@@ -1,15 +1,18 @@
 #!/usr/bin/env python
 """Telemetry cost: the same gateway with telemetry off and fully on, in the same run, interleaved.
 
-    .venv/bin/python bench/telemetry.py [--duration 10] [--rounds 3] [--concurrency 16] [--transport httpx]
+    .venv/bin/python bench/telemetry.py [--duration 10] [--rounds 3] [--concurrency 16] [--transport aiohttp]
+                                        [--protocol http/protobuf|grpc]
 
 - off:        metrics off, tracing off, no OTLP (access log on, as in bench/run.py)
-- on:         metrics on (prefix llm_gateway), tracing on at sample_rate 1.0, OTLP http/protobuf
-              to a local sink that accepts every post and discards it (traces and metrics)
+- on:         metrics on (prefix llm_gateway), tracing on at sample_rate 1.0, OTLP (`--protocol`,
+              default http/protobuf) to a local sink that accepts every export and discards it
 - black-hole: as `on`, but the OTLP endpoint accepts TCP and never answers (collector hung)
 Upstream: nginx answering a static chat completion (else the simulated provider). Servers on CPU 0,
 wrk and the sink on CPU 1 (as bench/run.py). Each round runs every target once, in turn, so drift
-hits all of them alike; the table shows the median round. Target: on >= 90% of off's throughput.
+hits all of them alike; the table shows medians. Target: on >= 90% of off's throughput. On a noisy
+machine the CPU time per request (`off CPU / CPU`: the throughput ratio a CPU-bound gateway would
+see) is the steadier figure.
 """
 from __future__ import annotations
 
@@ -49,11 +52,34 @@ class Sink(BaseHTTPRequestHandler):
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
 '''
 
+GRPC_SINK = r'''
+import sys, time
+from concurrent import futures
+import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-def config(workdir: Path, upstream: str, port: int, tag: str, monitoring: str) -> Path:
+class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+    def Export(self, request, context):
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def Export(self, request, context):
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), server)
+metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), server)
+server.add_insecure_port(f"127.0.0.1:{sys.argv[1]}")
+server.start()
+server.wait_for_termination()
+'''
+
+
+def config(workdir: Path, upstream: str, port: int, tag: str, monitoring: str, transport: str = "aiohttp") -> Path:
     path = workdir / f"gateway-{tag}.yaml"
     path.write_text(f"""
-gateway: {{timeout: 60s}}
+gateway: {{timeout: 60s, upstream_transport: {transport}}}
 auth:
   mode: keys
   keys:
@@ -71,10 +97,9 @@ server: {{host: 127.0.0.1, port: {port}, workers: 1}}
 
 def gateway(workdir: Path, upstream: str, tag: str, monitoring: str, transport: str) -> bench.Server:
     port = bench.free_port()
-    cfg = config(workdir, upstream, port, tag, monitoring)
+    cfg = config(workdir, upstream, port, tag, monitoring, transport)
     cmd = [str(Path(bench.PY).parent / "llm-gateway"), "serve", "--config", str(cfg), "--port", str(port)]
-    return bench.Server(f"gateway-{tag}", cmd, port, workdir, env={"LLM_GATEWAY_TRANSPORT": transport},
-                        ready_path="/healthz")
+    return bench.Server(f"gateway-{tag}", cmd, port, workdir, ready_path="/healthz")
 
 
 def black_hole() -> tuple[socket.socket, int]:
@@ -99,7 +124,9 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--transport", default="httpx", help="gateway upstream transport (httpx, aiohttp)")
+    p.add_argument("--transport", default="aiohttp", help="gateway.upstream_transport (aiohttp, httpx)")
+    p.add_argument("--protocol", default="http/protobuf", choices=("http/protobuf", "grpc"),
+                   help="OTLP protocol of the `on` gateway and its sink (default http/protobuf)")
     args = p.parse_args()
     if not shutil.which("wrk"):
         print("error: wrk not found (apt-get install -y wrk)", file=sys.stderr)
@@ -112,12 +139,12 @@ def main() -> int:
             upstream = bench.start_nginx(workdir) if shutil.which("nginx") else bench.start_mock(workdir, 0)
             servers.append(upstream)
             sink_port = bench.free_port()
-            (workdir / "sink.py").write_text(SINK)
+            (workdir / "sink.py").write_text(SINK if args.protocol == "http/protobuf" else GRPC_SINK)
             sink = bench.Server("otlp-sink", [bench.PY, str(workdir / "sink.py"), str(sink_port)], sink_port, workdir,
                                 cpu=bench.CLIENT_CPU)
             servers.append(sink)
             on = ("  metrics: {enabled: true, prefix: llm_gateway}\n  tracing: {enabled: true, sample_rate: 1.0}\n"
-                  "  otel: {endpoint: 'http://127.0.0.1:%d', protocol: http/protobuf}")
+                  "  otel: {endpoint: 'http://127.0.0.1:%d', protocol: " + args.protocol + "}")
             targets = {
                 "off": gateway(workdir, upstream.url, "off", "  metrics: {enabled: false}\n  tracing: {enabled: false}",
                                args.transport),
@@ -151,17 +178,18 @@ def main() -> int:
                 s.stop()
             hole.close()
     median = {name: statistics.median(r["rps"] for r in rs) for name, rs in rounds.items()}
-    lines = [f"| target | median req/s | rounds req/s | p50 ms | p99 ms (worst) | CPU us/req | errors | vs off |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    cpu = {name: statistics.median(r["cpu_us_per_req"] for r in rs) for name, rs in rounds.items()}
+    lines = ["| target | median req/s | rounds req/s | p50 ms | p99 ms (worst) | CPU us/req | errors | req/s vs off "
+             "| off CPU / CPU |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for name, rs in rounds.items():
         each = ", ".join(str(round(r["rps"])) for r in rs)
         lines.append(f"| {name} | {median[name]:.0f} | {each} | "
                      f"{statistics.median(r['p50_ms'] for r in rs):.2f} | {max(r['p99_ms'] for r in rs):.2f} | "
-                     f"{statistics.median(r['cpu_us_per_req'] for r in rs):.0f} | {sum(r['errors'] for r in rs)} | "
-                     f"{median[name] / median['off']:.2f} |")
+                     f"{cpu[name]:.0f} | {sum(r['errors'] for r in rs)} | "
+                     f"{median[name] / median['off']:.2f} | {cpu['off'] / cpu[name]:.2f} |")
     table = "\n".join(lines)
     print(f"\n## Telemetry cost (wrk c={args.concurrency}, {args.duration:g}s x {args.rounds} rounds, "
-          f"transport {args.transport})\n\n{table}\n")
+          f"transport {args.transport}, OTLP {args.protocol})\n\n{table}\n")
     print("`on` gateway telemetry counters: " + ("; ".join(dropped) or "-"))
     out = bench.BENCH / "results" / f"telemetry-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)

@@ -288,6 +288,11 @@ def parse_config(text: str, source: str = "<config>", env: Mapping[str, str] | N
     for path, names in doc.unset.items():
         if not path.startswith("providers."):
             raise doc.error(path, f"variable {', '.join(names)} is not set")
+    otel = cfg.monitoring.otel
+    if not otel.endpoint:  # the standard OTel variables, when the config names no collector
+        otel.endpoint = doc.env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+        if doc.env.get("OTEL_EXPORTER_OTLP_PROTOCOL") in ("grpc", "http/protobuf"):
+            otel.protocol = doc.env["OTEL_EXPORTER_OTLP_PROTOCOL"]
     _validate(doc, cfg)
     for dep in cfg.providers:
         if not dep.enabled and dep.disabled_reason:

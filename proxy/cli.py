@@ -74,9 +74,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def app_factory() -> Any:
     """uvicorn factory for `serve` (each worker process builds its own app)."""
+    import gc
+
     from proxy.app import build_app
 
-    return build_app(os.environ.get("LLM_GATEWAY_CONFIG"))
+    app = build_app(os.environ.get("LLM_GATEWAY_CONFIG"))
+    gc.freeze()  # the long-lived startup objects never need scanning again: cheaper collections per request
+    return app
 
 
 def uvicorn_options() -> dict[str, Any]:

@@ -65,6 +65,7 @@ class Forwarder:
                                 extensions={"timeout": timeouts})
         ctx.attempts += 1
         ctx.tried.append(dep.name)
+        ctx.extra["relay_done"] = False  # a new attempt: a client leaving now must cancel it
         ctx.upstream_started = time.perf_counter()
         watcher = asyncio.ensure_future(_watch_disconnect(receive, ctx, asyncio.current_task()))
         try:

@@ -47,6 +47,13 @@ def resource() -> Resource:
     return base
 
 
+def _attempt_attributes(up: Upstream) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"gen_ai.provider.name": up.provider_name, "gateway.deployment": up.name}
+    if up.address:
+        attrs["server.address"], attrs["server.port"] = up.address, up.port
+    return attrs
+
+
 class GatewayObserver(Observer):
     def __init__(self, config: Config, *, span_exporter: SpanExporter | None = None,
                  metric_reader: MetricReader | None = None) -> None:
@@ -56,6 +63,7 @@ class GatewayObserver(Observer):
         self.strategy = config.gateway.routing_strategy
         self.overrides = config.gateway.routing_overrides
         self.tracer: Tracer | None = None
+        self.attempt_attributes: dict[str, dict[str, Any]] = {}
         self.processor: BoundedSpanProcessor | None = None
         self.reader: MetricReader | None = None
         self.closed = False
@@ -63,7 +71,8 @@ class GatewayObserver(Observer):
         if mon.tracing.enabled and (span_exporter is not None or mon.otel.endpoint):
             m = self.metrics
             self.processor = BoundedSpanProcessor(
-                span_exporter if span_exporter is not None else otlp.span_exporter(mon.otel), res,  # type: ignore[arg-type]
+                span_exporter if span_exporter is not None else otlp.fast_span_exporter(mon.otel, res),  # type: ignore[arg-type]
+                res,  # type: ignore[arg-type]
                 on_drop=(lambda n: m.spans_dropped.inc(n)) if m else (lambda n: None),
                 on_fail=(lambda n: m.export_failures.inc(n)) if m else (lambda n: None))
             self.tracer = Tracer(mon.tracing.sample_rate, self.processor)
@@ -82,6 +91,8 @@ class GatewayObserver(Observer):
                 if parsed is not None:
                     ctx.extra["trace_id"] = f"{parsed[0]:032x}"
                 return None
+            if traceparent is not None:
+                ctx.extra["client_traceparent"] = True  # attempts replace it
             span = self.tracer.start_server(f"{ctx.method} {ctx.family}", traceparent,
                                             ctx.header(b"tracestate") if traceparent else None,
                                             {"http.request.method": ctx.method, "url.path": ctx.path,
@@ -119,8 +130,10 @@ class GatewayObserver(Observer):
             if span is not None and span.sampled:
                 # Few attributes (each costs ~2 us to export): usage, deployment and upstream details are
                 # on the attempt spans, the family and operation in the name, the outcome in error.type.
-                attrs: dict[str, Any] = {"http.response.status_code": status, "gateway.attempts": ctx.attempts,
-                                         "gateway.overhead_ms": round((total - ctx.upstream_seconds) * 1000, 3)}
+                attrs = span.attributes
+                attrs["http.response.status_code"] = status
+                attrs["gateway.attempts"] = ctx.attempts
+                attrs["gateway.overhead_ms"] = round((total - ctx.upstream_seconds) * 1000, 3)
                 if ctx.model:
                     attrs["gen_ai.request.model"] = ctx.model
                 if ctx.principal is not None:
@@ -132,7 +145,6 @@ class GatewayObserver(Observer):
                     attrs["gateway.routing.strategy"] = self.overrides.get(ctx.model or "", self.strategy)
                 if code:
                     attrs["error.type"] = code
-                span.attributes.update(attrs)
                 if status >= 500 or (code and status < 400):  # a cut stream is an error after a 200
                     span.error = code or str(status)
                 span.name = f"{ctx.method} {ctx.family} {ctx.operation}"
@@ -152,19 +164,18 @@ class GatewayObserver(Observer):
             if parent is None:
                 return (started, None)
             model = ctx.model or ""
-            if not parent.sampled:  # ids only, for the upstream's traceparent
+            if parent.sampled:
+                base = self.attempt_attributes.get(dep.name)
+                if base is None:
+                    base = self.attempt_attributes[dep.name] = _attempt_attributes(self.upstreams.get(dep.name) or Upstream(dep))
+                attrs: dict[str, Any] = {"gen_ai.operation.name": ctx.operation, "gen_ai.request.model": model, **base,
+                                         "gateway.attempt": ctx.attempts + 1}
+                name = f"{ctx.operation} {model}" if model else ctx.operation
+                span = self.tracer.start_child(parent, name, SpanKind.CLIENT, attrs)
+            else:  # ids only, for the upstream's traceparent
                 span = self.tracer.start_child(parent, "", SpanKind.CLIENT, {})
+            if ctx.extra.get("client_traceparent"):
                 headers[:] = [(k, v) for k, v in headers if k.lower() != "traceparent"]
-                headers.append(("traceparent", span.traceparent))
-                return (started, span)
-            up = self.upstreams.get(dep.name) or Upstream(dep)
-            attrs: dict[str, Any] = {"gen_ai.operation.name": ctx.operation, "gen_ai.request.model": model,
-                                     "gen_ai.provider.name": up.provider_name, "gateway.deployment": dep.name,
-                                     "gateway.attempt": ctx.attempts + 1}
-            if up.address:
-                attrs["server.address"], attrs["server.port"] = up.address, up.port
-            span = self.tracer.start_child(parent, f"{ctx.operation} {model}".strip(), SpanKind.CLIENT, attrs)
-            headers[:] = [(k, v) for k, v in headers if k.lower() != "traceparent"]
             headers.append(("traceparent", span.traceparent))
             return (started, span)
         except Exception:  # noqa: BLE001
@@ -188,7 +199,8 @@ class GatewayObserver(Observer):
                 if code == "upstream_rate_limited":
                     m.child(m.rate_limit_hits, dep.name, model, code).inc()
             if span is not None and span.sampled:
-                attrs: dict[str, Any] = {"gen_ai.response.model": ctx.model or ""}
+                attrs = span.attributes
+                attrs["gen_ai.response.model"] = ctx.model or ""
                 if status:
                     attrs["http.response.status_code"] = status
                 if code:
@@ -204,7 +216,6 @@ class GatewayObserver(Observer):
                 ttfc = ctx.extra.get("ttfc")
                 if ttfc is not None and ctx.committed:
                     attrs["gen_ai.response.time_to_first_chunk"] = ttfc
-                span.attributes.update(attrs)
                 if code:
                     span.error = code
             if span is not None and self.tracer is not None:

@@ -9,9 +9,10 @@ Contract:
   otherwise the low 64 bits of the trace id against the ratio (the SDK's TraceIdRatioBased rule).
   Unsampled records still carry ids (for `traceparent` and logs) but are never queued.
 - `BoundedSpanProcessor` queues sampled records (fixed size; a full queue drops the new record and
-  counts it, no log line per span) and one daemon thread turns each batch into SDK `ReadableSpan`s
-  and hands them to any SDK `SpanExporter` (OTLP gRPC/HTTP, or an in-memory one in tests). A slow
-  or dead collector blocks only that thread.
+  counts it, no log line per span) and one daemon thread exports each batch: straight to the
+  gateway's own OTLP exporter (`proxy.otlp.fast_span_exporter`, which writes the wire bytes from the
+  records), or as SDK `ReadableSpan`s to any other SDK `SpanExporter` (an in-memory one in tests).
+  A slow or dead collector blocks only that thread.
 """
 from __future__ import annotations
 
@@ -102,6 +103,9 @@ class BoundedSpanProcessor:
     def __init__(self, exporter: SpanExporter, resource: Resource, *, on_drop: Callable[[int], None],
                  on_fail: Callable[[int], None], max_queue: int = 2048, batch: int = 512, delay: float = 1.0) -> None:
         self.exporter, self.resource, self.on_drop, self.on_fail = exporter, resource, on_drop, on_fail
+        self.records = bool(getattr(exporter, "takes_records", False))  # our OTLP exporter encodes records itself
+        if self.records:
+            exporter.readable = self.readable  # type: ignore[attr-defined]
         self.max_queue, self.batch, self.delay = max_queue, batch, delay
         self.queue: deque[SpanRecord] = deque()
         self.wake = threading.Event()
@@ -117,21 +121,22 @@ class BoundedSpanProcessor:
             self.on_drop(1)
             return
         self.queue.append(record)
-        if len(self.queue) == self.batch:
+        if len(self.queue) >= self.batch and not self.wake.is_set():
             self.wake.set()
 
     def _run(self) -> None:
         while not self.stopped:
-            self.wake.wait(self.delay)
+            full = self.wake.wait(self.delay)
             self.wake.clear()
-            self._drain()
+            self._drain(self.batch if full else 1)  # woken by a full batch: send full batches only
 
-    def _drain(self) -> None:
+    def _drain(self, least: int = 1) -> None:
         with self.lock:
-            while self.queue:
+            while len(self.queue) >= least and self.queue:
                 batch = [self.queue.popleft() for _ in range(min(self.batch, len(self.queue)))]
                 try:
-                    ok = self.exporter.export([self.readable(r) for r in batch]) is SpanExportResult.SUCCESS
+                    spans = batch if self.records else [self.readable(r) for r in batch]
+                    ok = self.exporter.export(spans) is SpanExportResult.SUCCESS
                 except Exception:  # noqa: BLE001 - export never reaches traffic
                     ok = False
                 if not ok:

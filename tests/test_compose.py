@@ -3,7 +3,8 @@
 - compose.yaml parses; it has redis, three gateway replicas, the nginx load balancer on :8080, the
   simulated providers, otel-collector, jaeger, prometheus and grafana.
 - Every host path it mounts exists and lives under config/.
-- nginx balances over exactly the gateway replicas; Prometheus scrapes each of them; the collector
+- nginx balances over exactly the gateway replicas (and `nginx -t` accepts the file, when nginx is
+  installed); Prometheus scrapes each of them; the collector
   YAML wires its pipelines to receivers and exporters it defines, traces to Jaeger.
 - The gateway config the replicas share loads; the Grafana dashboard JSON parses, and every metric
   its panels query is one the gateway really exports: a gateway built from that very config serves
@@ -14,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,17 @@ def test_nginx_balances_over_the_replicas() -> None:
     assert sorted(re.findall(r"server\s+(gateway-\d):8080", conf)) == sorted(GATEWAYS)
     assert "listen 8080" in conf and "proxy_buffering off" in conf
     assert conf.count("{") == conf.count("}")
+
+
+def test_nginx_config_is_valid(tmp_path: Path) -> None:
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx not installed")
+    conf = (ROOT / "config/compose/nginx.conf").read_text()
+    (tmp_path / "nginx.conf").write_text(re.sub(r"gateway-\d:8080", "127.0.0.1:8080", conf))  # no compose DNS here
+    out = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"), "-c",
+                          str(tmp_path / "nginx.conf"), "-g", f"pid {tmp_path}/nginx.pid;"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
 
 
 def test_prometheus_scrapes_every_replica() -> None:

@@ -29,7 +29,7 @@ from config import parse_config
 from proxy.app import build_app
 from proxy.mock import MockOptions, build_mock_app
 from proxy.observability import GatewayObserver
-from proxy.otlp import BoundedSpanProcessor
+from proxy.tracing import BoundedSpanProcessor, SpanRecord, Tracer
 from tests.conftest import GATEWAY_KEY, GATEWAY_KEY_SHA, clear_recorded, recorded
 from tests.procs import Procs, procs  # noqa: F401 - `procs` is a fixture
 from tests.servers import free_port, serve
@@ -143,8 +143,8 @@ def test_success_spans_continue_the_caller_trace_and_propagate_upstream(rig: Rig
     assert a["gateway.deployment"] == "openai-good" and a["http.response.status_code"] == 200
     assert "error.type" not in a and client.status.status_code != StatusCode.ERROR
     s = server.attributes
-    assert s["http.response.status_code"] == 200 and s["gateway.outcome"] == "ok" and s["gateway.key_id"] == "team-test"
-    assert s["gateway.attempts"] == 1 and s["gateway.deployment"] == "openai-good"
+    assert s["http.response.status_code"] == 200 and "error.type" not in s and s["gateway.key_id"] == "team-test"
+    assert s["gateway.attempts"] == 1 and s["gen_ai.request.model"] == "gpt-4o-mini" and server.name == "POST openai chat"
     # the upstream saw the attempt span's context, not the caller's parent id
     sent = [tuple(h) for h in recorded(mock_upstream)[-1]["headers"] if h[0].lower() == "traceparent"]
     assert sent == [("traceparent", f"00-{TRACE_ID}-{client.context.span_id:016x}-01")]
@@ -181,6 +181,8 @@ def test_failover_shows_two_attempts_and_the_decision(rig: Rig) -> None:
     assert events and events[0].attributes["gateway.failed"] == "openai-bad"
     assert events[0].attributes["gateway.next"] == "openai-good"
     assert server.attributes["gateway.tried"] == ("openai-bad", "openai-good")
+    assert server.attributes["gateway.routing.candidates"] == ("openai-bad", "openai-good")
+    assert server.attributes["gateway.routing.strategy"] == "health_based"
     after = rig.scrape()
     for family in ("llm_gateway_failovers", "llm_gateway_retries"):
         assert sample(after, family, "_total", provider="openai-bad", error_type="upstream_error") == \
@@ -391,14 +393,39 @@ def test_span_queue_is_bounded_and_drops_are_counted() -> None:
         def shutdown(self) -> None:
             pass
 
-    processor = BoundedSpanProcessor(Stuck(), on_drop=dropped.append, on_fail=failed.append, max_queue=8, batch=4,
-                                     delay=0.01)
+    processor = BoundedSpanProcessor(Stuck(), None, on_drop=dropped.append, on_fail=failed.append,  # type: ignore[arg-type]
+                                     max_queue=8, batch=4, delay=0.01)
+    tracer = Tracer(1.0, processor)
     for _ in range(100):
-        processor.on_end(object())  # type: ignore[arg-type]
+        tracer.end(tracer.start_server("GET x", None, None, {}))
     assert len(processor.queue) <= 8 and sum(dropped) >= 100 - 8 - 4
     release.set()
     processor.shutdown()
     assert not processor.queue and sum(failed) >= 1
+
+
+def test_sampling_is_parent_based_trace_id_ratio() -> None:
+    exporter = InMemorySpanExporter()
+    processor = BoundedSpanProcessor(exporter, None, on_drop=lambda n: None, on_fail=lambda n: None)  # type: ignore[arg-type]
+    never, always = Tracer(0.0, processor), Tracer(1.0, processor)
+    assert not never.start_server("x", None, None, {}).sampled and always.start_server("x", None, None, {}).sampled
+    unsampled_parent = f"00-{TRACE_ID}-{PARENT_ID}-00"
+    span = always.start_server("x", unsampled_parent, None, {})
+    assert not span.sampled and f"{span.trace_id:032x}" == TRACE_ID
+    child = Tracer.start_child(span, "chat m", SpanKind.CLIENT, {})
+    assert child.traceparent == f"00-{TRACE_ID}-{child.span_id:016x}-00"  # propagated, not recorded
+    sampled = never.start_server("x", f"00-{TRACE_ID}-{PARENT_ID}-01", "vendor=1", {"a": 1})
+    assert sampled.sampled
+    never.end(sampled)
+    never.end(child)
+    processor.shutdown()
+    (exported,) = exporter.get_finished_spans()
+    assert exported.parent.is_remote and f"{exported.parent.span_id:016x}" == PARENT_ID
+    assert exported.context.trace_state.get("vendor") == "1" and exported.attributes["a"] == 1
+    half = Tracer(0.5, processor)
+    share = sum(half.start_server("x", None, None, {}).sampled for _ in range(4000)) / 4000
+    assert 0.45 < share < 0.55
+    assert isinstance(span, SpanRecord)
 
 
 def test_several_workers_lose_no_counts(procs: Procs, mock_upstream: str) -> None:  # noqa: F811
@@ -420,3 +447,119 @@ def test_several_workers_lose_no_counts(procs: Procs, mock_upstream: str) -> Non
         families = {f.name: f for f in text_string_to_metric_families(httpx.get(gw.url + "/metrics").text)}
         assert sample(families, "llm_gateway_llm_requests", "_total", status="200") == sent
         assert sample(families, "llm_gateway_provider_health_status", provider="openai-good") == 1
+
+
+def test_otlp_http_export_reaches_a_collector(mock_upstream: str) -> None:
+    """The real OTLP/HTTP exporters, to a local collector stand-in that decodes what it receives."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: dict[str, list[bytes]] = {"/v1/traces": [], "/v1/metrics": []}
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            received.setdefault(self.path, []).append(self.rfile.read(int(self.headers["content-length"])))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{collector.server_address[1]}"
+        cfg = parse_config(config_text(mock_upstream, mock_upstream, f"  otel: {{endpoint: '{endpoint}', protocol: http/protobuf}}"),
+                           "t.yaml", {})
+        app = build_app(cfg)
+        with serve(app) as base:
+            r = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {GATEWAY_KEY}"})
+            assert r.status_code == 200
+            deadline = time.monotonic() + 10
+            while len(received["/v1/traces"]) == 0 and time.monotonic() < deadline:
+                app.runtime.observer.flush()
+                time.sleep(0.05)
+            app.runtime.observer.reader.force_flush()
+        names, attrs = set(), {}
+        for body in received["/v1/traces"]:
+            for rs in ExportTraceServiceRequest.FromString(body).resource_spans:
+                assert any(a.key == "service.name" and a.value.string_value == "llm-gateway" for a in rs.resource.attributes)
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        names.add(span.name)
+                        attrs.update({a.key: a.value for a in span.attributes})
+        assert {"chat gpt-4o-mini", "POST openai chat"} <= names
+        assert attrs["gen_ai.provider.name"].string_value == "openai" and attrs["gen_ai.usage.output_tokens"].int_value > 0
+        metric_names = {m.name for body in received["/v1/metrics"]
+                        for rm in ExportMetricsServiceRequest.FromString(body).resource_metrics
+                        for sm in rm.scope_metrics for m in sm.metrics}
+        assert {"gen_ai.client.token.usage", "llm_gateway_llm_requests_total"} <= metric_names
+    finally:
+        collector.shutdown()
+
+
+def test_fast_span_encoding_matches_the_sdk_encoder() -> None:
+    """proxy.otlp.SpanEncoder writes exactly what the SDK's OTLP encoder writes for the same spans."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from proxy.observability import resource
+    from proxy.otlp import SCOPE, SpanEncoder
+
+    res = resource()
+    processor = BoundedSpanProcessor(InMemorySpanExporter(), res, on_drop=lambda n: None, on_fail=lambda n: None)
+    tracer = Tracer(1.0, processor)
+    server = tracer.start_server("POST openai chat", f"00-{TRACE_ID}-{PARENT_ID}-01", "vendor=a,other=b",
+                                 {"http.request.method": "POST", "gateway.request_id": "gw-1", "n": 3, "neg": -7,
+                                  "ratio": 0.25, "ok": True, "tried": ("a", "b"), "big": 2**40})
+    server.event("failover", {"gateway.failed": "a", "attempt": 2})
+    server.error = "upstream_error"
+    client = Tracer.start_child(server, "chat gpt-4o-mini", SpanKind.CLIENT, {"gen_ai.provider.name": "openai"})
+    root = tracer.start_server("GET x", None, None, {})
+    for r in (client, server, root):
+        r.end_time = r.start + 1000
+    encoder = SpanEncoder(res, SCOPE)
+    for _ in range(2):  # second round from the attribute cache
+        ours = ExportTraceServiceRequest.FromString(encoder.request([server, client, root]))
+        sdk = encode_spans([processor.readable(r) for r in (server, client, root)])
+        assert ours == sdk
+    processor.shutdown()
+
+
+def test_otlp_grpc_export_reaches_a_collector(mock_upstream: str) -> None:
+    """The gRPC path: the SDK's gRPC exporter fed by the fast encoder, to a real gRPC TraceService."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received: list[Any] = []
+
+    class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+            received.append(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        cfg = parse_config(config_text(mock_upstream, mock_upstream, f"  otel: {{endpoint: '127.0.0.1:{port}', protocol: grpc}}"),
+                           "t.yaml", {})
+        app = build_app(cfg)
+        with serve(app) as base:
+            r = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {GATEWAY_KEY}"})
+            assert r.status_code == 200
+            deadline = time.monotonic() + 10
+            while not received and time.monotonic() < deadline:
+                app.runtime.observer.flush()
+                time.sleep(0.05)
+        names = {span.name for request in received for rs in request.resource_spans for ss in rs.scope_spans
+                 for span in ss.spans}
+        assert {"chat gpt-4o-mini", "POST openai chat"} <= names
+    finally:
+        server.stop(0)
