@@ -18,6 +18,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import uuid
 from typing import Any
@@ -38,6 +39,21 @@ _STAT = 7
 
 def _limit(value: int | None) -> int:
     return -1 if value is None else value
+
+
+@functools.lru_cache(maxsize=65536)
+def _scope_keys(scope: str, deployment: bool) -> tuple[bytes, ...]:
+    """The Redis keys of one scope, encoded once (scopes repeat on every request)."""
+    names = [*counter_keys(scope), limits_key(scope)]
+    if deployment:
+        dep = scope.split(":", 1)[1]
+        names += [health_key(dep), probe_key(dep)]
+    return tuple(n.encode() for n in names)
+
+
+@functools.lru_cache(maxsize=4096)
+def _limit_arg(value: int | None) -> bytes:
+    return str(-1 if value is None else value).encode()
 
 
 class RateLimitMiddleware:
@@ -101,19 +117,18 @@ class RateLimitMiddleware:
             task.add_done_callback(self.pending.discard)
 
     def _keys_args(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
-                   conc: int | None, conc_key: str | None) -> tuple[list[str], list[Any]]:
-        keys: list[str] = []
+                   conc: int | None, conc_key: str | None) -> tuple[list[bytes], list[Any]]:
+        keys: list[bytes] = []
         args: list[Any] = [member, ctx.estimated_tokens, len(common), conc or 0,
                            int(self.timeout * 1000) + 60000, PROBE_LOCK_MS]
         for name, rpm, tpm in common:
-            keys.extend((*counter_keys(name), limits_key(name)))
-            args.extend((_limit(rpm), _limit(tpm)))
+            keys.extend(_scope_keys(name, False))
+            args.extend((_limit_arg(rpm), _limit_arg(tpm)))
         for name, rpm, tpm in candidates:
-            dep = name.split(":", 1)[1]
-            keys.extend((*counter_keys(name), limits_key(name), health_key(dep), probe_key(dep)))
-            args.extend((_limit(rpm), _limit(tpm)))
+            keys.extend(_scope_keys(name, True))
+            args.extend((_limit_arg(rpm), _limit_arg(tpm)))
         if conc_key:
-            keys.append(conc_key)
+            keys.append(conc_key.encode())
         return keys, args
 
     async def _reserve(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
@@ -245,7 +260,10 @@ class RateLimitMiddleware:
         if failed:  # attempts that failed over generated nothing: give their tokens back
             groups.append((-est, [(f"provider:{d}", self.providers.get(d, (None, None))[1]) for d in failed]))
         for i, (amount, token_scopes) in enumerate(groups):
-            if not token_scopes and not (i == 0 and conc_key):
+            # Nothing to settle without a token limit in play (a live one could exist: only when
+            # the deployment has Redis, where live hashes are read by the script, do we still call).
+            if not (i == 0 and conc_key) and (not token_scopes or (
+                    res["store"] == "local" and all(tpm is None for _, tpm in token_scopes))):
                 continue
             if res["store"] == "local":
                 self.local.settle(token_scopes, amount, member, conc_key if i == 0 else None, estimate=est)
