@@ -34,6 +34,7 @@ from proxy.health import PROBE_LOCK_MS, health_key, probe_key
 from proxy.state import StoreUnavailable, concurrency_key, counter_keys, done_key, limits_key
 
 log = structlog.get_logger("llm_gateway.ratelimit")
+SETTLE_EVERY = 0.005
 _STAT = 7
 
 
@@ -72,7 +73,10 @@ class RateLimitMiddleware:
         self.nothing_configured = g.is_empty() and all(d.rate_limit.is_empty() for d in config.providers) \
             and all(k.rate_limit.is_empty() and not k.max_concurrent for k in config.auth.keys)
         self.seen_limits: dict[str, tuple[int, int]] = {}  # scope -> effective limits last seen (for change logs)
-        self.pending: set[asyncio.Task[Any]] = set()  # reconcile tasks, kept referenced until done
+        # Settlements are batched (process-wide, like a pool): one pipelined round trip per
+        # SETTLE_EVERY seconds instead of one per request.
+        self.settlements: list[tuple[list[Any], list[Any]]] = []
+        self.flusher: asyncio.Task[None] | None = None
 
     def scopes(self, ctx: RequestContext) -> tuple[list[tuple[str, int | None, int | None]], list[tuple[str, int | None, int | None]]]:
         p = ctx.principal
@@ -112,9 +116,10 @@ class RateLimitMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            task = asyncio.ensure_future(self._settle(ctx, common, candidates, member, conc_key))
-            self.pending.add(task)
-            task.add_done_callback(self.pending.discard)
+            try:
+                self._settle(ctx, common, candidates, member, conc_key)  # queues; the I/O is batched
+            except Exception:  # noqa: BLE001 - settling must never hurt a finished request
+                log.exception("settle_failed", request_id=ctx.request_id)
 
     def _keys_args(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
                    conc: int | None, conc_key: str | None) -> tuple[list[bytes], list[Any]]:
@@ -240,7 +245,7 @@ class RateLimitMiddleware:
                 best_tok = (tpm, rem_t, reset_t, scopes[row[0] - 1][0])
         return ctx.adapter.rate_limit_headers(best_req, best_tok)
 
-    async def _settle(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
+    def _settle(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
                       conc_key: str | None) -> None:
         res = ctx.reservation
         if not res:
@@ -275,9 +280,21 @@ class RateLimitMiddleware:
                 keys.extend((counter_keys(name)[1], limits_key(name)))
                 args.append(_limit(tpm))
             args.append(est)  # last: each scope is settled against the min(estimate, tpm) it was charged
+            self.settlements.append((keys, args))
+        if self.settlements and (self.flusher is None or self.flusher.done()):
+            self.flusher = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        """Settle every finished request of the last few milliseconds in one pipelined round trip."""
+        await asyncio.sleep(SETTLE_EVERY)
+        while self.settlements:
+            batch, self.settlements = self.settlements[:500], self.settlements[500:]
             try:
-                await self.runtime.store.script("reconcile", keys, args)
+                replies = await self.runtime.store.script_many("reconcile", batch)
+                failed = [r for r in replies if isinstance(r, Exception)]
+                if failed:
+                    log.warning("reconcile_failed", count=len(failed), error=type(failed[0]).__name__)
             except StoreUnavailable:
-                log.warning("reconcile_skipped", request_id=ctx.request_id, reason="store unavailable")
+                log.warning("reconcile_skipped", count=len(batch), reason="store unavailable")
             except Exception:  # noqa: BLE001 - reconciling must never hurt a finished request
-                log.exception("reconcile_failed", request_id=ctx.request_id)
+                log.exception("reconcile_failed", count=len(batch))

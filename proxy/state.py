@@ -178,6 +178,20 @@ class Store:
         script = self._scripts[name]
         return await self.call(lambda client: script(keys=keys, args=args, client=client))
 
+    async def script_many(self, name: str, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        """Several calls of one script in one pipeline: one round trip (plus a SCRIPT EXISTS check
+        that also makes NOSCRIPT impossible). Each reply is a value or the exception of that call."""
+        self.client  # noqa: B018 - registers the scripts on first use
+        script = self._scripts[name]
+
+        async def op(client: Any) -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    await script(keys=keys, args=args, client=pipe)
+                return await pipe.execute(raise_on_error=False)
+
+        return await self.call(op, deadline=max(self.timeout, 1.0))
+
     # --- live limits (ops-owned hashes) and usage -----------------------------------------------
     def _admin_deadline(self) -> float:
         return max(self.timeout, 2.0)
