@@ -36,17 +36,21 @@ UPSTREAM_AKID = "AKIAUPSTREAM00000001"
 UPSTREAM_AWS_SECRET = "upstream-aws-secret-abcd"
 
 
-def standard_config(upstream: str, extra: str = "") -> str:
-    """All four families on one simulated upstream, one static key with a SigV4 identity."""
-    return f"""
-gateway: {{timeout: 30s}}
-auth:
+# The static test key, with a SigV4 identity for boto3 clients, as a YAML `auth:` section.
+AUTH_YAML = f"""auth:
   keys:
     - id: team-test
       sha256: {GATEWAY_KEY_SHA}
       aws_access_key_id: {CLIENT_AKID}
       aws_secret_access_key: {CLIENT_AWS_SECRET}
-providers:
+"""
+
+
+def standard_config(upstream: str, extra: str = "") -> str:
+    """All four families on one simulated upstream, one static key with a SigV4 identity."""
+    return f"""
+gateway: {{timeout: 30s}}
+{AUTH_YAML}providers:
   openai: {{type: openai, base_url: "{upstream}/v1", api_key: {UPSTREAM_OPENAI_KEY}}}
   anthropic: {{type: anthropic, base_url: "{upstream}", api_key: {UPSTREAM_ANTHROPIC_KEY}}}
   bedrock:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import fcntl
-import hashlib
 import json
 import os
 import subprocess
@@ -16,55 +15,23 @@ import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import anthropic
 import httpx
 import pytest
 
-from config import parse_config
-from proxy.app import build_app
-from proxy.mock import MockOptions, build_mock_app
 from tests.conftest import (
     GATEWAY_KEY,
     GATEWAY_KEY_SHA,
     UPSTREAM_ANTHROPIC_KEY,
     clear_recorded,
     recorded,
-    standard_config,
 )
-from tests.servers import serve
-from tests.test_openai_e2e import Contexts, Tape
+from tests.recording import Contexts, Tape, gw, gw_module, sha, upstream  # noqa: F401 - fixtures
 
 MSGS = [{"role": "user", "content": "Hello, Claude"}]
 OLD_VENV = Path("/tmp/anthropic-old-venv")
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Tape]:
-    tape = Tape(build_mock_app(MockOptions(chunk_interval_ms=0)))
-    with serve(tape, lifespan="off") as base:
-        tape.base = base
-        yield tape
-
-
-@pytest.fixture(scope="module")
-def gw_module(upstream: Tape) -> Iterator[SimpleNamespace]:
-    contexts = Contexts(build_app(parse_config(standard_config(upstream.base), "test.yaml", {})))
-    with serve(contexts) as base:
-        yield SimpleNamespace(url=base, contexts=contexts)
-
-
-@pytest.fixture
-def gw(gw_module: SimpleNamespace, upstream: Tape) -> SimpleNamespace:
-    gw_module.contexts.reset()  # the previous test's requests are over: nothing more will be recorded
-    clear_recorded(upstream.base)
-    upstream.responses.clear()
-    return gw_module
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def only_request(base: str) -> dict[str, Any]:

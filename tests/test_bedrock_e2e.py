@@ -28,7 +28,8 @@ from botocore.exceptions import ClientError
 
 from providers.eventstream import FrameReader, event_frame
 from tests.conftest import (
-    CLIENT_AKID, CLIENT_AWS_SECRET, GATEWAY_KEY, GATEWAY_KEY_SHA, UPSTREAM_AKID, UPSTREAM_AWS_SECRET, clear_recorded,
+    AUTH_YAML,
+    CLIENT_AKID, CLIENT_AWS_SECRET, GATEWAY_KEY, UPSTREAM_AKID, UPSTREAM_AWS_SECRET, clear_recorded,
     recorded,
 )
 from tests.servers import serve
@@ -296,13 +297,7 @@ def fixed_upstream() -> Iterator[str]:
 def _bedrock_config(upstream: str, creds: bool = True) -> str:
     keys = f"\n    aws_access_key_id: {UPSTREAM_AKID}\n    aws_secret_access_key: {UPSTREAM_AWS_SECRET}" if creds else ""
     return f"""
-auth:
-  keys:
-    - id: team-test
-      sha256: {GATEWAY_KEY_SHA}
-      aws_access_key_id: {CLIENT_AKID}
-      aws_secret_access_key: {CLIENT_AWS_SECRET}
-providers:
+{AUTH_YAML}providers:
   bedrock:
     type: bedrock
     base_url: "{upstream}"

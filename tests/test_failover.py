@@ -34,7 +34,8 @@ import urllib3.exceptions
 
 from proxy.mock import MockApp, MockOptions, build_mock_app
 from tests.conftest import (
-    CLIENT_AKID, CLIENT_AWS_SECRET, GATEWAY_KEY, GATEWAY_KEY_SHA, UPSTREAM_AKID, UPSTREAM_ANTHROPIC_KEY,
+    AUTH_YAML,
+    CLIENT_AKID, CLIENT_AWS_SECRET, GATEWAY_KEY, UPSTREAM_AKID, UPSTREAM_ANTHROPIC_KEY,
     UPSTREAM_AWS_SECRET, UPSTREAM_OPENAI_KEY,
 )
 from tests.servers import free_port, serve
@@ -142,13 +143,7 @@ def config_text(family: str, deployments: list[tuple[str, str, dict[str, Any]]],
     providers = "".join(deployment_yaml(family, name, base, **extra) for name, base, extra in deployments)
     return f"""
 gateway: {{timeout: 30s{', ' + gateway if gateway else ''}}}
-auth:
-  keys:
-    - id: team-test
-      sha256: {GATEWAY_KEY_SHA}
-      aws_access_key_id: {CLIENT_AKID}
-      aws_secret_access_key: {CLIENT_AWS_SECRET}
-providers:
+{AUTH_YAML}providers:
 {providers}"""
 
 

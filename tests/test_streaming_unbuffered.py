@@ -24,7 +24,7 @@ from config import parse_config
 from proxy.app import build_app
 from tests.conftest import GATEWAY_KEY, GATEWAY_KEY_SHA
 from tests.servers import serve
-from tests.test_openai_e2e import Contexts
+from tests.recording import Contexts
 
 CHUNKS = 5
 GAP = 0.2  # seconds between upstream chunks
