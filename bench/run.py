@@ -167,11 +167,11 @@ def start_mock(workdir: Path, interval_ms: float, cpu: str = SERVER_CPU, name: s
                   port, workdir, cpu=cpu, ready_path="/__mock/health")
 
 
-def gateway_config(workdir: Path, upstream: str, port: int, tag: str, transport: str = "aiohttp",
+def gateway_config(workdir: Path, upstream: str, port: int, tag: str, transport: str = "httptools",
                    redis_url: str = "") -> Path:
     """The bench gateway; with `redis_url`, limits on every scope (high enough never to refuse)."""
     path = workdir / f"gateway-{tag}.yaml"
-    transport = transport if transport in ("httpx", "aiohttp") else "aiohttp"
+    transport = transport if transport in ("httptools", "httpx", "aiohttp") else "aiohttp"
     lim = "{requests_per_minute: 100000000, tokens_per_minute: 1000000000000}"
     global_limit, key_limit, dep_limit = (f", rate_limit: {lim}", f"\n      rate_limit: {lim}", f", rate_limit: {lim}") \
         if redis_url else ("", "", "")
@@ -489,11 +489,11 @@ def phase_throughput(args: argparse.Namespace, workdir: Path, servers: list[Serv
         report["redis"] = url
         args.redis_proc = proc
         try:
-            targets["gateway[aiohttp+limits]"] = s = start_gateway(workdir, upstream.url, "aiohttp", "limits",
-                                                                   redis_url=url)
+            name = f"gateway[{args.transports[0]}+limits]"
+            targets[name] = s = start_gateway(workdir, upstream.url, args.transports[0], "limits", redis_url=url)
             servers.append(s)
         except RuntimeError as exc:
-            print(f"warning: gateway[aiohttp+limits] skipped: {exc}", file=sys.stderr)
+            print(f"warning: {name} skipped: {exc}", file=sys.stderr)
     if args.litellm_venv:
         s = start_litellm(workdir, Path(args.litellm_venv), upstream.url)
         if s is not None:
@@ -579,8 +579,9 @@ def phase_memory(args: argparse.Namespace, workdir: Path, servers: list[Server],
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
-    p.add_argument("--transports", default="httpx,aiohttp,httpx_aiohttp",
-                   help="gateway upstream transports to measure (httpx, aiohttp, httpx_aiohttp)")
+    p.add_argument("--transports", default="httptools,aiohttp,httpx,httpx_aiohttp",
+                   help="gateway upstream transports to measure (httptools, aiohttp, httpx, httpx_aiohttp); "
+                        "the first one also runs with --limits")
     p.add_argument("--streams", type=int, default=40, help="streams at c=1 (c=16 runs 16 x streams/4)")
     p.add_argument("--memory", action="store_true", help="also measure gateway RSS after 10k and 100k requests (slow)")
     p.add_argument("--memory-marks", default="10000,100000",
@@ -588,7 +589,7 @@ def main() -> int:
     p.add_argument("--litellm-venv", help="a venv with litellm[proxy] installed: adds LiteLLM as a target")
     p.add_argument("--skip-streaming", action="store_true")
     p.add_argument("--limits", action="store_true",
-                   help="add gateway[aiohttp+limits]: a bench-owned redis-server and limits on every scope")
+                   help="add gateway[<first transport>+limits]: a bench-owned redis-server and limits on every scope")
     args = p.parse_args()
     args.redis_proc = None
     args.transports = [t.strip() for t in args.transports.split(",") if t.strip()]

@@ -91,7 +91,7 @@ class GatewaySettings:
     enable_failover: bool = True
     max_retries: int = 3
     failure_threshold: int = 5  # consecutive transient failures that open a deployment's circuit
-    upstream_transport: str = "aiohttp"  # aiohttp | httpx: the wire under the httpx API (see README)
+    upstream_transport: str = "httptools"  # httptools | aiohttp | httpx: the wire under the httpx API (see README)
     upstream_max_connections: int = 1000  # upstream connection pool size (per process)
     circuit_base_ejection: float = 30.0  # first ejection of an open circuit (s); the n-th lasts n x this, <= 300 s
     timeout: float = 60.0

@@ -4,8 +4,9 @@ Contract: `Runtime` is built once per app from the config and handed to every mi
 Resources open on first use (a Starlette `Mount` forwards no lifespan events) and close in
 `aclose()`. It holds no per-request state.
 The upstream client is always an `httpx.AsyncClient`; its wire transport is chosen by the
-`transport` argument, else `gateway.upstream_transport`: `aiohttp` (the default, chosen by measurement) or `httpx` (httpcore)
-(`proxy.transport.AiohttpTransport`). A callable returning an `httpx.AsyncBaseTransport` is also
+`transport` argument, else `gateway.upstream_transport`: `httptools` (the default, chosen by
+measurement: `proxy.wire.WireTransport`), `aiohttp` (`proxy.transport.AiohttpTransport`) or `httpx`
+(httpcore). A callable returning an `httpx.AsyncBaseTransport` is also
 accepted (benchmarks). An unknown name fails at construction.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from proxy.observer import Observer
 from proxy.state import Store
 
 
-TRANSPORTS = ("httpx", "aiohttp")
+TRANSPORTS = ("httptools", "aiohttp", "httpx")
 _KEEPALIVE_EXPIRY = 30.0
 
 
@@ -63,6 +64,10 @@ class Runtime:
             size = self.config.gateway.upstream_max_connections
             if callable(self.transport):
                 self._wire = self.transport()
+            elif self.transport == "httptools":
+                from proxy.wire import WireTransport
+
+                self._wire = WireTransport(max_connections=size, keepalive_expiry=_KEEPALIVE_EXPIRY)
             elif self.transport == "aiohttp":
                 from proxy.transport import AiohttpTransport
 
