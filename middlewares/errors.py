@@ -12,8 +12,8 @@ Contract:
 """
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from typing import Any
 
 import orjson
@@ -60,7 +60,7 @@ class ErrorMiddleware:
             return
         family, rel = found
         client_id = next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), None)
-        request_id = client_id if client_id and _REQUEST_ID.match(client_id) else f"gw-{uuid.uuid4().hex}"
+        request_id = client_id if client_id and _REQUEST_ID.match(client_id) else f"gw-{os.urandom(16).hex()}"
         ctx = RequestContext(
             request_id=request_id, family=family, adapter=self.adapters[family], method=scope["method"],
             path=rel, query=scope.get("query_string", b"").decode("latin-1"), headers=headers,

@@ -30,6 +30,10 @@ from providers.base import forward_response_headers
 _STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson", b"application/vnd.amazon.eventstream")
 ERROR_BODY_LIMIT = 1024 * 1024  # upstream error bodies are read whole (bounded) to classify them
 HOLD_LIMIT = 64 * 1024  # a stream that shows nothing conclusive in this much is committed anyway
+URL_CACHE = 4096  # parsed upstream URLs kept (deployment x path x query repeats); cleared when full
+# The disconnect watcher (a task) starts only for attempts still running after this long: most
+# non-streaming calls finish sooner, and a client that left is still noticed well within 1 s.
+WATCH_AFTER = 0.05
 
 
 class Forwarder:
@@ -37,6 +41,17 @@ class Forwarder:
         self.config = config
         self.runtime = deps
         self.budget = config.gateway.timeout
+        self.urls: dict[str, tuple[httpx.URL, str]] = {}
+
+    def _url(self, raw: str) -> tuple[httpx.URL, str]:
+        """The parsed URL and its Host header value."""
+        found = self.urls.get(raw)
+        if found is None:
+            if len(self.urls) >= URL_CACHE:
+                self.urls.clear()
+            url = httpx.URL(raw)
+            found = self.urls[raw] = (url, url.netloc.decode("ascii"))
+        return found
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         ctx = get_context(scope)
@@ -61,13 +76,17 @@ class Forwarder:
         span = observer.attempt_start(ctx, dep, up.url, up.headers)
         # The httpx Request/Response API straight on the transport: no client-level cookie, auth,
         # redirect or header-merging work per request (redirects are never followed anyway).
-        request = httpx.Request(up.method, up.url, headers=up.headers, content=up.body,
-                                extensions={"timeout": timeouts})
+        # A proxy builds its request "server side" (httpx's `stream=` form): Host and Content-Length
+        # are ours to set, and httpx skips its content encoding and header defaults.
+        url, host = self._url(up.url)
+        request = httpx.Request(up.method, url, headers=[("host", host), *up.headers,
+                                                         ("content-length", str(len(up.body)))],
+                                stream=httpx.ByteStream(up.body), extensions={"timeout": timeouts})
         ctx.attempts += 1
         ctx.tried.append(dep.name)
         ctx.extra["relay_done"] = False  # a new attempt: a client leaving now must cancel it
         ctx.upstream_started = time.perf_counter()
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, ctx, asyncio.current_task()))
+        watch = _Watch(receive, ctx)
         try:
             try:
                 response = await wire.handle_async_request(request)
@@ -100,7 +119,7 @@ class Forwarder:
             observer.attempt_end(ctx, dep, span, ctx.status, None if not outcome else f"upstream_{outcome}")
         finally:
             ctx.extra["relay_done"] = True
-            watcher.cancel()
+            watch.stop()
             ctx.upstream_seconds += time.perf_counter() - (ctx.upstream_started or time.perf_counter())
 
     async def _relay(self, ctx: RequestContext, response: httpx.Response, send: Any) -> None:
@@ -273,11 +292,30 @@ def retry_after_of(headers: list[tuple[bytes, bytes]]) -> float | None:
     return None
 
 
-async def _watch_disconnect(receive: Any, ctx: RequestContext, task: asyncio.Task[Any] | None) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if not ctx.extra.get("relay_done") and task is not None:
-                ctx.client_disconnected = True
-                task.cancel()
-            return
+class _Watch:
+    """Cancel the attempt when the client disconnects; the watching task starts after WATCH_AFTER."""
+
+    __slots__ = ("receive", "ctx", "owner", "timer", "task")
+
+    def __init__(self, receive: Any, ctx: RequestContext) -> None:
+        self.receive, self.ctx = receive, ctx
+        self.owner = asyncio.current_task()
+        self.task: asyncio.Task[None] | None = None
+        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start)
+
+    def _start(self) -> None:
+        self.task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                if not self.ctx.extra.get("relay_done") and self.owner is not None:
+                    self.ctx.client_disconnected = True
+                    self.owner.cancel()
+                return
+
+    def stop(self) -> None:
+        self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()

@@ -87,10 +87,14 @@ class WireTransport(httpx.AsyncBaseTransport):
         if scheme not in ("http", "https") or not url.host:
             raise httpx.UnsupportedProtocol(f"unsupported URL {url!r}")
         origin = (scheme, url.host, url.port or (443 if scheme == "https" else 80))
-        try:
-            body = request.content
-        except httpx.RequestNotRead:
-            body = await request.aread()
+        stream = request.stream
+        if isinstance(stream, httpx.ByteStream):  # the forwarder's form: the body is already in memory
+            body = b"".join(stream)
+        else:
+            try:
+                body = request.content
+            except httpx.RequestNotRead:
+                body = await request.aread()
         head = _head(request, body)
         method_head = request.method == "HEAD"
         for attempt in (0, 1):
