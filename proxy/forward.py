@@ -148,7 +148,9 @@ class Forwarder:
         flt = adapter.stream_filter(ctx) if streaming else None
         inner = adapter.tap(ctx, raw_headers)
         tap = _SafeTap(inner) if inner is not None else None
-        chunks = response.aiter_raw()
+        # The transport's byte stream itself (`Response.stream`): `aiter_raw` would re-chunk and
+        # re-wrap every chunk for nothing; our transports already raise httpx's exceptions.
+        chunks = aiter(response.stream)  # type: ignore[arg-type]
         held = b""
         if streaming and ctx.hold_stream:
             held = await self._hold(ctx, chunks, tap, flt)
@@ -270,7 +272,7 @@ def _finish(ctx: RequestContext, tap: Any) -> None:
 async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
     body = b""
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in response.stream:  # type: ignore[union-attr]
             body += chunk
             if len(body) >= limit:
                 break
