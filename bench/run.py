@@ -8,6 +8,9 @@ Targets (non-streaming chat completions, wrk at concurrency 1/16/64, `--duration
   direct            the upstream itself: nginx answering a static chat completion (else the simulated provider)
   bare-httpx        bench/bare_httpx.py -> upstream (Starlette + one httpx.AsyncClient)
   bare-aiohttp      bench/bare_aiohttp.py -> upstream (Starlette + one aiohttp.ClientSession)
+  bare-wire         bench/bare_wire.py -> upstream (Starlette + the gateway's own proxy.wire transport):
+                    not a third-party client, so not a "/ bare" reference; its own column shows what
+                    the middleware stack costs on top of the same wire
   gateway[T]        `llm-gateway serve`, full stack (keys auth, access log on), upstream transport T
   litellm           only with --litellm-venv (a venv with `litellm[proxy]`; never a project dependency)
 Streaming: time to first chunk and inter-chunk gap of SSE streams from the simulated provider (10 ms
@@ -434,17 +437,20 @@ def fmt(v: float, nd: int = 2) -> str:
 
 
 def throughput_table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
-    bares = [t for t in results if t.startswith("bare-")]
-    lines = ["| target | c | req/s | p50 ms | p99 ms | errors | CPU µs/req | / bare (fastest) | / direct |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    bares = [t for t in results if t.startswith("bare-") and t != "bare-wire"]
+    lines = ["| target | c | req/s | p50 ms | p99 ms | errors | CPU µs/req | / bare (fastest) | / bare-wire | / direct |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for target, by_c in results.items():
         for c, r in by_c.items():
             best_bare = max((results[b][c]["rps"] for b in bares if c in results[b]), default=0)
+            own = results.get("bare-wire", {}).get(c, {}).get("rps", 0)
             direct = results.get("direct", {}).get(c, {}).get("rps", 0)
-            vs_bare = f"{r['rps'] / best_bare:.2f}" if best_bare and not target.startswith(("bare-", "direct")) else ""
+            gateway = not target.startswith(("bare-", "direct"))
+            vs_bare = f"{r['rps'] / best_bare:.2f}" if best_bare and gateway else ""
+            vs_own = f"{r['rps'] / own:.2f}" if own and gateway else ""
             vs_direct = f"{r['rps'] / direct:.2f}" if direct and target != "direct" else ""
             lines.append(f"| {target} | {c} | {r['rps']:.0f} | {fmt(r['p50_ms'])} | {fmt(r['p99_ms'])} | "
-                         f"{r['errors']} | {fmt(r['cpu_us_per_req'], 0)} | {vs_bare} | {vs_direct} |")
+                         f"{r['errors']} | {fmt(r['cpu_us_per_req'], 0)} | {vs_bare} | {vs_own} | {vs_direct} |")
     direct1 = results.get("direct", {}).get(1)
     if direct1:
         lines.append("")
@@ -474,7 +480,7 @@ def phase_throughput(args: argparse.Namespace, workdir: Path, servers: list[Serv
     servers.append(upstream)
     report["direct_upstream"] = upstream.name
     targets: dict[str, Server] = {"direct": upstream}
-    for name in ("httpx", "aiohttp"):
+    for name in ("httpx", "aiohttp", "wire"):
         targets[f"bare-{name}"] = s = _bare(name, upstream, workdir)
         servers.append(s)
     for transport in args.transports:
