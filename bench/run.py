@@ -325,7 +325,9 @@ def sanity(url: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- asyncio clients (run pinned to CPU 1)
 
-async def _stream_client(url: str, conc: int, per_worker: int, budget: float) -> dict[str, Any]:
+async def _stream_client(url: str, conc: int, per_worker: int, budget: float, stagger: float = 0.0) -> dict[str, Any]:
+    """`stagger` > 0: worker i starts i/conc of that many seconds late, so requests arrive spread
+    out (steady traffic) instead of all together (a burst that then repeats in lockstep)."""
     import aiohttp
 
     ttfc: list[float] = []
@@ -358,8 +360,9 @@ async def _stream_client(url: str, conc: int, per_worker: int, budget: float) ->
         gaps.extend((b - a) * 1000 for a, b in zip(deltas, deltas[1:]))
         totals.append((time.perf_counter() - t0) * 1000)
 
-    async def worker(session: aiohttp.ClientSession) -> None:
+    async def worker(session: aiohttp.ClientSession, i: int) -> None:
         nonlocal errors
+        await asyncio.sleep(stagger * i / conc)
         for _ in range(per_worker):
             try:
                 await one(session)
@@ -371,7 +374,7 @@ async def _stream_client(url: str, conc: int, per_worker: int, budget: float) ->
         await one(session)  # warm-up, not counted
         ttfc.clear(), gaps.clear(), totals.clear()
         async with asyncio.timeout(budget):
-            await asyncio.gather(*(worker(session) for _ in range(conc)))
+            await asyncio.gather(*(worker(session, i) for i in range(conc)))
     return {"streams": len(ttfc), "errors": errors, "ttfc_ms": ttfc, "gap_ms": gaps, "total_ms": totals}
 
 
@@ -398,7 +401,7 @@ async def _mixed_client(url: str, conc: int, count: int, budget: float) -> dict[
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc),
                                      timeout=aiohttp.ClientTimeout(total=30)) as session:
         async with asyncio.timeout(budget):
-            await asyncio.gather(*(worker(session) for _ in range(conc)))
+            await asyncio.gather(*(worker(session, i) for i in range(conc)))
     return {"done": done, "errors": errors}
 
 
@@ -460,7 +463,15 @@ def throughput_table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def stream_table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
+def STREAM_CELLS(streams: int) -> list[tuple[str, int, int, float]]:  # noqa: N802 - a table, not logic
+    """(label, concurrency, streams per worker, stagger s): c=16 both as a burst (all 16 start
+    together and stay in lockstep: TTFC then includes queueing behind the other 15 starts) and
+    staggered over one stream's duration (16 in flight, arrivals spread out as in steady traffic)."""
+    per = max(1, streams // 4)
+    return [("1", 1, streams, 0.0), ("16", 16, per, 0.0), ("16 staggered", 16, per, STREAM_CHUNKS * STREAM_INTERVAL_MS / 1000)]
+
+
+def stream_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines = [f"| target | c | streams | errors | TTFC p50 ms | TTFC p99 ms | gap p50 ms | gap p99 ms | "
              f"added TTFC p50 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for target, by_c in results.items():
@@ -541,9 +552,10 @@ def phase_streaming(args: argparse.Namespace, workdir: Path, servers: list[Serve
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for name, server in targets.items():
         results[name] = {}
-        for conc, per_worker in ((1, args.streams), (16, max(1, args.streams // 4))):
-            results[name][conc] = r = client_subprocess("stream-client", server.url, conc, per_worker, budget=120)
-            print(f"  {name:24} c={conc:<3} streams {r['streams']}  TTFC p50 {fmt(pct(r['ttfc_ms'], 50))} ms  "
+        for label, conc, per_worker, stagger in STREAM_CELLS(args.streams):
+            results[name][label] = r = client_subprocess("stream-client", server.url, conc, per_worker, stagger,
+                                                         budget=120)
+            print(f"  {name:24} c={label:<12} streams {r['streams']}  TTFC p50 {fmt(pct(r['ttfc_ms'], 50))} ms  "
                   f"gap p50 {fmt(pct(r['gap_ms'], 50))} p99 {fmt(pct(r['gap_ms'], 99))} ms", file=sys.stderr, flush=True)
     report["streaming"] = {t: {str(c): {"streams": r["streams"], "errors": r["errors"],
                                         **{f"{k}_p{q}": pct(r[k], q) for k in ("ttfc_ms", "gap_ms", "total_ms")
@@ -660,8 +672,9 @@ if __name__ == "__main__":
         sys.path.insert(0, str(ROOT))
         _serve_gateway_httpx_aiohttp(sys.argv[2], int(sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "--_stream-client":
-        url, conc, per, budget = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
-        print(json.dumps(asyncio.run(_stream_client(url, conc, per, budget))))
+        url, conc, per, stagger, budget = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), \
+            float(sys.argv[6])
+        print(json.dumps(asyncio.run(_stream_client(url, conc, per, budget, stagger))))
     elif len(sys.argv) > 1 and sys.argv[1] == "--_mixed-client":
         url, conc, count, budget = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
         print(json.dumps(asyncio.run(_mixed_client(url, conc, count, budget))))
