@@ -14,28 +14,33 @@ Contract:
   carry the family's rate-limit headers and IETF `RateLimit-Policy` / `RateLimit` for the most
   constraining scope.
 - Redis down: `state.on_redis_error` = local (in-memory, limits / replicas), open, or closed (503).
+- Per request only the member id, the estimate and the reply are new: the scopes, their encoded keys
+  and default limits, and the settlement keys are built once per (key policy, model, candidate set).
 """
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import math
-import uuid
+import os
 from typing import Any
 
 import structlog
 
 from config.models import Config, Deployment
-from proxy.context import RequestContext, get_context
+from proxy.context import Principal, RequestContext, get_context
 from proxy.errors import GatewayError
 from proxy.local_limits import LocalLimiter
 from proxy.runtime import Runtime
 from proxy.health import PROBE_LOCK_MS, health_key, probe_key
-from proxy.state import StoreUnavailable, concurrency_key, counter_keys, done_key, limits_key
+from proxy.state import Prepared, StoreUnavailable, concurrency_key, counter_keys, done_key, limits_key
 
 log = structlog.get_logger("llm_gateway.ratelimit")
 SETTLE_EVERY = 0.005
 _STAT = 7
+_MAX_PLANS = 4096
+Scope = tuple[str, "int | None", "int | None"]  # name, default rpm, default tpm
 
 
 def _limit(value: int | None) -> int:
@@ -52,9 +57,40 @@ def _scope_keys(scope: str, deployment: bool) -> tuple[bytes, ...]:
     return tuple(n.encode() for n in names)
 
 
-@functools.lru_cache(maxsize=4096)
-def _limit_arg(value: int | None) -> bytes:
-    return str(-1 if value is None else value).encode()
+def _settle_keys(scope: str) -> tuple[bytes, bytes]:
+    """What reconcile.lua touches in one scope: its token TAT and its live-limit hash."""
+    return _scope_keys(scope, False)[1:3]
+
+
+def _encode(common: list[Scope], candidates: list[Scope], conc_key: str | None) -> tuple[list[bytes], list[bytes]]:
+    """reserve.lua's KEYS and the per-scope tail of its ARGV (see the script's header)."""
+    keys: list[bytes] = [k for name, _, _ in common for k in _scope_keys(name, False)]
+    keys += [k for name, _, _ in candidates for k in _scope_keys(name, True)]
+    if conc_key:
+        keys.append(conc_key.encode())
+    return keys, [str(_limit(v)).encode() for _, rpm, tpm in common + candidates for v in (rpm, tpm)]
+
+
+class _Plan:
+    """A request's scopes (all common ones must admit; the first admitting candidate is reserved) and
+    everything derived from them. Built once per (key policy, model, candidate set), then shared."""
+
+    __slots__ = ("common", "candidates", "names", "call", "conc", "conc_key", "settle_keys", "settle_limits")
+
+    def __init__(self, global_limits: tuple[int | None, int | None], providers: dict[str, Any],
+                 p: Principal | None, model: str | None, deployments: tuple[str, ...]) -> None:
+        self.common: list[Scope] = [("global", *global_limits)]
+        if p is not None:
+            self.common.append((f"key:{p.key_id}", p.rpm, p.tpm))
+        if model:
+            self.common.append((f"model:{model}", None, None))
+        self.candidates: list[Scope] = [(f"provider:{d}", *providers.get(d, (None, None))) for d in deployments]
+        self.conc = p.max_concurrent if p is not None else None
+        self.conc_key = concurrency_key(p.key_id) if self.conc and p is not None else None
+        self.names = [name for name, _, _ in self.common + self.candidates]  # reply rows name scopes by position
+        self.call = Prepared(*_encode(self.common, self.candidates, self.conc_key))  # KEYS, ARGV tail: packed once
+        self.settle_keys = [k for name, _, _ in self.common for k in _settle_keys(name)]
+        self.settle_limits = [_limit(tpm) for _, _, tpm in self.common]
 
 
 class RateLimitMiddleware:
@@ -63,6 +99,7 @@ class RateLimitMiddleware:
         self.runtime = deps
         self.mode = config.state.on_redis_error
         self.timeout = config.gateway.timeout
+        self.lease_ms = int(self.timeout * 1000) + 60000  # a concurrency slot outlives the longest request
         g = config.gateway.rate_limit
         self.global_limits = (g.requests_per_minute, g.tokens_per_minute)
         self.providers = {d.name: (d.rate_limit.requests_per_minute, d.rate_limit.tokens_per_minute)
@@ -73,20 +110,28 @@ class RateLimitMiddleware:
         self.nothing_configured = g.is_empty() and all(d.rate_limit.is_empty() for d in config.providers) \
             and all(k.rate_limit.is_empty() and not k.max_concurrent for k in config.auth.keys)
         self.seen_limits: dict[str, tuple[int, int]] = {}  # scope -> effective limits last seen (for change logs)
+        self.plans: dict[tuple[Any, ...], _Plan] = {}
+        # Member ids, unique per reservation across replicas without a random draw per request: a
+        # random prefix per process, then a counter (after the request id, for operators).
+        self.member_prefix = os.urandom(6).hex()
+        self.member_seq = itertools.count()
         # Settlements are batched (process-wide, like a pool): one pipelined round trip per
         # SETTLE_EVERY seconds instead of one per request.
         self.settlements: list[tuple[list[Any], list[Any]]] = []
         self.flusher: asyncio.Task[None] | None = None
 
-    def scopes(self, ctx: RequestContext) -> tuple[list[tuple[str, int | None, int | None]], list[tuple[str, int | None, int | None]]]:
-        p = ctx.principal
-        common = [("global", *self.global_limits)]
-        if p is not None:
-            common.append((f"key:{p.key_id}", p.rpm, p.tpm))
-        if ctx.model:
-            common.append((f"model:{ctx.model}", None, None))
-        candidates = [(f"provider:{d.name}", *self.providers.get(d.name, (None, None))) for d in ctx.candidates]
-        return common, candidates
+    def plan(self, ctx: RequestContext) -> _Plan:
+        p, names = ctx.principal, tuple([d.name for d in ctx.candidates])
+        key = (p and (p.key_id, p.rpm, p.tpm, p.max_concurrent), ctx.model, names)
+        plan = self.plans.get(key)
+        if plan is None:
+            if len(self.plans) >= _MAX_PLANS:  # many managed keys or models: start over, never grow unbounded
+                self.plans.clear()
+            plan = self.plans[key] = _Plan(self.global_limits, self.providers, p, ctx.model, names)
+        return plan
+
+    def _member(self, ctx: RequestContext) -> str:
+        return f"{ctx.request_id}:{self.member_prefix}{next(self.member_seq):x}"
 
     def _unlimited(self, ctx: RequestContext) -> bool:
         store = self.runtime.store
@@ -102,52 +147,37 @@ class RateLimitMiddleware:
         if ctx.model_list or self._unlimited(ctx):
             await self.app(scope, receive, send)
             return
-        common, candidates = self.scopes(ctx)
-        member = f"{ctx.request_id}:{uuid.uuid4().hex[:12]}"
-        conc = ctx.principal.max_concurrent if ctx.principal else None
-        conc_key = concurrency_key(ctx.principal.key_id) if conc and ctx.principal else None
-        headers = await self._reserve(ctx, common, candidates, member, conc, conc_key)
+        plan = self.plan(ctx)
+        member = self._member(ctx)
+        headers = await self._reserve(ctx, plan, member)
 
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start" and headers:
-                message = {**message, "headers": list(message.get("headers", [])) + headers}
+                message = {**message, "headers": [*message.get("headers", ()), *headers]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
+            ctx.admit_deployment = None  # it holds ctx: without this, every context would wait for the GC
             try:
-                self._settle(ctx, common, candidates, member, conc_key)  # queues; the I/O is batched
+                self._settle(ctx, plan, member)  # queues; the I/O is batched
             except Exception:  # noqa: BLE001 - settling must never hurt a finished request
                 log.exception("settle_failed", request_id=ctx.request_id)
 
-    def _keys_args(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
-                   conc: int | None, conc_key: str | None) -> tuple[list[bytes], list[Any]]:
-        keys: list[bytes] = []
-        args: list[Any] = [member, ctx.estimated_tokens, len(common), conc or 0,
-                           int(self.timeout * 1000) + 60000, PROBE_LOCK_MS]
-        for name, rpm, tpm in common:
-            keys.extend(_scope_keys(name, False))
-            args.extend((_limit_arg(rpm), _limit_arg(tpm)))
-        for name, rpm, tpm in candidates:
-            keys.extend(_scope_keys(name, True))
-            args.extend((_limit_arg(rpm), _limit_arg(tpm)))
-        if conc_key:
-            keys.append(conc_key.encode())
-        return keys, args
+    def _head(self, ctx: RequestContext, member: str, common: int, conc: int | None) -> list[Any]:
+        """reserve.lua's ARGV up to the per-scope limits: member, estimate, number of common scopes,
+        max concurrent, concurrency lease ms, probe lock ms."""
+        return [member, ctx.estimated_tokens, common, conc or 0, self.lease_ms, PROBE_LOCK_MS]
 
-    async def _reserve(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
-                       conc: int | None, conc_key: str | None) -> list[tuple[bytes, bytes]]:
-        keys, args = self._keys_args(ctx, common, candidates, member, conc, conc_key)
+    async def _reserve(self, ctx: RequestContext, plan: _Plan, member: str) -> list[tuple[bytes, bytes]]:
+        common, candidates = plan.common, plan.candidates
         try:
-            reply = await self.runtime.store.script("reserve", keys, args)
+            reply = await self.runtime.store.script("reserve", plan.call, self._head(ctx, member, len(common), plan.conc))
         except StoreUnavailable:
-            return self._fallback(ctx, common, candidates, member, conc, conc_key)
+            return self._fallback(ctx, common, candidates, member, plan.conc, plan.conc_key)
         admitted, chosen, retry_ms, marker = int(reply[0]), int(reply[1]), int(reply[2]), int(reply[4])
-        stats = [int(v) for v in reply[6:]]
-        rows = [stats[i:i + _STAT] for i in range(0, len(stats) - _STAT + 1, _STAT)]
-        everything = common + candidates
-        headers = self._headers(ctx, rows, everything)
+        headers = self._headers(ctx, reply, plan.names)
         if not admitted and marker == -4:
             raise GatewayError("upstream_unavailable", "no deployment for this model can serve right now",
                                retry_after=retry_ms / 1000.0, headers={"retry-after": str(max(1, math.ceil(retry_ms / 1000)))})
@@ -167,11 +197,11 @@ class RateLimitMiddleware:
 
         async def admit(deps: list[Deployment]) -> Deployment | None:
             candidates = [(f"provider:{d.name}", *self.providers.get(d.name, (None, None))) for d in deps]
-            member = f"{ctx.request_id}:{uuid.uuid4().hex[:12]}"
+            member = self._member(ctx)
             if ctx.reservation and ctx.reservation.get("store") == "redis":
-                keys, args = self._keys_args(ctx, [], candidates, member, None, None)
+                keys, limits = _encode([], candidates, None)
                 try:
-                    reply = await self.runtime.store.script("reserve", keys, args)
+                    reply = await self.runtime.store.script("reserve", keys, [*self._head(ctx, member, 0, None), *limits])
                 except StoreUnavailable:
                     reply = None
                 if reply is not None:
@@ -228,25 +258,26 @@ class RateLimitMiddleware:
                             f"Rate limit exceeded: {reason}. Retry after {seconds}s.",
                             headers=extra, retry_after=retry, detail="requests")
 
-    def _headers(self, ctx: RequestContext, rows: list[list[int]], scopes: list[Any]) -> list[tuple[bytes, bytes]]:
+    def _headers(self, ctx: RequestContext, reply: list[Any], names: list[str]) -> list[tuple[bytes, bytes]]:
+        """The most constraining scope's figures from the reply's stats rows (7 numbers per checked scope)."""
         best_req = best_tok = None
-        for row in rows:
-            _, rpm, rem_r, reset_r, tpm, rem_t, reset_t = row
-            name = scopes[row[0] - 1][0]
-            seen = self.seen_limits.get(name)
-            if seen != (rpm, tpm):
-                self.seen_limits[name] = (rpm, tpm)
+        seen_limits = self.seen_limits
+        for i in range(6, len(reply) - _STAT + 1, _STAT):
+            index, rpm, rem_r, reset_r, tpm, rem_t, reset_t = reply[i:i + _STAT]  # Lua numbers: ints
+            name = names[index - 1]
+            seen = seen_limits.get(name)
+            if seen is None or seen[0] != rpm or seen[1] != tpm:
+                seen_limits[name] = (rpm, tpm)
                 if seen is not None:  # a live change (CLI, admin API or redis-cli) reached this replica
                     log.info("limit_applied", scope=name, requests_per_minute=rpm, tokens_per_minute=tpm,
                              previous_requests_per_minute=seen[0], previous_tokens_per_minute=seen[1])
             if rpm > 0 and (best_req is None or rem_r / rpm < best_req[1] / best_req[0]):
-                best_req = (rpm, rem_r, reset_r, scopes[row[0] - 1][0])
+                best_req = (rpm, rem_r, reset_r, name)
             if tpm > 0 and (best_tok is None or rem_t / tpm < best_tok[1] / best_tok[0]):
-                best_tok = (tpm, rem_t, reset_t, scopes[row[0] - 1][0])
+                best_tok = (tpm, rem_t, reset_t, name)
         return ctx.adapter.rate_limit_headers(best_req, best_tok)
 
-    def _settle(self, ctx: RequestContext, common: list[Any], candidates: list[Any], member: str,
-                      conc_key: str | None) -> None:
+    def _settle(self, ctx: RequestContext, plan: _Plan, member: str) -> None:
         res = ctx.reservation
         if not res:
             return
@@ -258,43 +289,52 @@ class RateLimitMiddleware:
         else:
             delta = -est  # nothing was generated
         final = ctx.deployment.name if ctx.deployment else None
-        final_scope = [(f"provider:{final}", self.providers.get(final, (None, None))[1])] \
-            if final in res["deployments"] else []
-        groups = [(delta, [(name, tpm) for name, _, tpm in common] + final_scope)]
-        failed = [d for d in res["deployments"] if d != final]
-        if failed:  # attempts that failed over generated nothing: give their tokens back
-            groups.append((-est, [(f"provider:{d}", self.providers.get(d, (None, None))[1]) for d in failed]))
-        for i, (amount, token_scopes) in enumerate(groups):
-            # Nothing to settle without a token limit in play (a live one could exist: only when
-            # the deployment has Redis, where live hashes are read by the script, do we still call).
-            if not (i == 0 and conc_key) and (not token_scopes or (
-                    res["store"] == "local" and all(tpm is None for _, tpm in token_scopes))):
-                continue
-            if res["store"] == "local":
-                self.local.settle(token_scopes, amount, member, conc_key if i == 0 else None, estimate=est)
-                continue
-            tag = member if i == 0 else f"{member}:failed"
-            keys = [done_key(tag), (conc_key if i == 0 else None) or done_key(tag)]
-            args: list[Any] = [member, amount]
-            for name, tpm in token_scopes:
-                keys.extend((counter_keys(name)[1], limits_key(name)))
-                args.append(_limit(tpm))
-            args.append(est)  # last: each scope is settled against the min(estimate, tpm) it was charged
-            self.settlements.append((keys, args))
-        if self.settlements and (self.flusher is None or self.flusher.done()):
+        final = final if final in res["deployments"] else None
+        failed = [d for d in res["deployments"] if d != final]  # attempts that failed over generated nothing
+        if res["store"] == "local":
+            scopes = [(name, tpm) for name, _, tpm in plan.common] + [(f"provider:{d}", self._tpm(d)) for d in (final,) if d]
+            self.local.settle(scopes, delta, member, plan.conc_key, estimate=est)
+            if failed:
+                self.local.settle([(f"provider:{d}", self._tpm(d)) for d in failed], -est, member, None, estimate=est)
+            return
+        self._queue(member, member, plan.conc_key, delta, plan.settle_keys, plan.settle_limits, [final] if final else [], est)
+        if failed:  # refunded under their own marker, so each part settles once
+            self._queue(f"{member}:failed", member, None, -est, [], [], failed, est)
+        if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.ensure_future(self._flush())
 
+    def _tpm(self, deployment: str) -> int | None:
+        return self.providers.get(deployment, (None, None))[1]
+
+    def _queue(self, tag: str, member: str, conc_key: str | None, amount: int, keys: list[bytes], limits: list[int],
+               deployments: list[str], est: int) -> None:
+        """One reconcile.lua call (see its header) for the next batch."""
+        done = done_key(tag)
+        keys = [done, conc_key or done, *keys]
+        args: list[Any] = [member, amount, *limits]
+        for name in deployments:
+            keys.extend(_settle_keys(f"provider:{name}"))
+            args.append(_limit(self._tpm(name)))
+        args.append(est)  # last: each scope is settled against the min(estimate, tpm) it was charged
+        self.settlements.append((keys, args))
+
     async def _flush(self) -> None:
-        """Settle every finished request of the last few milliseconds in one pipelined round trip."""
-        await asyncio.sleep(SETTLE_EVERY)
-        while self.settlements:
-            batch, self.settlements = self.settlements[:500], self.settlements[500:]
-            try:
-                replies = await self.runtime.store.script_many("reconcile", batch)
-                failed = [r for r in replies if isinstance(r, Exception)]
-                if failed:
-                    log.warning("reconcile_failed", count=len(failed), error=type(failed[0]).__name__)
-            except StoreUnavailable:
-                log.warning("reconcile_skipped", count=len(batch), reason="store unavailable")
-            except Exception:  # noqa: BLE001 - reconciling must never hurt a finished request
-                log.exception("reconcile_failed", count=len(batch))
+        """Every SETTLE_EVERY seconds while requests finish: all their settlements in one pipelined
+        round trip. What finishes during a round trip waits for the next tick, so a slow Redis
+        means bigger batches, never more round trips."""
+        while True:
+            await asyncio.sleep(SETTLE_EVERY)
+            queued, self.settlements = self.settlements, []
+            if not queued:
+                return
+            for start in range(0, len(queued), 500):
+                batch = queued[start:start + 500]
+                try:
+                    replies = await self.runtime.store.script_many("reconcile", batch)
+                    failed = [r for r in replies if isinstance(r, Exception)]
+                    if failed:
+                        log.warning("reconcile_failed", count=len(failed), error=type(failed[0]).__name__)
+                except StoreUnavailable:
+                    log.warning("reconcile_skipped", count=len(batch), reason="store unavailable")
+                except Exception:  # noqa: BLE001 - reconciling must never hurt a finished request
+                    log.exception("reconcile_failed", count=len(batch))

@@ -3,33 +3,44 @@
 Contract:
 - `Store(config)` connects lazily to `state.redis_url`; with no URL it runs the same Lua scripts in
   process on fakeredis (with lupa), on the same code path.
+- The hot path (`script`, `script_many`: the Lua scripts) goes through `proxy/redis_wire.py`, one
+  auto-pipelined connection shared by every caller; everything else (admin, live limits, usage,
+  keys, health figures) through redis-py in `call`. NOSCRIPT after a flush, restart or failover is
+  transparent on both (EVAL resend / redis-py's `Script`); no other call is ever resent.
 - Every call has its own deadline (`state.redis_timeout`, plus the measured event-loop lag). A reply
   already on the socket when the deadline fires still counts, so a burst on this process is not
-  mistaken for a slow Redis. NOSCRIPT after a flush, restart or failover is handled by redis-py's
-  `Script` (it reloads and retries).
-- A local breaker opens on a connection error or `MISSES_TO_OPEN` consecutive deadline misses
-  (never on one slow reply) and lets one probe through per `PROBE_INTERVAL` until Redis answers.
-  While it is open, calls raise `StoreUnavailable` at once and callers apply `state.on_redis_error`.
+  mistaken for a slow Redis.
+- A local breaker opens on a connection error (or a LOADING / READONLY / MASTERDOWN reply) or
+  `MISSES_TO_OPEN` consecutive deadline misses (never on one slow reply); opening it drops the hot
+  connection, and one probe per `PROBE_INTERVAL` reconnects until Redis answers. While it is open,
+  calls raise `StoreUnavailable` at once and callers apply `state.on_redis_error`.
 - Every key shares the hash tag `{llmgw}` so scripts work on Redis Cluster; every key has a TTL
   except the live-limit hashes that ops own.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from importlib import resources
 from typing import Any
 
+import redis.exceptions as rex
 import structlog
 
 from config.models import Config
 from proxy.observer import Observer
+from proxy.redis_wire import Prepared, RedisWire, WireError, WireTimeout
 
 log = structlog.get_logger("llm_gateway.state")
 TAG = "{llmgw}"
 MISSES_TO_OPEN = 3
 PROBE_INTERVAL = 1.0
 LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute")
+SCRIPTS = ("reserve", "reconcile", "health")
+# Error replies that mean "this server cannot serve the scripts now" (loading its dataset, a replica
+# after a failover, no master): like a lost connection, not like a bug in the call.
+UNAVAILABLE_REPLIES = ("LOADING", "READONLY", "MASTERDOWN")
 
 
 def limits_key(scope: str) -> str:
@@ -61,6 +72,7 @@ class Store:
         self.embedded = not self.url
         self._client: Any = None
         self._scripts: dict[str, Any] = {}
+        self._wire: RedisWire | None = None
         self._misses = 0
         self._open_until = 0.0
         self.degraded = False
@@ -90,10 +102,16 @@ class Store:
                     self.url, socket_connect_timeout=None, socket_timeout=None,
                     health_check_interval=0, max_connections=256, retry=Retry(NoBackoff(), 0),
                     retry_on_timeout=False)
-            for name in ("reserve", "reconcile", "health"):
-                source = resources.files("proxy").joinpath("lua", f"{name}.lua").read_text()
+            for name, source in _sources().items():
                 self._scripts[name] = self._client.register_script(source)
         return self._client
+
+    @property
+    def wire(self) -> RedisWire:
+        """The hot path's pipelined connection (connects on first use)."""
+        if self._wire is None:
+            self._wire = RedisWire(self.url, _sources(), lag=lambda: self.loop_lag)
+        return self._wire
 
     async def _watch_lag(self) -> None:
         loop = asyncio.get_running_loop()
@@ -119,18 +137,40 @@ class Store:
     def _trip(self, reason: str) -> None:
         self._open_until = time.monotonic() + PROBE_INTERVAL
         self._set_degraded(True, reason)
+        if self._wire is not None:  # a connection that stopped answering may be dead: the probe reconnects
+            self._wire.reset(f"breaker opened: {reason}")
 
-    async def call(self, op: Any, *, deadline: float | None = None) -> Any:
-        """Run one Redis operation under the deadline and the breaker."""
-        if self.embedded:  # in process: nothing to wait for, nothing that can hang
-            return await op(self.client)
+    def _enter(self) -> None:
+        """Before any Redis call: the lag watcher runs, and the breaker lets the call through or not."""
         if self._lag_task is None or self._lag_task.done():
             self._lag_task = asyncio.ensure_future(self._watch_lag())
-        now = time.monotonic()
-        if self._open_until > now:
-            raise StoreUnavailable("breaker open")
-        if self._open_until:  # half-open: this call is the probe; others fail fast meanwhile
-            self._open_until = now + PROBE_INTERVAL
+        if self._open_until:
+            now = time.monotonic()
+            if self._open_until > now:
+                raise StoreUnavailable("breaker open")
+            self._open_until = now + PROBE_INTERVAL  # half-open: this call is the probe; others fail fast
+
+    def _answered(self, started: float) -> None:
+        self.observer.redis_call(time.perf_counter() - started, True)
+        if self._misses or self._open_until or self.degraded:
+            self._misses = 0
+            self._open_until = 0.0
+            self._set_degraded(False)
+
+    def _unanswered(self, exc: Exception, started: float) -> StoreUnavailable:
+        """A hot-path call without a reply, or with one that says the server cannot serve now."""
+        if isinstance(exc, WireTimeout):
+            self._miss()
+            return StoreUnavailable("deadline exceeded")
+        self.observer.redis_call(time.perf_counter() - started, False)
+        self._trip(str(exc))
+        return StoreUnavailable(str(exc))
+
+    async def call(self, op: Any, *, deadline: float | None = None) -> Any:
+        """Run one redis-py operation under the deadline and the breaker (everything but the scripts)."""
+        if self.embedded:  # in process: nothing to wait for, nothing that can hang
+            return await op(self.client)
+        self._enter()
         task = asyncio.ensure_future(op(self.client))
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -159,38 +199,69 @@ class Store:
         except StoreUnavailable:
             raise
         except Exception as exc:
-            if _is_timeout(exc):  # e.g. connecting under a local burst: a miss, not a dead Redis
+            if isinstance(exc, (rex.TimeoutError, TimeoutError)):  # e.g. connecting under a local burst: a miss
                 self._miss()
                 raise StoreUnavailable(type(exc).__name__) from None
-            if isinstance(exc, (OSError, ConnectionError)) or _is_connection_error(exc):
+            if isinstance(exc, (OSError, ConnectionError, rex.ConnectionError, rex.BusyLoadingError)):
                 self.observer.redis_call(time.perf_counter() - started, False)
                 self._trip(type(exc).__name__)
                 raise StoreUnavailable(type(exc).__name__) from None
             raise
-        self.observer.redis_call(time.perf_counter() - started, True)
-        self._misses = 0
-        self._open_until = 0.0
-        self._set_degraded(False)
+        self._answered(started)
         return result
 
-    async def script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        self.client  # noqa: B018 - registers the scripts on first use
-        script = self._scripts[name]
-        return await self.call(lambda client: script(keys=keys, args=args, client=client))
+    async def script(self, name: str, keys: list[Any] | Prepared, args: list[Any]) -> Any:
+        """One Lua script call: its reply, or `StoreUnavailable`; an error reply is raised as such.
+        With a `Prepared`, the script's ARGV is `args` followed by the prepared trailing arguments."""
+        if self.embedded:
+            if isinstance(keys, Prepared):
+                keys, args = keys.keys, [*args, *keys.tail]
+            script = self._embedded_script(name)
+            return await script(keys=keys, args=args, client=self.client)
+        self._enter()
+        started = time.perf_counter()
+        try:
+            reply = await self.wire.script(name, keys, args, self.timeout)
+        except WireError as exc:
+            raise self._unanswered(exc, started) from None
+        if type(reply) is rex.ResponseError:
+            if str(reply).startswith(UNAVAILABLE_REPLIES):
+                raise self._unanswered(reply, started)
+            raise reply
+        self._answered(started)
+        return reply
 
     async def script_many(self, name: str, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
-        """Several calls of one script in one pipeline: one round trip (plus a SCRIPT EXISTS check
-        that also makes NOSCRIPT impossible). Each reply is a value or the exception of that call."""
-        self.client  # noqa: B018 - registers the scripts on first use
-        script = self._scripts[name]
-
-        async def op(client: Any) -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
+        """Several calls of one script in one write (one round trip). Each reply is a value or the
+        `ResponseError` of that call; no reply at all is `StoreUnavailable` for the whole batch."""
+        if self.embedded:
+            script = self._embedded_script(name)
+            async with self.client.pipeline(transaction=False) as pipe:
                 for keys, args in calls:
                     await script(keys=keys, args=args, client=pipe)
-                return await pipe.execute(raise_on_error=False)
+                return list(await pipe.execute(raise_on_error=False))
+        self._enter()
+        started = time.perf_counter()
+        wire = self.wire
+        timeout = max(self.timeout, 1.0)
+        futures = [wire.script(name, keys, args, timeout) for keys, args in calls]
+        try:
+            for fut in reversed(futures):  # FIFO: once the last is answered, the others are (bar resends)
+                await fut
+            replies = [fut.result() for fut in futures]
+        except BaseException as exc:
+            for fut in futures:  # nobody waits for the rest: their replies are dropped on arrival
+                if not fut.cancel() and not fut.cancelled():
+                    fut.exception()  # retrieved: no "never retrieved" warning
+            if isinstance(exc, WireError):
+                raise self._unanswered(exc, started) from None
+            raise
+        self._answered(started)
+        return replies
 
-        return await self.call(op, deadline=max(self.timeout, 1.0))
+    def _embedded_script(self, name: str) -> Any:
+        self.client  # noqa: B018 - registers the scripts on first use
+        return self._scripts[name]
 
     # --- live limits (ops-owned hashes) and usage -----------------------------------------------
     def _admin_deadline(self) -> float:
@@ -243,18 +314,15 @@ class Store:
         if self._lag_task is not None:
             self._lag_task.cancel()
             self._lag_task = None
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
 
 
-def _is_timeout(exc: Exception) -> bool:
-    import redis.exceptions as rex
+@functools.lru_cache(maxsize=1)
+def _sources() -> dict[str, str]:
+    return {name: resources.files("proxy").joinpath("lua", f"{name}.lua").read_text() for name in SCRIPTS}
 
-    return isinstance(exc, (rex.TimeoutError, TimeoutError))
-
-
-def _is_connection_error(exc: Exception) -> bool:
-    import redis.exceptions as rex
-
-    return isinstance(exc, (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError))
