@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/telemetry.py [--duration 10] [--rounds 3] [--concurrency 16] [--transport aiohttp]
                                         [--protocol http/protobuf|grpc]
+    .venv/bin/python bench/telemetry.py --inprocess [--requests 50000]
 
 - off:        metrics off, tracing off, no OTLP (access log on, as in bench/run.py)
 - on:         metrics on (prefix llm_gateway), tracing on at sample_rate 1.0, OTLP (`--protocol`,
@@ -13,6 +14,13 @@ wrk and the sink on CPU 1 (as bench/run.py). Each round runs every target once, 
 hits all of them alike; the table shows medians. Target: on >= 90% of off's throughput. On a noisy
 machine the CPU time per request (`off CPU / CPU`: the throughput ratio a CPU-bound gateway would
 see) is the steadier figure.
+
+`--inprocess` measures the telemetry alone, in this process, pinned to the server CPU: the CPU
+microseconds a request of the observer's hooks (one request, one attempt, with usage) with metrics
+only, tracing only and both, the latter including the export of every span (encoding and OTLP/HTTP to
+the local sink, flushed every 500 requests so nothing is dropped), and of one access-log line
+written to a file. It does not see the rest of the gateway, so it is the steadier figure for
+telemetry changes on a shared machine.
 """
 from __future__ import annotations
 
@@ -119,6 +127,104 @@ def black_hole() -> tuple[socket.socket, int]:
     return server, server.getsockname()[1]
 
 
+INPROCESS_CONFIG = """
+auth:
+  keys:
+    - {id: bench, sha256: "%s", metadata: {team: search}}
+providers:
+  openai: {type: openai, base_url: "http://127.0.0.1:9/v1", api_key: sk-bench}
+monitoring:
+  metrics: {enabled: %s, prefix: llm_gateway}
+  tracing: {enabled: %s, sample_rate: 1.0}
+  otel: {endpoint: "%s", protocol: http/protobuf}
+"""
+
+
+def inprocess(requests: int) -> dict[str, float]:
+    """CPU us a request of each telemetry piece (see the module docstring), best of three runs."""
+    import asyncio
+    import os
+
+    sys.path.insert(0, str(bench.ROOT))
+    from config import parse_config
+    from middlewares.telemetry import _log
+    from proxy.context import Principal, RequestContext
+    from proxy.logs import access_logger, configure_logging
+    from proxy.observability import GatewayObserver
+    from proxy.observer import Observer
+
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(bench.SERVER_CPU)})
+    principal = Principal("bench", metadata={"team": "search"})
+
+    def one(observer: Any, dep: Any) -> RequestContext:
+        ctx = RequestContext(request_id="gw-0123456789abcdef", family="openai", adapter=None,  # type: ignore[arg-type]
+                             method="POST", path="/v1/chat/completions", query="",
+                             headers=[(b"host", b"gw"), (b"content-type", b"application/json")])
+        ctx.principal, ctx.model, ctx.operation = principal, bench.MODEL, "chat"
+        ctx.deployment, ctx.candidates = dep, [dep]
+        handle = observer.request_start(ctx, {})
+        attempt = observer.attempt_start(ctx, dep, "http://upstream/v1/chat/completions", [("content-type", "x")])
+        ctx.attempts, ctx.committed, ctx.status, ctx.upstream_seconds = 1, True, 200, 0.003
+        ctx.tried.append(dep.name)
+        ctx.usage.input_tokens, ctx.usage.output_tokens, ctx.usage.cached_tokens = 16, 8, 0
+        observer.attempt_end(ctx, dep, attempt, 200, None)
+        observer.request_end(ctx, handle, 200, "ok")
+        return ctx
+
+    def cpu(observer: Any, dep: Any, n: int) -> float:
+        best = float("inf")
+        for _ in range(3):
+            started = time.process_time()
+            for i in range(n):
+                one(observer, dep)
+                if i % 500 == 499 and hasattr(observer, "flush"):
+                    observer.flush()  # the export of these spans is part of their cost
+            if hasattr(observer, "flush"):
+                observer.flush()
+            best = min(best, time.process_time() - started)
+        return best / n * 1e6
+
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="llm-gw-bench-telemetry-") as tmp:
+        workdir = Path(tmp)
+        port = bench.free_port()
+        (workdir / "sink.py").write_text(SINK)
+        sink = bench.Server("otlp-sink", [bench.PY, str(workdir / "sink.py"), str(port)], port, workdir,
+                            cpu=bench.CLIENT_CPU)
+        try:
+            variants = {"metrics": ("true", "false"), "tracing + export": ("false", "true"),
+                        "metrics + tracing + export": ("true", "true")}
+            base_cfg = parse_config(INPROCESS_CONFIG % ("0" * 64, "false", "false", ""), "bench.yaml", {})
+            dep = base_cfg.providers[0]
+            cpu(Observer(), dep, 2000)
+            base = cpu(Observer(), dep, requests)  # the request context itself
+            for name, (metrics, tracing) in variants.items():
+                cfg = parse_config(INPROCESS_CONFIG % ("0" * 64, metrics, tracing, f"http://127.0.0.1:{port}"),
+                                   "bench.yaml", {})
+                observer = GatewayObserver(cfg)
+                cpu(observer, dep, 2000)
+                results[name] = cpu(observer, dep, requests) - base
+                asyncio.run(observer.aclose())
+            with (workdir / "access.log").open("w") as log_file:
+                configure_logging(stream=log_file)
+                log = access_logger()
+                ctx = one(Observer(), dep)
+                ctx.upstream_ttfb = 0.0029
+                for _ in range(2000):
+                    _log(log, ctx, 200, "ok")
+                best = float("inf")
+                for _ in range(3):
+                    started = time.process_time()
+                    for _ in range(requests):
+                        _log(log, ctx, 200, "ok")
+                    best = min(best, time.process_time() - started)
+                results["access-log line"] = best / requests * 1e6
+        finally:
+            sink.stop()
+    return results
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=10.0)
@@ -127,7 +233,16 @@ def main() -> int:
     p.add_argument("--transport", default="aiohttp", help="gateway.upstream_transport (aiohttp, httpx)")
     p.add_argument("--protocol", default="http/protobuf", choices=("http/protobuf", "grpc"),
                    help="OTLP protocol of the `on` gateway and its sink (default http/protobuf)")
+    p.add_argument("--inprocess", action="store_true", help="measure the telemetry alone, in this process")
+    p.add_argument("--requests", type=int, default=50_000, help="--inprocess: requests per measurement")
     args = p.parse_args()
+    if args.inprocess:
+        figures = inprocess(args.requests)
+        print(f"\n## Telemetry CPU per request, in process ({args.requests} requests, best of 3)\n")
+        print("| piece | CPU us/req |\n|---|---:|")
+        for name, value in figures.items():
+            print(f"| {name} | {value:.1f} |")
+        return 0
     if not shutil.which("wrk"):
         print("error: wrk not found (apt-get install -y wrk)", file=sys.stderr)
         return 1

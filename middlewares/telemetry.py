@@ -6,7 +6,9 @@ stream). After the request (success, native error, cut stream or client disconne
 trace id, key id and key metadata, family, operation, model, deployment, status, attempts, tokens,
 upstream time, overhead and total duration, and the outcome (`ok`, a closed error code, or
 `client_disconnected`). Never bodies, never secrets. It sits outside auth so auth failures are
-seen too. Telemetry never changes what the client gets.
+seen too. Telemetry never changes what the client gets. The line goes through
+`proxy.logs.access_logger()` (one fused structlog processor; the key metadata is redacted once per
+principal, not per line).
 """
 from __future__ import annotations
 
@@ -14,14 +16,12 @@ import asyncio
 import time
 from typing import Any
 
-import structlog
-
 from config.models import Config
 from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError
+from proxy.logs import AccessLogger, access_logger, redacted
 from proxy.runtime import Runtime
 
-log = structlog.get_logger("llm_gateway.access")
 _METADATA_LIMIT = 16
 
 
@@ -29,7 +29,7 @@ class TelemetryMiddleware:
     def __init__(self, app: Any, config: Config, *, deps: Runtime) -> None:
         self.app = app
         self.runtime = deps
-        self.access_log = config.monitoring.access_log
+        self.log = access_logger() if config.monitoring.access_log else None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -71,8 +71,8 @@ class TelemetryMiddleware:
                 status = 499 if ctx.client_disconnected else (ctx.status or 0)
             outcome = _outcome(ctx, status)
             observer.request_end(ctx, handle, status, outcome)
-            if self.access_log:
-                _log(ctx, status, outcome)
+            if self.log is not None:
+                _log(self.log, ctx, status, outcome)
 
 
 def _outcome(ctx: RequestContext, status: int) -> str:
@@ -85,31 +85,32 @@ def _outcome(ctx: RequestContext, status: int) -> str:
     return ctx.extra.get("attempt_error") or "_OTHER"
 
 
-def _log(ctx: RequestContext, status: int, outcome: str) -> None:
+def _log(log: AccessLogger, ctx: RequestContext, status: int, outcome: str) -> None:
     total = time.perf_counter() - ctx.started
+    upstream = ctx.upstream_seconds
     principal = ctx.principal
-    fields: dict[str, Any] = {}
+    usage = ctx.usage
+    fields: dict[str, Any] = {  # a dict, not keyword arguments: those cost ~1 us a line to copy
+        "request_id": ctx.request_id,
+        "trace_id": ctx.extra.get("trace_id"),
+        "key_id": principal.key_id if principal is not None else None,
+        "family": ctx.family,
+        "operation": ctx.operation,
+        "model": ctx.model,
+        "deployment": ctx.deployment.name if ctx.deployment and ctx.attempts else None,
+        "status": status,
+        "stream": ctx.stream,
+        "attempts": ctx.attempts,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cached_tokens": usage.cached_tokens,
+        # milliseconds to 2 decimals; round() to an integer is half the cost of round(x, 2)
+        "ttfb_ms": round(ctx.upstream_ttfb * 100_000) / 100 if ctx.upstream_ttfb is not None else None,
+        "upstream_ms": round(upstream * 100_000) / 100,
+        "overhead_ms": round(max(0.0, total - upstream) * 100_000) / 100,
+        "duration_ms": round(total * 100_000) / 100,
+        "outcome": outcome,
+    }
     if principal is not None and principal.metadata:
-        fields["key_metadata"] = dict(list(principal.metadata.items())[:_METADATA_LIMIT])
-    log.info(
-        "request",
-        request_id=ctx.request_id,
-        trace_id=ctx.extra.get("trace_id"),
-        key_id=principal.key_id if principal else None,
-        family=ctx.family,
-        operation=ctx.operation,
-        model=ctx.model,
-        deployment=ctx.deployment.name if ctx.deployment and ctx.attempts else None,
-        status=status,
-        stream=ctx.stream,
-        attempts=ctx.attempts,
-        input_tokens=ctx.usage.input_tokens,
-        output_tokens=ctx.usage.output_tokens,
-        cached_tokens=ctx.usage.cached_tokens,
-        ttfb_ms=round(ctx.upstream_ttfb * 1000, 2) if ctx.upstream_ttfb is not None else None,
-        upstream_ms=round(ctx.upstream_seconds * 1000, 2),
-        overhead_ms=round(max(0.0, total - ctx.upstream_seconds) * 1000, 2),
-        duration_ms=round(total * 1000, 2),
-        outcome=outcome,
-        **fields,
-    )
+        fields["key_metadata"] = redacted(principal.metadata, _METADATA_LIMIT)
+    log.write("request", fields)

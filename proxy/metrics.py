@@ -14,6 +14,9 @@ Contract:
 - Labels are bounded: `provider` is a configured deployment name (or `none`), `model` a configured
   model, a model some deployment really served (at most `DYNAMIC_MODELS` of those), `none` or
   `other`; `status` an HTTP status; `error_type` the closed error vocabulary.
+- The request path resolves labels once per (provider, model label, operation): `route()` returns a
+  `Route` holding that combination's series, so a request costs one tuple lookup plus a few
+  increments, not one label lookup per metric (the set of routes is bounded by the labels).
 - Several uvicorn workers: `prepare_multiprocess()` (called by `serve` before the workers start)
   points prometheus_client at a shared directory, and `/metrics` then aggregates every worker.
 """
@@ -159,6 +162,65 @@ class Upstream:
         self.port = url.port or (80 if url.scheme == "http" else 443)
 
 
+class Route:
+    """The series one (provider, model label, operation) updates per request and per attempt.
+
+    Each series is made on first use (an unused one is never exported as a zero), then kept: by
+    status, by fixed name (`duration`, `ttft`, `disconnects`, token type `input`/`output`), by error type."""
+
+    __slots__ = ("metrics", "provider", "model", "genai", "series", "errors", "attempts")
+
+    def __init__(self, m: "GatewayMetrics", provider: str, up: Upstream | None, model: str, operation: str) -> None:
+        self.metrics, self.provider, self.model = m, provider, model
+        self.genai = m.genai(operation, up, model)
+        self.series: dict[int | str, Any] = {}
+        self.errors: dict[str, Any] = {}
+        self.attempts: dict[str, Any] = {}
+
+    def _make(self, table: dict[Any, Any], key: Any, metric: Any, *labels: str) -> Any:
+        found = table[key] = self.metrics.child(metric, *labels)
+        return found
+
+    def status(self, status: int) -> Any:
+        found = self.series.get(status)
+        return found if found is not None else \
+            self._make(self.series, status, self.metrics.requests, self.provider, self.model, str(status))
+
+    def duration(self) -> Any:
+        found = self.series.get("duration")
+        return found if found is not None else \
+            self._make(self.series, "duration", self.metrics.duration, self.provider, self.model)
+
+    def tokens(self, kind: str) -> tuple[Any, Any]:
+        """(`llm_tokens_used_total`, `gen_ai.client.token.usage`) for token type `input` or `output`."""
+        found = self.series.get(kind)
+        if found is None:
+            m = self.metrics
+            found = self.series[kind] = (m.child(m.tokens, self.provider, self.model, kind),
+                                         m.child(m.token_usage, *self.genai, kind))
+        return found
+
+    def error(self, code: str) -> Any:
+        found = self.errors.get(code)
+        return found if found is not None else \
+            self._make(self.errors, code, self.metrics.errors, self.provider, self.model, code)
+
+    def attempt(self, code: str) -> Any:
+        """`gen_ai.client.operation.duration` for one `error_type` ("" = success)."""
+        found = self.attempts.get(code)
+        return found if found is not None else \
+            self._make(self.attempts, code, self.metrics.op_duration, *self.genai, code)
+
+    def ttft(self) -> Any:
+        found = self.series.get("ttft")
+        return found if found is not None else self._make(self.series, "ttft", self.metrics.ttft, *self.genai[:3])
+
+    def disconnects(self) -> Any:
+        found = self.series.get("disconnects")
+        return found if found is not None else \
+            self._make(self.series, "disconnects", self.metrics.disconnects, self.provider, self.model)
+
+
 class GatewayMetrics:
     def __init__(self, config: Config) -> None:
         prefix = config.monitoring.metrics.prefix.strip("_")
@@ -166,6 +228,7 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.otel: dict[str, tuple[str, str]] = {}  # family name -> (OTLP name, unit)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._routes: dict[tuple[str | None, str, str], Route] = {}
         self._local: list[LocalMetric] = []
         self.registry.register(_LocalCollector(self._local))
         self.upstreams = {d.name: Upstream(d) for d in config.providers}
@@ -238,6 +301,8 @@ class GatewayMetrics:
     def child(self, metric: Any, *labels: str) -> Any:
         if metric.__class__ is LocalMetric:  # already a plain dict lookup
             return metric.labels(*labels)
+        if not labels:  # prometheus_client: a metric without labels is its own series
+            return metric
         key = (id(metric), labels)  # prometheus_client's labels() validates on every call
         found = self._children.get(key)
         if found is None:
@@ -253,6 +318,16 @@ class GatewayMetrics:
             self.models.add(model)
             return model
         return "other"
+
+    def route(self, deployment: str | None, model: str | None, operation: str) -> Route:
+        """The series of a request that reached `deployment` (None: no deployment was called)."""
+        label = self.model(model, deployment is not None)
+        key = (deployment, label, operation)
+        found = self._routes.get(key)
+        if found is None:
+            up = self.upstreams.get(deployment) if deployment is not None else None
+            found = self._routes[key] = Route(self, deployment or "none", up, label, operation)
+        return found
 
     def genai(self, operation: str, up: Upstream | None, model: str) -> tuple[str, str, str, str]:
         if up is None:

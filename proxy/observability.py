@@ -13,6 +13,10 @@ Contract:
 - Every hook is guarded: telemetry never raises into traffic. The observer also keeps
   `ctx.extra["attempt_open"]` so the app can compute the overhead header mid-attempt, and
   `ctx.extra["trace_id"]` for the access log.
+- Cost (a few microseconds a request): metrics go through one `Route` per (deployment, model,
+  operation); a span sets only its own values (request id, overhead, attempt, status, tokens) and
+  takes the rest from a shared, cached "shape" (name and attribute dict per request or attempt
+  kind), which the exporter also encodes once.
 """
 from __future__ import annotations
 
@@ -32,12 +36,13 @@ from opentelemetry.trace import SpanKind
 from config.models import Config, Deployment
 from proxy import otlp
 from proxy.context import RequestContext
-from proxy.metrics import ATTRIBUTES, GatewayMetrics, Upstream, error_type
+from proxy.metrics import ATTRIBUTES, GatewayMetrics, Route, Upstream, error_type
 from proxy.observer import Observer
 from proxy.tracing import BoundedSpanProcessor, Tracer, parse_traceparent
 
 log = structlog.get_logger("llm_gateway.telemetry")
 _SHUTDOWN_WAIT = 3.0
+_SHAPES_LIMIT = 2048  # cached span shapes (name, shared attributes); cleared when full
 
 
 def resource() -> Resource:
@@ -47,23 +52,19 @@ def resource() -> Resource:
     return base
 
 
-def _attempt_attributes(up: Upstream) -> dict[str, Any]:
-    attrs: dict[str, Any] = {"gen_ai.provider.name": up.provider_name, "gateway.deployment": up.name}
-    if up.address:
-        attrs["server.address"], attrs["server.port"] = up.address, up.port
-    return attrs
-
-
 class GatewayObserver(Observer):
     def __init__(self, config: Config, *, span_exporter: SpanExporter | None = None,
                  metric_reader: MetricReader | None = None) -> None:
         mon = config.monitoring
         self.metrics = GatewayMetrics(config) if mon.metrics.enabled else None
+        self.overhead = self.metrics.child(self.metrics.overhead) if self.metrics else None
         self.upstreams = self.metrics.upstreams if self.metrics else {d.name: Upstream(d) for d in config.providers}
         self.strategy = config.gateway.routing_strategy
         self.overrides = config.gateway.routing_overrides
         self.tracer: Tracer | None = None
-        self.attempt_attributes: dict[str, dict[str, Any]] = {}
+        # (span name, shared attributes) per request shape, and (the same, metrics route) per attempt kind
+        self.shapes: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
+        self.attempt_kinds: dict[tuple[Any, ...], tuple[str, dict[str, Any], Route | None]] = {}
         self.processor: BoundedSpanProcessor | None = None
         self.reader: MetricReader | None = None
         self.closed = False
@@ -82,6 +83,41 @@ class GatewayObserver(Observer):
                 PeriodicExportingMetricReader(otlp.metric_exporter(mon.otel))
             self.reader = bridge.attach(reader)
 
+    # --- span shapes -----------------------------------------------------------------------------
+    # Most attributes repeat from request to request. They live in one shared dict per combination
+    # (never mutated once made), so a span sets only its own values and the exporter encodes each
+    # combination once. Many key ids or paths only make the cache (cleared when full) miss more.
+    def _server_shape(self, key: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
+        """A request's span name and shared attributes, once its outcome is known."""
+        method, path, family, operation, status, attempts, model, key_id, code = key
+        attrs: dict[str, Any] = {"http.request.method": method, "url.path": path, "http.response.status_code": status,
+                                 "gateway.attempts": attempts}
+        if model:
+            attrs["gen_ai.request.model"] = model
+        if key_id is not None:
+            attrs["gateway.key_id"] = key_id
+        if code:
+            attrs["error.type"] = code
+        if len(self.shapes) >= _SHAPES_LIMIT:
+            self.shapes.clear()
+        found = self.shapes[key] = (f"{method} {family} {operation}", attrs)
+        return found
+
+    def _attempt_kind(self, key: tuple[Any, ...], dep: Deployment) -> tuple[str, dict[str, Any], Route | None]:
+        """An attempt's span name and shared attributes, and its metrics route: one lookup per attempt."""
+        _, operation, model = key
+        up = self.upstreams.get(dep.name) or Upstream(dep)
+        attrs: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": model or "",
+                                 "gen_ai.provider.name": up.provider_name, "gateway.deployment": up.name}
+        if up.address:
+            attrs["server.address"], attrs["server.port"] = up.address, up.port
+        attrs["gen_ai.response.model"] = model or ""
+        route = self.metrics.route(dep.name, model, operation) if self.metrics is not None else None
+        if len(self.attempt_kinds) >= _SHAPES_LIMIT:
+            self.attempt_kinds.clear()
+        found = self.attempt_kinds[key] = (f"{operation} {model}" if model else operation, attrs, route)
+        return found
+
     # --- request ---------------------------------------------------------------------------------
     def request_start(self, ctx: RequestContext, scope: dict[str, Any]) -> Any:
         try:
@@ -93,12 +129,12 @@ class GatewayObserver(Observer):
                 return None
             if traceparent is not None:
                 ctx.extra["client_traceparent"] = True  # attempts replace it
-            span = self.tracer.start_server(f"{ctx.method} {ctx.family}", traceparent,
+            # named and given its shared attributes at the end, once the outcome is known
+            span = self.tracer.start_server("", traceparent,
                                             ctx.header(b"tracestate") if traceparent else None,
-                                            {"http.request.method": ctx.method, "url.path": ctx.path,
-                                             "gateway.request_id": ctx.request_id})
+                                            {"gateway.request_id": ctx.request_id})
             ctx.extra["otel.span"] = span
-            ctx.extra["trace_id"] = f"{span.trace_id:032x}"
+            ctx.extra["trace_id"] = span.trace_hex
             return span
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="request_start")
@@ -111,45 +147,41 @@ class GatewayObserver(Observer):
             code = None if outcome == "ok" else error_type(outcome)
             m = self.metrics
             if m is not None:
-                provider = dep.name if dep else "none"
-                model = m.model(ctx.model, dep is not None)
-                m.child(m.requests, provider, model, str(status)).inc()
-                m.child(m.duration, provider, model).observe(total)
-                m.overhead.observe(max(0.0, total - ctx.upstream_seconds))
+                route = m.route(dep.name if dep is not None else None, ctx.model, ctx.operation)
+                route.status(status).inc()
+                route.duration().observe(total)
+                self.overhead.observe(max(0.0, total - ctx.upstream_seconds))  # type: ignore[union-attr]
                 if code:
-                    m.child(m.errors, provider, model, code).inc()
+                    route.error(code).inc()
                 u = ctx.usage
-                if dep is not None and u.known:
-                    up = m.upstreams.get(dep.name)
-                    genai = m.genai(ctx.operation, up, model)
-                    for kind, value in (("input", u.input_tokens), ("output", u.output_tokens)):
-                        if value:
-                            m.child(m.tokens, provider, model, kind).inc(value)
-                            m.child(m.token_usage, *genai, kind).observe(value)
+                if dep is not None:
+                    if u.input_tokens:
+                        counter, histogram = route.tokens("input")
+                        counter.inc(u.input_tokens)
+                        histogram.observe(u.input_tokens)
+                    if u.output_tokens:
+                        counter, histogram = route.tokens("output")
+                        counter.inc(u.output_tokens)
+                        histogram.observe(u.output_tokens)
             span = handle
-            if span is not None and span.sampled:
-                # Few attributes (each costs ~2 us to export): usage, deployment and upstream details are
-                # on the attempt spans, the family and operation in the name, the outcome in error.type.
-                attrs = span.attributes
-                attrs["http.response.status_code"] = status
-                attrs["gateway.attempts"] = ctx.attempts
-                attrs["gateway.overhead_ms"] = round((total - ctx.upstream_seconds) * 1000, 3)
-                if ctx.model:
-                    attrs["gen_ai.request.model"] = ctx.model
-                if ctx.principal is not None:
-                    attrs["gateway.key_id"] = ctx.principal.key_id
-                if len(ctx.tried) > 1:
-                    attrs["gateway.tried"] = tuple(ctx.tried)
-                if len(ctx.candidates) > 1:
-                    attrs["gateway.routing.candidates"] = tuple(d.name for d in ctx.candidates)
-                    attrs["gateway.routing.strategy"] = self.overrides.get(ctx.model or "", self.strategy)
-                if code:
-                    attrs["error.type"] = code
-                if status >= 500 or (code and status < 400):  # a cut stream is an error after a 200
-                    span.error = code or str(status)
-                span.name = f"{ctx.method} {ctx.family} {ctx.operation}"
-            if span is not None and self.tracer is not None:
-                self.tracer.end(span)
+            if span is not None:
+                if span.sampled:
+                    # Usage, deployment and upstream details are on the attempt spans, the family and operation
+                    # in the name, the outcome in error.type. Shared per outcome shape; the span's own values
+                    # are the request id, the overhead and, when there was a choice, the routing.
+                    key = (ctx.method, ctx.path, ctx.family, ctx.operation, status, ctx.attempts, ctx.model,
+                           ctx.principal.key_id if ctx.principal is not None else None, code)
+                    span.name, span.static = self.shapes.get(key) or self._server_shape(key)
+                    attrs = span.attributes
+                    attrs["gateway.overhead_ms"] = round((total - ctx.upstream_seconds) * 1_000_000) / 1000
+                    if len(ctx.tried) > 1:
+                        attrs["gateway.tried"] = tuple(ctx.tried)
+                    if len(ctx.candidates) > 1:
+                        attrs["gateway.routing.candidates"] = tuple(d.name for d in ctx.candidates)
+                        attrs["gateway.routing.strategy"] = self.overrides.get(ctx.model or "", self.strategy)
+                    if status >= 500 or (code and status < 400):  # a cut stream is an error after a 200
+                        span.error = code or str(status)
+                self.tracer.end(span)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="request_end")
 
@@ -157,69 +189,61 @@ class GatewayObserver(Observer):
     def attempt_start(self, ctx: RequestContext, dep: Deployment, url: str, headers: list[tuple[str, str]]) -> Any:
         ctx.extra["attempt_open"] = True
         started = time.perf_counter()
-        if self.tracer is None:
-            return (started, None)
+        if self.tracer is None and self.metrics is None:
+            return (started, None, None)
         try:
-            parent = ctx.extra.get("otel.span")
+            key = (dep.name, ctx.operation, ctx.model)
+            kind = self.attempt_kinds.get(key) or self._attempt_kind(key, dep)
+            parent = ctx.extra.get("otel.span") if self.tracer is not None else None
             if parent is None:
-                return (started, None)
-            model = ctx.model or ""
+                return (started, None, kind)
             if parent.sampled:
-                base = self.attempt_attributes.get(dep.name)
-                if base is None:
-                    base = self.attempt_attributes[dep.name] = _attempt_attributes(self.upstreams.get(dep.name) or Upstream(dep))
-                attrs: dict[str, Any] = {"gen_ai.operation.name": ctx.operation, "gen_ai.request.model": model, **base,
-                                         "gateway.attempt": ctx.attempts + 1}
-                name = f"{ctx.operation} {model}" if model else ctx.operation
-                span = self.tracer.start_child(parent, name, SpanKind.CLIENT, attrs)
+                span = self.tracer.start_child(parent, kind[0], SpanKind.CLIENT,  # type: ignore[union-attr]
+                                               {"gateway.attempt": ctx.attempts + 1}, kind[1])
             else:  # ids only, for the upstream's traceparent
-                span = self.tracer.start_child(parent, "", SpanKind.CLIENT, {})
+                span = self.tracer.start_child(parent, "", SpanKind.CLIENT, {})  # type: ignore[union-attr]
             if ctx.extra.get("client_traceparent"):
                 headers[:] = [(k, v) for k, v in headers if k.lower() != "traceparent"]
             headers.append(("traceparent", span.traceparent))
-            return (started, span)
+            return (started, span, kind)
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="attempt_start")
-            return (started, None)
+            return (started, None, None)
 
     def attempt_end(self, ctx: RequestContext, dep: Deployment, handle: Any, status: int | None,
                     error_type_: str | None) -> None:
         ctx.extra["attempt_open"] = False
         try:
-            started, span = handle if isinstance(handle, tuple) else (time.perf_counter(), None)
+            started, span, kind = handle if isinstance(handle, tuple) else (time.perf_counter(), None, None)
             seconds = time.perf_counter() - started
             code = error_type(error_type_)
             if code:
                 ctx.extra["attempt_error"] = code
             m = self.metrics
             if m is not None:
-                model = m.model(ctx.model, True)
-                up = m.upstreams.get(dep.name)
-                m.child(m.op_duration, *m.genai(ctx.operation, up, model), code).observe(seconds)
+                route = kind[2] if kind is not None else m.route(dep.name, ctx.model, ctx.operation)
+                route.attempt(code).observe(seconds)
                 if code == "upstream_rate_limited":
-                    m.child(m.rate_limit_hits, dep.name, model, code).inc()
-            if span is not None and span.sampled:
-                attrs = span.attributes
-                attrs["gen_ai.response.model"] = ctx.model or ""
-                if status:
-                    attrs["http.response.status_code"] = status
-                if code:
-                    attrs["error.type"] = code
-                u = ctx.usage
-                if ctx.committed and u.known:
-                    if u.input_tokens is not None:
-                        attrs["gen_ai.usage.input_tokens"] = u.input_tokens
-                    if u.output_tokens is not None:
-                        attrs["gen_ai.usage.output_tokens"] = u.output_tokens
-                    if u.cached_tokens:
-                        attrs["gen_ai.usage.cache_read.input_tokens"] = u.cached_tokens
-                ttfc = ctx.extra.get("ttfc")
-                if ttfc is not None and ctx.committed:
-                    attrs["gen_ai.response.time_to_first_chunk"] = ttfc
-                if code:
-                    span.error = code
-            if span is not None and self.tracer is not None:
-                self.tracer.end(span)
+                    m.child(m.rate_limit_hits, dep.name, route.model, code).inc()
+            if span is not None:
+                if span.sampled:
+                    attrs = span.attributes
+                    if status:
+                        attrs["http.response.status_code"] = status
+                    if code:
+                        attrs["error.type"] = span.error = code
+                    u = ctx.usage
+                    if ctx.committed:
+                        if u.input_tokens is not None:
+                            attrs["gen_ai.usage.input_tokens"] = u.input_tokens
+                        if u.output_tokens is not None:
+                            attrs["gen_ai.usage.output_tokens"] = u.output_tokens
+                        if u.cached_tokens:
+                            attrs["gen_ai.usage.cache_read.input_tokens"] = u.cached_tokens
+                        ttfc = ctx.extra.get("ttfc")
+                        if ttfc is not None:
+                            attrs["gen_ai.response.time_to_first_chunk"] = ttfc
+                self.tracer.end(span)  # type: ignore[union-attr]
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="attempt_end")
 
@@ -228,8 +252,7 @@ class GatewayObserver(Observer):
         m = self.metrics
         if m is not None and ctx.deployment is not None:
             try:  # the gateway is the server here: request start to the first chunk sent
-                genai = m.genai(ctx.operation, m.upstreams.get(ctx.deployment.name), m.model(ctx.model, True))
-                m.child(m.ttft, *genai[:3]).observe(time.perf_counter() - ctx.started)
+                m.route(ctx.deployment.name, ctx.model, ctx.operation).ttft().observe(time.perf_counter() - ctx.started)
             except Exception:  # noqa: BLE001
                 log.exception("telemetry_hook_failed", hook="first_chunk")
 
@@ -296,8 +319,8 @@ class GatewayObserver(Observer):
         try:
             m = self.metrics
             if m is not None:
-                provider = ctx.deployment.name if ctx.deployment else "none"
-                m.child(m.disconnects, provider, m.model(ctx.model, ctx.deployment is not None)).inc()
+                dep = ctx.deployment
+                m.route(dep.name if dep is not None else None, ctx.model, ctx.operation).disconnects().inc()
             self._event(ctx, "client_disconnected", {})
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="client_disconnected")

@@ -523,7 +523,7 @@ def test_fast_span_encoding_matches_the_sdk_encoder() -> None:
         r.end_time = r.start + 1000
     encoder = SpanEncoder(res, SCOPE)
     for _ in range(2):  # second round from the attribute cache
-        ours = ExportTraceServiceRequest.FromString(encoder.request([server, client, root]))
+        ours = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(r) for r in (server, client, root)]))
         sdk = encode_spans([processor.readable(r) for r in (server, client, root)])
         assert ours == sdk
     processor.shutdown()

@@ -1,0 +1,173 @@
+"""The cheap span and metric paths, in process: shared span shapes, the wire encoder, metric routes.
+
+- The observer's hooks, driven directly with a request context: spans carry exactly the documented
+  names and attributes; spans of the same shape share one attribute dict (never mutated), a span's
+  own values win over it, and the cache of shapes stays bounded.
+- `proxy.otlp.SpanEncoder` writes the bytes the SDK's encoder writes, for records with shared
+  dicts, long and non-ASCII strings, floats, negative and large ints, bools next to ints under one
+  key (True == 1 must not share a cache entry), tuples, events, errors and trace state.
+- `GatewayMetrics.route` resolves a (deployment, model, operation) once; a series exists only once used.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from config import parse_config
+from proxy import observability
+from proxy.context import Principal, RequestContext
+from proxy.observability import GatewayObserver, resource
+from proxy.otlp import SCOPE, SpanEncoder
+from proxy.tracing import BoundedSpanProcessor, Tracer
+
+CONFIG = """
+auth:
+  keys:
+    - {id: team-a, sha256: "%s"}
+providers:
+  openai-good: {type: openai, base_url: "http://127.0.0.1:9/v1", api_key: sk-x, models: [gpt-4o-mini]}
+monitoring:
+  metrics: {enabled: true, prefix: llm_gateway}
+  tracing: {enabled: true, sample_rate: 1.0}
+""" % ("0" * 64)
+
+
+CFG = parse_config(CONFIG, "t.yaml", {})
+DEP = CFG.providers[0]
+
+
+def observer() -> tuple[GatewayObserver, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    return GatewayObserver(CFG, span_exporter=exporter), exporter
+
+
+def request(obs: GatewayObserver, *, status: int = 200, request_id: str = "gw-1", tokens: bool = True,
+            traceparent: str | None = None) -> RequestContext:
+    """One request with one attempt, through every hook the middlewares and the forwarder call."""
+    headers = [(b"traceparent", traceparent.encode())] if traceparent else []
+    ctx = RequestContext(request_id=request_id, family="openai", adapter=None, method="POST",  # type: ignore[arg-type]
+                         path="/v1/chat/completions", query="", headers=headers)
+    ctx.principal, ctx.model, ctx.operation = Principal("team-a"), "gpt-4o-mini", "chat"
+    ctx.deployment, ctx.candidates = DEP, [DEP]
+    handle = obs.request_start(ctx, {})
+    upstream_headers = [("traceparent", traceparent)] if traceparent else []
+    attempt = obs.attempt_start(ctx, DEP, "http://x", upstream_headers)
+    assert [v for k, v in upstream_headers if k == "traceparent"] == [attempt[1].traceparent]
+    ctx.attempts, ctx.committed, ctx.status = 1, True, status
+    ctx.tried.append(DEP.name)
+    if tokens:
+        ctx.usage.input_tokens, ctx.usage.output_tokens = 19, 8
+    obs.attempt_end(ctx, DEP, attempt, status, None if status < 400 else "upstream_error")
+    obs.request_end(ctx, handle, status, "ok" if status < 400 else "upstream_error")
+    return ctx
+
+
+def test_spans_keep_their_names_and_share_their_shape() -> None:
+    obs, exporter = observer()
+    first, second = request(obs, request_id="gw-1"), request(obs, request_id="gw-2")
+    obs.flush()
+    spans = exporter.get_finished_spans()
+    servers = [s for s in spans if s.kind == SpanKind.SERVER]
+    clients = [s for s in spans if s.kind == SpanKind.CLIENT]
+    assert len(servers) == len(clients) == 2
+    assert {s.name for s in servers} == {"POST openai chat"} and {s.name for s in clients} == {"chat gpt-4o-mini"}
+    assert dict(servers[0].attributes) == {
+        "http.request.method": "POST", "url.path": "/v1/chat/completions", "http.response.status_code": 200,
+        "gateway.attempts": 1, "gen_ai.request.model": "gpt-4o-mini", "gateway.key_id": "team-a",
+        "gateway.request_id": "gw-1", "gateway.overhead_ms": servers[0].attributes["gateway.overhead_ms"]}
+    assert servers[1].attributes["gateway.request_id"] == "gw-2"
+    assert dict(clients[0].attributes) == {
+        "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini", "gen_ai.provider.name": "openai",
+        "gateway.deployment": "openai-good", "server.address": "127.0.0.1", "server.port": 9,
+        "gen_ai.response.model": "gpt-4o-mini", "gateway.attempt": 1, "http.response.status_code": 200,
+        "gen_ai.usage.input_tokens": 19, "gen_ai.usage.output_tokens": 8}
+    a, b = first.extra["otel.span"], second.extra["otel.span"]
+    assert a.static is b.static and a.trace_hex == first.extra["trace_id"] != second.extra["trace_id"]
+
+
+def test_a_failed_attempt_and_a_continued_trace() -> None:
+    obs, exporter = observer()
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    ctx = request(obs, status=503, tokens=False, traceparent=f"00-{trace}-00f067aa0ba902b7-01")
+    obs.flush()
+    (server,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    (client,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert ctx.extra["trace_id"] == trace and f"{server.context.trace_id:032x}" == trace
+    assert server.attributes["error.type"] == client.attributes["error.type"] == "upstream_error"
+    assert server.status.status_code == client.status.status_code == StatusCode.ERROR
+    assert "gen_ai.usage.input_tokens" not in client.attributes
+
+
+def test_own_values_win_over_the_shared_shape() -> None:
+    processor = BoundedSpanProcessor(InMemorySpanExporter(), resource(), on_drop=lambda n: None,
+                                     on_fail=lambda n: None)
+    tracer = Tracer(1.0, processor)
+    shared = {"a": 1, "b": "shared"}
+    record = tracer.start_server("x", None, None, {"b": "own", "c": 2.5}, shared)
+    assert record.all_attributes() == {"a": 1, "b": "own", "c": 2.5} and shared == {"a": 1, "b": "shared"}
+    assert processor.readable(record).attributes == {"a": 1, "b": "own", "c": 2.5}
+    processor.shutdown()
+
+
+def test_shapes_are_bounded(monkeypatch: Any) -> None:
+    monkeypatch.setattr(observability, "_SHAPES_LIMIT", 8)
+    obs, _ = observer()
+    for i in range(30):
+        ctx = request(obs, status=200 + i)
+        ctx.model = f"model-{i}"
+        obs.attempt_end(ctx, DEP, obs.attempt_start(ctx, DEP, "http://x", []), 200, None)
+    assert 0 < len(obs.shapes) <= 8 and 0 < len(obs.attempt_kinds) <= 8
+
+
+def test_encoder_writes_what_the_sdk_writes() -> None:
+    res = resource()
+    processor = BoundedSpanProcessor(InMemorySpanExporter(), res, on_drop=lambda n: None, on_fail=lambda n: None)
+    tracer = Tracer(1.0, processor)
+    shared = {"http.request.method": "POST", "gen_ai.request.model": "modèle-ü", "server.port": 443}
+    long_text = "x" * 200
+    records = []
+    for value in (True, 1, False, 0, 7):  # one key: bools and ints must never share a cached encoding
+        records.append(tracer.start_server("POST openai chat", None, None, {"flag": value}, shared))
+    server = tracer.start_server("POST bedrock converse", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                                 "vendor=a", {"gateway.request_id": "gw-" + long_text, "url.path": "/ü/" + long_text,
+                                              "gateway.overhead_ms": 0.123, "neg": -7, "big": 2**62 + 5,
+                                              "tried": ("a", "b"), "n": 1.0}, shared)
+    server.event("failover", {"gateway.failed": "a", "attempt": 2, "ratio": 0.5})
+    server.error = "upstream_error"
+    client = Tracer.start_child(server, "chat " + long_text, SpanKind.CLIENT, {"gateway.attempt": 2}, {"k" * 130: "v"})
+    records += [server, client]
+    for r in records:
+        r.end_time = r.start + 1000
+    encoder = SpanEncoder(res, SCOPE)
+    for _ in range(3):  # then from the caches
+        ours = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(r) for r in records]))
+        assert ours == encode_spans([processor.readable(r) for r in records])
+    values = [span.attributes[-1].value for span in ours.resource_spans[0].scope_spans[0].spans[:5]]
+    assert [v.WhichOneof("value") for v in values] == ["bool_value", "int_value", "bool_value", "int_value",
+                                                         "int_value"]
+    processor.shutdown()
+
+
+def test_metric_routes_are_resolved_once_and_series_made_on_use() -> None:
+    obs, _ = observer()
+    m = obs.metrics
+    assert m is not None
+    route = m.route("openai-good", "gpt-4o-mini", "chat")
+    assert m.route("openai-good", "gpt-4o-mini", "chat") is route and route.status(200) is route.status(200)
+    assert m.route(None, "gpt-4o-mini", "chat").provider == "none"
+    request(obs, tokens=False)
+    text = m.render().decode()
+    assert 'llm_gateway_llm_requests_total{model="gpt-4o-mini",provider="openai-good",status="200"} 1.0' in text
+    assert "llm_gateway_llm_tokens_used_total{" not in text and "gen_ai_client_token_usage_bucket{" not in text
+    assert "gen_ai_server_time_to_first_token_seconds_bucket{" not in text
+    request(obs)
+    text = m.render().decode()
+    tokens = 'llm_gateway_llm_tokens_used_total{model="gpt-4o-mini",provider="openai-good",token_type="input"}'
+    assert f"{tokens} 19.0" in text
+    for i in range(200):  # unbounded client models never make unbounded routes
+        m.route(None, f"made-up-{i}", "chat")
+    assert len({r.model for r in m._routes.values()}) <= len(m.models) + 2
