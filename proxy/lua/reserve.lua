@@ -39,8 +39,12 @@ local function limits(i)
   return rpm, tpm
 end
 
+-- What check() read, for apply(): the script is atomic, so nothing can change it in between.
+local seen_rpm, seen_tpm, seen_tat = {}, {}, {}
+
 local function check(i)
   local rpm, tpm = limits(i)
+  seen_rpm[i], seen_tpm[i] = rpm, tpm
   local ok, retry = true, 0
   local stats = {i, -1, -1, 0, -1, -1, 0}
   local b = base(i)
@@ -67,6 +71,7 @@ local function check(i)
   if tpm and tpm >= 0 then
     local tat = tonumber(redis.call('GET', KEYS[b + 2]) or '0')
     if tat < now then tat = now end
+    seen_tat[i] = tat
     local new_tat = tat
     if tpm > 0 then new_tat = tat + math.min(tokens, tpm) * WINDOW / tpm end
     if tpm == 0 or new_tat - now > WINDOW then
@@ -80,16 +85,14 @@ local function check(i)
 end
 
 local function apply(i)
-  local rpm, tpm = limits(i)
+  local rpm, tpm = seen_rpm[i], seen_tpm[i]
   local b = base(i)
   if rpm and rpm >= 0 then
     redis.call('ZADD', KEYS[b + 1], now, member)
     redis.call('PEXPIRE', KEYS[b + 1], WINDOW + 1000)
   end
   if tpm and tpm > 0 then
-    local tat = tonumber(redis.call('GET', KEYS[b + 2]) or '0')
-    if tat < now then tat = now end
-    tat = tat + math.min(tokens, tpm) * WINDOW / tpm
+    local tat = seen_tat[i] + math.min(tokens, tpm) * WINDOW / tpm
     redis.call('SET', KEYS[b + 2], tostring(tat), 'PX', math.ceil(tat - now) + WINDOW)
   end
 end
