@@ -9,11 +9,17 @@ Contract:
   the stream ends (never as a clean success); after the first byte of a plain body the connection
   is dropped so the client sees a truncated response, not a false success.
 - Any other exception is logged server-side and answered as a native 500 without a traceback.
+- It is the one layer that wraps `send`: it records what the client got on the context
+  (`response_status`, `response_streaming`; telemetry reads them) and stamps every
+  response start with `x-gateway-overhead-ms` (unless `monitoring.overhead_header: false`): time so
+  far minus upstream time so far (an attempt still streaming counts as upstream time), so streams
+  and errors carry it too.
 """
 from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Any
 
 import orjson
@@ -30,17 +36,30 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson", b"application/vnd.amazon.eventstream")
 
 
-async def send_plain_404(send: Any, message: str) -> None:
+async def send_plain_404(send: Any, message: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
     body = orjson.dumps({"error": {"message": message, "type": "not_found_error"}})
     await send({"type": "http.response.start", "status": 404,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(extra or ())]})
     await send({"type": "http.response.body", "body": body})
+
+
+def overhead_header(ctx: RequestContext | None, started: float) -> tuple[bytes, bytes]:
+    """`x-gateway-overhead-ms`: elapsed minus upstream time (an open attempt counts as upstream)."""
+    now = time.perf_counter()
+    upstream = 0.0
+    if ctx is not None:
+        upstream = ctx.upstream_seconds
+        if ctx.extra.get("attempt_open") and ctx.upstream_started is not None:
+            upstream += now - ctx.upstream_started
+    return b"x-gateway-overhead-ms", f"{max(0.0, now - started - upstream) * 1000:.2f}".encode()
 
 
 class ErrorMiddleware:
     def __init__(self, app: Any, config: Config, *, deps: Runtime) -> None:
         self.app = app
         self.adapters = deps.adapters
+        self.overhead = config.monitoring.overhead_header
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -56,7 +75,9 @@ class ErrorMiddleware:
         has_version = any(k == b"anthropic-version" for k, _ in headers)
         found = route(path, has_version)
         if found is None:
-            await send_plain_404(send, f"unknown path {scope['path']!r}")
+            started = time.perf_counter()
+            await send_plain_404(send, f"unknown path {scope['path']!r}",
+                                 [overhead_header(None, started)] if self.overhead else None)
             return
         family, rel = found
         client_id = next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), None)
@@ -66,29 +87,32 @@ class ErrorMiddleware:
             path=rel, query=scope.get("query_string", b"").decode("latin-1"), headers=headers,
         )
         set_context(scope, ctx)
-        state = {"started": False, "streaming": False}
+        overhead = self.overhead
 
         async def tracking_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                state["started"] = True
-                ctype = next((v for k, v in message.get("headers", ()) if k == b"content-type"), b"")
-                state["streaming"] = any(t in ctype for t in _STREAM_TYPES)
+                headers = message.get("headers", ())
+                ctx.response_status = message["status"]
+                ctype = next((v for k, v in headers if k == b"content-type"), b"")
+                ctx.response_streaming = any(t in ctype for t in _STREAM_TYPES)
+                if overhead:
+                    message = {**message, "headers": [*headers, overhead_header(ctx, ctx.started)]}
             await send(message)
 
         try:
             await self.app(scope, receive, tracking_send)
         except GatewayError as err:
-            await self._fail(ctx, err, state, send)
+            await self._fail(ctx, err, send)
         except Exception:  # noqa: BLE001 - last line of defence: never a traceback to the client
             log.exception("unhandled_error", request_id=ctx.request_id, family=ctx.family)
-            await self._fail(ctx, GatewayError("gateway_internal", "internal gateway error"), state, send)
+            await self._fail(ctx, GatewayError("gateway_internal", "internal gateway error"), send)
 
-    async def _fail(self, ctx: RequestContext, err: GatewayError, state: dict[str, bool], send: Any) -> None:
+    async def _fail(self, ctx: RequestContext, err: GatewayError, send: Any) -> None:
         ctx.error_code = err.code
         if ctx.client_disconnected:
             return
-        if state["started"]:
-            if state["streaming"]:
+        if ctx.response_status:
+            if ctx.response_streaming:
                 await send({"type": "http.response.body", "body": ctx.adapter.error_frame(err), "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             return  # a plain body cannot carry an error: leave it incomplete so the client sees the cut
@@ -101,5 +125,7 @@ class ErrorMiddleware:
                     (b"x-gateway-error", err.code.encode())]
         if ctx.deployment is not None and ctx.attempts:
             headers.append((b"x-gateway-provider", ctx.deployment.name.encode()))
+        if self.overhead:
+            headers.append(overhead_header(ctx, ctx.started))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -1,7 +1,7 @@
 """Telemetry: the request's span and metrics (through `runtime.observer`) and one access-log line.
 
-Contract: wraps `send` to see the status and the first body chunk (time to first chunk of a
-stream). After the request (success, native error, cut stream or client disconnect) it reports
+Contract: reads the status the client got from the context (the error layer's `send` wrapper
+records it; the forwarder reports a stream's first chunk itself). After the request (success, native error, cut stream or client disconnect) it reports
 `request_end` to the observer and, with `monitoring.access_log`, logs one JSON line: request id,
 trace id, key id and key metadata, family, operation, model, deployment, status, attempts, tokens,
 upstream time, overhead and total duration, and the outcome (`ok`, a closed error code, or
@@ -39,22 +39,11 @@ class TelemetryMiddleware:
         observer = self.runtime.observer
         handle = observer.request_start(ctx, scope)
         status = 0
-        waiting = True  # for the first body chunk
-
-        async def observed_send(message: dict[str, Any]) -> None:
-            nonlocal status, waiting
-            if waiting:
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                elif message.get("body"):
-                    waiting = False
-                    if ctx.stream and status < 400 and ctx.upstream_started is not None:
-                        observer.first_chunk(ctx, time.perf_counter() - ctx.upstream_started)
-            await send(message)
-
         try:
-            await self.app(scope, receive, observed_send)
+            await self.app(scope, receive, send)
+            status = ctx.response_status
         except GatewayError as err:
+            status = ctx.response_status
             ctx.error_code = err.code
             if not status and not ctx.committed and not ctx.client_disconnected:
                 status = ctx.adapter.render_error(err, ctx.request_id)[0]
@@ -64,9 +53,10 @@ class TelemetryMiddleware:
             raise
         except Exception:
             ctx.error_code = "gateway_internal"
-            status = status or 500
+            status = ctx.response_status or 500
             raise
         finally:
+            status = status or ctx.response_status
             if not status:
                 status = 499 if ctx.client_disconnected else (ctx.status or 0)
             outcome = _outcome(ctx, status)

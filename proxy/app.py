@@ -11,16 +11,14 @@ Contract:
   before the stack. Everything else goes to the stack, which 404s paths no family owns.
 - The telemetry observer (`proxy.observability`) is installed into the runtime here, before any
   store or health object captures it, and closed with the runtime.
-- Every stack response carries `x-gateway-overhead-ms` (unless `monitoring.overhead_header: false`):
-  time so far minus upstream time so far, taken at response start (an attempt still streaming
-  counts as upstream time), so streams get it too.
+- Every stack response carries `x-gateway-overhead-ms` (unless `monitoring.overhead_header: false`),
+  stamped by the error layer, the stack's one `send` wrapper (`middlewares.errors`).
 - Works standalone (lifespan opens/closes resources) and mounted under a Starlette `Mount`
   (no lifespan: resources open lazily, and the host calls `aclose()` on shutdown).
 """
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -56,23 +54,6 @@ def _json(status: int, payload: object) -> tuple[dict[str, Any], dict[str, Any]]
             {"type": "http.response.body", "body": body})
 
 
-def _overhead_send(scope: dict[str, Any], send: Any, t0: float) -> Any:
-    async def overhead_send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            now = time.perf_counter()
-            ctx = (scope.get("state") or {}).get("gateway")
-            upstream = 0.0
-            if ctx is not None:
-                upstream = ctx.upstream_seconds
-                if ctx.extra.get("attempt_open") and ctx.upstream_started is not None:
-                    upstream += now - ctx.upstream_started
-            value = f"{max(0.0, now - t0 - upstream) * 1000:.2f}".encode()
-            message = {**message, "headers": [*message.get("headers", ()), (b"x-gateway-overhead-ms", value)]}
-        await send(message)
-
-    return overhead_send
-
-
 class GatewayApp:
     def __init__(self, config: Config, *, observer: Observer | None = None) -> None:
         if not config.enabled_providers:
@@ -83,7 +64,6 @@ class GatewayApp:
         self.runtime.observer = observer or build_observer(config)  # before the store or health capture it
         if hasattr(self.runtime.observer, "aclose"):
             self.runtime.closers.append(self.runtime.observer.aclose)
-        self.overhead_header = config.monitoring.overhead_header
         app: Any = Forwarder(config, deps=self.runtime)
         for middleware in reversed(STACK):
             app = middleware(app, config, deps=self.runtime)
@@ -112,8 +92,6 @@ class GatewayApp:
             if path == "/admin" or path.startswith("/admin/"):
                 await self.admin(scope, receive, send, path)
                 return
-            if self.overhead_header:
-                send = _overhead_send(scope, send, time.perf_counter())
             await self.stack(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)

@@ -86,6 +86,9 @@ class RequestContext:
     upstream_ttfb: float | None = None
     upstream_seconds: float = 0.0
     client_disconnected: bool = False
+    # What the client has been sent, recorded by the error layer's one `send` wrapper (others read it).
+    response_status: int = 0  # 0 = no response start yet
+    response_streaming: bool = False
     may_retry: bool = False  # the forwarder raises retryable failures instead of relaying them
     hold_stream: bool = False  # hold a stream's first events until they show it is healthy
     failed_over: bool = False

@@ -160,30 +160,52 @@ class Forwarder:
                     (b"x-gateway-attempts", str(ctx.attempts).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         ctx.committed = True
+        # A sized body relayed as is ends with its last byte: that chunk closes the response (one
+        # ASGI message less per plain JSON answer); the stream is still drained to free the connection.
+        left = _content_length(raw_headers) if flt is None and not held else None
         try:
+            first = streaming and ctx.stream  # a stream's time to first chunk is reported once, when sent
             if held:  # already tapped and filtered while held
+                self.runtime.observer.first_chunk(ctx, time.perf_counter() - ctx.upstream_started)  # type: ignore[operator]
+                first = False
                 await send({"type": "http.response.body", "body": held, "more_body": True})
             async for chunk in chunks:
-                await self._emit(chunk, tap, flt, send)
+                if left is not None and len(chunk) >= left > 0:
+                    left = 0
+                    if tap is not None:
+                        _feed(tap, chunk)
+                    _finish(ctx, tap)
+                    ctx.extra["relay_done"] = True
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                    continue
+                if left:
+                    left -= len(chunk)
+                if await self._emit(chunk, tap, flt, send) and first:
+                    first = False
+                    self.runtime.observer.first_chunk(ctx, time.perf_counter() - ctx.upstream_started)  # type: ignore[operator]
         except httpx.HTTPError as exc:
             _finish(ctx, tap)
             kind = "idle timeout" if isinstance(exc, httpx.TimeoutException) else "connection lost"
             raise GatewayError("upstream_stream_error", f"upstream stream failed ({kind})",
                                status=504 if isinstance(exc, httpx.TimeoutException) else 502) from None
+        if left == 0 and ctx.extra["relay_done"]:
+            return
         _finish(ctx, tap)
         rest = flt.flush() if flt is not None and hasattr(flt, "flush") else b""
         ctx.extra["relay_done"] = True
         await send({"type": "http.response.body", "body": rest, "more_body": False})
 
     @staticmethod
-    async def _emit(chunk: bytes, tap: Any, flt: Any, send: Any) -> None:
+    async def _emit(chunk: bytes, tap: Any, flt: Any, send: Any) -> bool:
+        """Tap, filter and relay one chunk; False when the filter left nothing to send."""
         if tap is not None:
             _feed(tap, chunk)
         if flt is not None:
             chunk = flt(chunk)
             if not chunk:
-                return
+                return False
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        return True
 
     async def _send_error(self, ctx: RequestContext, native: tuple[int, list[tuple[bytes, bytes]], bytes],
                           kind: str, send: Any) -> None:
@@ -279,6 +301,13 @@ async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
     except httpx.HTTPError:
         pass
     return body
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def retry_after_of(headers: list[tuple[bytes, bytes]]) -> float | None:
