@@ -15,12 +15,10 @@ hits all of them alike; the table shows medians. Target: on >= 90% of off's thro
 machine the CPU time per request (`off CPU / CPU`: the throughput ratio a CPU-bound gateway would
 see) is the steadier figure.
 
-`--inprocess` measures the telemetry alone, in this process, pinned to the server CPU: the CPU
-microseconds a request of the observer's hooks (one request, one attempt, with usage) with metrics
-only, tracing only and both, the latter including the export of every span (encoding and OTLP/HTTP to
-the local sink, flushed every 500 requests so nothing is dropped), and of one access-log line
-written to a file. It does not see the rest of the gateway, so it is the steadier figure for
-telemetry changes on a shared machine.
+`--inprocess` (bench/telemetry_inprocess.py) measures the telemetry alone, in this process: the
+CPU microseconds a request of the observer's hooks with metrics, tracing (with span export) or both,
+and of one access-log line. It does not see the rest of the gateway, so it is the steadier figure
+for telemetry changes on a shared machine. The local collectors are bench/otlp_sinks.py.
 """
 from __future__ import annotations
 
@@ -28,60 +26,17 @@ import argparse
 import hashlib
 import json
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import otlp_sinks  # noqa: E402 - bench/otlp_sinks.py: the collectors the gateways export to
 import run as bench  # noqa: E402 - bench/run.py: servers, wrk, pinning
-
-SINK = r'''
-import socket, sys, threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class Sink(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_POST(self):
-        self.rfile.read(int(self.headers.get("content-length") or 0))
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.send_header("content-length", "0")
-        self.end_headers()
-    def do_GET(self):
-        self.do_POST()
-    def log_message(self, *args):
-        pass
-
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
-'''
-
-GRPC_SINK = r'''
-import sys, time
-from concurrent import futures
-import grpc
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-
-class Traces(trace_service_pb2_grpc.TraceServiceServicer):
-    def Export(self, request, context):
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
-    def Export(self, request, context):
-        return metrics_service_pb2.ExportMetricsServiceResponse()
-
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), server)
-metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), server)
-server.add_insecure_port(f"127.0.0.1:{sys.argv[1]}")
-server.start()
-server.wait_for_termination()
-'''
+import telemetry_inprocess  # noqa: E402 - bench/telemetry_inprocess.py: the --inprocess mode
 
 
 def config(workdir: Path, upstream: str, port: int, tag: str, monitoring: str, transport: str = "aiohttp") -> Path:
@@ -110,121 +65,6 @@ def gateway(workdir: Path, upstream: str, tag: str, monitoring: str, transport: 
     return bench.Server(f"gateway-{tag}", cmd, port, workdir, ready_path="/healthz")
 
 
-def black_hole() -> tuple[socket.socket, int]:
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1024)
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                held.append(server.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    return server, server.getsockname()[1]
-
-
-INPROCESS_CONFIG = """
-auth:
-  keys:
-    - {id: bench, sha256: "%s", metadata: {team: search}}
-providers:
-  openai: {type: openai, base_url: "http://127.0.0.1:9/v1", api_key: sk-bench}
-monitoring:
-  metrics: {enabled: %s, prefix: llm_gateway}
-  tracing: {enabled: %s, sample_rate: 1.0}
-  otel: {endpoint: "%s", protocol: http/protobuf}
-"""
-
-
-def inprocess(requests: int) -> dict[str, float]:
-    """CPU us a request of each telemetry piece (see the module docstring), best of three runs."""
-    import asyncio
-    import os
-
-    sys.path.insert(0, str(bench.ROOT))
-    from config import parse_config
-    from middlewares.telemetry import _log
-    from proxy.context import Principal, RequestContext
-    from proxy.logs import access_logger, configure_logging
-    from proxy.observability import GatewayObserver
-    from proxy.observer import Observer
-
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {int(bench.SERVER_CPU)})
-    principal = Principal("bench", metadata={"team": "search"})
-
-    def one(observer: Any, dep: Any) -> RequestContext:
-        ctx = RequestContext(request_id="gw-0123456789abcdef", family="openai", adapter=None,  # type: ignore[arg-type]
-                             method="POST", path="/v1/chat/completions", query="",
-                             headers=[(b"host", b"gw"), (b"content-type", b"application/json")])
-        ctx.principal, ctx.model, ctx.operation = principal, bench.MODEL, "chat"
-        ctx.deployment, ctx.candidates = dep, [dep]
-        handle = observer.request_start(ctx, {})
-        attempt = observer.attempt_start(ctx, dep, "http://upstream/v1/chat/completions", [("content-type", "x")])
-        ctx.attempts, ctx.committed, ctx.status, ctx.upstream_seconds = 1, True, 200, 0.003
-        ctx.tried.append(dep.name)
-        ctx.usage.input_tokens, ctx.usage.output_tokens, ctx.usage.cached_tokens = 16, 8, 0
-        observer.attempt_end(ctx, dep, attempt, 200, None)
-        observer.request_end(ctx, handle, 200, "ok")
-        return ctx
-
-    def cpu(observer: Any, dep: Any, n: int) -> float:
-        best = float("inf")
-        for _ in range(3):
-            started = time.process_time()
-            for i in range(n):
-                one(observer, dep)
-                if i % 500 == 499 and hasattr(observer, "flush"):
-                    observer.flush()  # the export of these spans is part of their cost
-            if hasattr(observer, "flush"):
-                observer.flush()
-            best = min(best, time.process_time() - started)
-        return best / n * 1e6
-
-    results: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="llm-gw-bench-telemetry-") as tmp:
-        workdir = Path(tmp)
-        port = bench.free_port()
-        (workdir / "sink.py").write_text(SINK)
-        sink = bench.Server("otlp-sink", [bench.PY, str(workdir / "sink.py"), str(port)], port, workdir,
-                            cpu=bench.CLIENT_CPU)
-        try:
-            variants = {"metrics": ("true", "false"), "tracing + export": ("false", "true"),
-                        "metrics + tracing + export": ("true", "true")}
-            base_cfg = parse_config(INPROCESS_CONFIG % ("0" * 64, "false", "false", ""), "bench.yaml", {})
-            dep = base_cfg.providers[0]
-            cpu(Observer(), dep, 2000)
-            base = cpu(Observer(), dep, requests)  # the request context itself
-            for name, (metrics, tracing) in variants.items():
-                cfg = parse_config(INPROCESS_CONFIG % ("0" * 64, metrics, tracing, f"http://127.0.0.1:{port}"),
-                                   "bench.yaml", {})
-                observer = GatewayObserver(cfg)
-                cpu(observer, dep, 2000)
-                results[name] = cpu(observer, dep, requests) - base
-                asyncio.run(observer.aclose())
-            with (workdir / "access.log").open("w") as log_file:
-                configure_logging(stream=log_file)
-                log = access_logger()
-                ctx = one(Observer(), dep)
-                ctx.upstream_ttfb = 0.0029
-                for _ in range(2000):
-                    _log(log, ctx, 200, "ok")
-                best = float("inf")
-                for _ in range(3):
-                    started = time.process_time()
-                    for _ in range(requests):
-                        _log(log, ctx, 200, "ok")
-                    best = min(best, time.process_time() - started)
-                results["access-log line"] = best / requests * 1e6
-        finally:
-            sink.stop()
-    return results
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=10.0)
@@ -237,33 +77,25 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=50_000, help="--inprocess: requests per measurement")
     args = p.parse_args()
     if args.inprocess:
-        figures = inprocess(args.requests)
-        print(f"\n## Telemetry CPU per request, in process ({args.requests} requests, best of 3)\n")
-        print("| piece | CPU us/req |\n|---|---:|")
-        for name, value in figures.items():
-            print(f"| {name} | {value:.1f} |")
-        return 0
+        return telemetry_inprocess.main(args.requests)
     if not shutil.which("wrk"):
         print("error: wrk not found (apt-get install -y wrk)", file=sys.stderr)
         return 1
     servers: list[bench.Server] = []
-    hole, hole_port = black_hole()
+    hole, hole_port = otlp_sinks.black_hole()
     with tempfile.TemporaryDirectory(prefix="llm-gw-bench-telemetry-") as tmp:
         workdir = Path(tmp)
         try:
             upstream = bench.start_nginx(workdir) if shutil.which("nginx") else bench.start_mock(workdir, 0)
             servers.append(upstream)
-            sink_port = bench.free_port()
-            (workdir / "sink.py").write_text(SINK if args.protocol == "http/protobuf" else GRPC_SINK)
-            sink = bench.Server("otlp-sink", [bench.PY, str(workdir / "sink.py"), str(sink_port)], sink_port, workdir,
-                                cpu=bench.CLIENT_CPU)
+            sink = otlp_sinks.start(workdir, args.protocol)
             servers.append(sink)
             on = ("  metrics: {enabled: true, prefix: llm_gateway}\n  tracing: {enabled: true, sample_rate: 1.0}\n"
                   "  otel: {endpoint: 'http://127.0.0.1:%d', protocol: " + args.protocol + "}")
             targets = {
                 "off": gateway(workdir, upstream.url, "off", "  metrics: {enabled: false}\n  tracing: {enabled: false}",
                                args.transport),
-                "on": gateway(workdir, upstream.url, "on", on % sink_port, args.transport),
+                "on": gateway(workdir, upstream.url, "on", on % sink.port, args.transport),
                 "black-hole": gateway(workdir, upstream.url, "hole", on % hole_port, args.transport),
             }
             servers.extend(targets.values())

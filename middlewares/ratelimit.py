@@ -15,12 +15,12 @@ Contract:
   constraining scope.
 - Redis down: `state.on_redis_error` = local (in-memory, limits / replicas), open, or closed (503).
 - Per request only the member id, the estimate and the reply are new: the scopes, their encoded keys
-  and default limits, and the settlement keys are built once per (key policy, model, candidate set).
+  and default limits, and the settlement keys are built once per (key policy, model, candidate set)
+  (`middlewares/ratelimit_plan.py`); at most `_MAX_PLANS` plans are kept, then the cache starts over.
 """
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import math
 import os
@@ -29,68 +29,18 @@ from typing import Any
 import structlog
 
 from config.models import Config, Deployment
-from proxy.context import Principal, RequestContext, get_context
+from middlewares.ratelimit_plan import Plan, encode, limit_arg, settle_keys
+from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError
 from proxy.local_limits import LocalLimiter
 from proxy.runtime import Runtime
-from proxy.health import PROBE_LOCK_MS, health_key, probe_key
-from proxy.state import Prepared, StoreUnavailable, concurrency_key, counter_keys, done_key, limits_key
+from proxy.health import PROBE_LOCK_MS
+from proxy.state import StoreUnavailable, done_key
 
 log = structlog.get_logger("llm_gateway.ratelimit")
 SETTLE_EVERY = 0.005
 _STAT = 7
 _MAX_PLANS = 4096
-Scope = tuple[str, "int | None", "int | None"]  # name, default rpm, default tpm
-
-
-def _limit(value: int | None) -> int:
-    return -1 if value is None else value
-
-
-@functools.lru_cache(maxsize=65536)
-def _scope_keys(scope: str, deployment: bool) -> tuple[bytes, ...]:
-    """The Redis keys of one scope, encoded once (scopes repeat on every request)."""
-    names = [*counter_keys(scope), limits_key(scope)]
-    if deployment:
-        dep = scope.split(":", 1)[1]
-        names += [health_key(dep), probe_key(dep)]
-    return tuple(n.encode() for n in names)
-
-
-def _settle_keys(scope: str) -> tuple[bytes, bytes]:
-    """What reconcile.lua touches in one scope: its token TAT and its live-limit hash."""
-    return _scope_keys(scope, False)[1:3]
-
-
-def _encode(common: list[Scope], candidates: list[Scope], conc_key: str | None) -> tuple[list[bytes], list[bytes]]:
-    """reserve.lua's KEYS and the per-scope tail of its ARGV (see the script's header)."""
-    keys: list[bytes] = [k for name, _, _ in common for k in _scope_keys(name, False)]
-    keys += [k for name, _, _ in candidates for k in _scope_keys(name, True)]
-    if conc_key:
-        keys.append(conc_key.encode())
-    return keys, [str(_limit(v)).encode() for _, rpm, tpm in common + candidates for v in (rpm, tpm)]
-
-
-class _Plan:
-    """A request's scopes (all common ones must admit; the first admitting candidate is reserved) and
-    everything derived from them. Built once per (key policy, model, candidate set), then shared."""
-
-    __slots__ = ("common", "candidates", "names", "call", "conc", "conc_key", "settle_keys", "settle_limits")
-
-    def __init__(self, global_limits: tuple[int | None, int | None], providers: dict[str, Any],
-                 p: Principal | None, model: str | None, deployments: tuple[str, ...]) -> None:
-        self.common: list[Scope] = [("global", *global_limits)]
-        if p is not None:
-            self.common.append((f"key:{p.key_id}", p.rpm, p.tpm))
-        if model:
-            self.common.append((f"model:{model}", None, None))
-        self.candidates: list[Scope] = [(f"provider:{d}", *providers.get(d, (None, None))) for d in deployments]
-        self.conc = p.max_concurrent if p is not None else None
-        self.conc_key = concurrency_key(p.key_id) if self.conc and p is not None else None
-        self.names = [name for name, _, _ in self.common + self.candidates]  # reply rows name scopes by position
-        self.call = Prepared(*_encode(self.common, self.candidates, self.conc_key))  # KEYS, ARGV tail: packed once
-        self.settle_keys = [k for name, _, _ in self.common for k in _settle_keys(name)]
-        self.settle_limits = [_limit(tpm) for _, _, tpm in self.common]
 
 
 class RateLimitMiddleware:
@@ -110,7 +60,7 @@ class RateLimitMiddleware:
         self.nothing_configured = g.is_empty() and all(d.rate_limit.is_empty() for d in config.providers) \
             and all(k.rate_limit.is_empty() and not k.max_concurrent for k in config.auth.keys)
         self.seen_limits: dict[str, tuple[int, int]] = {}  # scope -> effective limits last seen (for change logs)
-        self.plans: dict[tuple[Any, ...], _Plan] = {}
+        self.plans: dict[tuple[Any, ...], Plan] = {}
         # Member ids, unique per reservation across replicas without a random draw per request: a
         # random prefix per process, then a counter (after the request id, for operators).
         self.member_prefix = os.urandom(6).hex()
@@ -120,14 +70,14 @@ class RateLimitMiddleware:
         self.settlements: list[tuple[list[Any], list[Any]]] = []
         self.flusher: asyncio.Task[None] | None = None
 
-    def plan(self, ctx: RequestContext) -> _Plan:
+    def plan(self, ctx: RequestContext) -> Plan:
         p, names = ctx.principal, tuple([d.name for d in ctx.candidates])
         key = (p and (p.key_id, p.rpm, p.tpm, p.max_concurrent), ctx.model, names)
         plan = self.plans.get(key)
         if plan is None:
             if len(self.plans) >= _MAX_PLANS:  # many managed keys or models: start over, never grow unbounded
                 self.plans.clear()
-            plan = self.plans[key] = _Plan(self.global_limits, self.providers, p, ctx.model, names)
+            plan = self.plans[key] = Plan(self.global_limits, self.providers, p, ctx.model, names)
         return plan
 
     def _member(self, ctx: RequestContext) -> str:
@@ -170,7 +120,7 @@ class RateLimitMiddleware:
         max concurrent, concurrency lease ms, probe lock ms."""
         return [member, ctx.estimated_tokens, common, conc or 0, self.lease_ms, PROBE_LOCK_MS]
 
-    async def _reserve(self, ctx: RequestContext, plan: _Plan, member: str) -> list[tuple[bytes, bytes]]:
+    async def _reserve(self, ctx: RequestContext, plan: Plan, member: str) -> list[tuple[bytes, bytes]]:
         common, candidates = plan.common, plan.candidates
         try:
             reply = await self.runtime.store.script("reserve", plan.call, self._head(ctx, member, len(common), plan.conc))
@@ -199,7 +149,7 @@ class RateLimitMiddleware:
             candidates = [(f"provider:{d.name}", *self.providers.get(d.name, (None, None))) for d in deps]
             member = self._member(ctx)
             if ctx.reservation and ctx.reservation.get("store") == "redis":
-                keys, limits = _encode([], candidates, None)
+                keys, limits = encode([], candidates, None)
                 try:
                     reply = await self.runtime.store.script("reserve", keys, [*self._head(ctx, member, 0, None), *limits])
                 except StoreUnavailable:
@@ -277,7 +227,7 @@ class RateLimitMiddleware:
                 best_tok = (tpm, rem_t, reset_t, name)
         return ctx.adapter.rate_limit_headers(best_req, best_tok)
 
-    def _settle(self, ctx: RequestContext, plan: _Plan, member: str) -> None:
+    def _settle(self, ctx: RequestContext, plan: Plan, member: str) -> None:
         res = ctx.reservation
         if not res:
             return
@@ -313,8 +263,8 @@ class RateLimitMiddleware:
         keys = [done, conc_key or done, *keys]
         args: list[Any] = [member, amount, *limits]
         for name in deployments:
-            keys.extend(_settle_keys(f"provider:{name}"))
-            args.append(_limit(self._tpm(name)))
+            keys.extend(settle_keys(f"provider:{name}"))
+            args.append(limit_arg(self._tpm(name)))
         args.append(est)  # last: each scope is settled against the min(estimate, tpm) it was charged
         self.settlements.append((keys, args))
 

@@ -2,10 +2,10 @@
 
 Contract:
 - One `CollectorRegistry` per app (several apps may live in one process). A record is a label
-  lookup plus an increment on a plain slotted object (`LocalMetric`, no locks: every hook runs on
-  the event loop thread), exposed through a prometheus_client collector; with several workers the
-  metrics are prometheus_client's own multiprocess ones instead. OTLP push reads the same registry
-  (`proxy.otlp.PrometheusBridge`), so nothing is recorded twice.
+  lookup plus an increment on a plain slotted object (`proxy.local_metrics.LocalMetric`, no locks:
+  every hook runs on the event loop thread), exposed through a prometheus_client collector; with
+  several workers the metrics are prometheus_client's own multiprocess ones instead. OTLP push reads
+  the same registry (`proxy.otlp.PrometheusBridge`), so nothing is recorded twice.
 - Names: the six contract metrics take `monitoring.metrics.prefix` + `_` (`llm_gateway_llm_requests_total`);
   the GenAI histograms keep their semantic-convention names as Prometheus spells them
   (`gen_ai_client_token_usage`, `gen_ai_client_operation_duration_seconds`,
@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import atexit
 import os
-from bisect import bisect_left
 import shutil
 import tempfile
 from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.utils import floatToGoString
 
 from config.models import Config, Deployment
 from proxy.errors import CODES
+from proxy.local_metrics import LocalCollector, LocalMetric
 
 DYNAMIC_MODELS = 50
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
@@ -71,81 +69,6 @@ def prepare_multiprocess() -> None:
 
 def error_type(code: str | None) -> str:
     return "" if not code else code if code in ERROR_TYPES else "_OTHER"
-
-
-class _Value:
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-    def set(self, value: float) -> None:
-        self.value = value
-
-
-class _Buckets:
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # bucket i counts value <= bounds[i]
-        self.sum += value
-
-
-class LocalMetric:
-    """A counter, gauge or histogram of this process, kept without locks (one writer thread per series)."""
-
-    _FAMILIES = {Counter: CounterMetricFamily, Gauge: GaugeMetricFamily, Histogram: HistogramMetricFamily}
-
-    def __init__(self, kind: Any, name: str, doc: str, labelnames: tuple[str, ...],
-                 buckets: tuple[float, ...] = ()) -> None:
-        self.kind, self.doc, self.labelnames, self.bounds = kind, doc, labelnames, tuple(buckets)
-        self._name = name[:-6] if kind is Counter and name.endswith("_total") else name
-        self.series: dict[tuple[str, ...], Any] = {}
-        if not labelnames:
-            self.labels()
-
-    def labels(self, *values: str) -> Any:
-        found = self.series.get(values)
-        if found is None:
-            found = self.series[values] = _Buckets(self.bounds) if self.kind is Histogram else _Value()
-        return found
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.labels().inc(amount)
-
-    def set(self, value: float) -> None:
-        self.labels().set(value)
-
-    def observe(self, value: float) -> None:
-        self.labels().observe(value)
-
-    def family(self) -> Any:
-        family = self._FAMILIES[self.kind](self._name, self.doc, labels=self.labelnames)
-        for labels, series in list(self.series.items()):
-            if self.kind is Histogram:
-                cumulative, total = [], 0
-                for bound, count in zip((*self.bounds, float("inf")), series.counts):
-                    total += count
-                    cumulative.append((floatToGoString(bound), total))
-                family.add_metric(labels, cumulative, series.sum)
-            else:
-                family.add_metric(labels, series.value)
-        return family
-
-
-class _LocalCollector:
-    def __init__(self, metrics: list[LocalMetric]) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Any:
-        for metric in self.metrics:
-            yield metric.family()
 
 
 class Upstream:
@@ -230,7 +153,7 @@ class GatewayMetrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._routes: dict[tuple[str | None, str, str], Route] = {}
         self._local: list[LocalMetric] = []
-        self.registry.register(_LocalCollector(self._local))
+        self.registry.register(LocalCollector(self._local))
         self.upstreams = {d.name: Upstream(d) for d in config.providers}
         self.models: set[str] = {m for d in config.providers for m in (*d.models, *d.deployment_map)}
         self.model_cap = len(self.models) + DYNAMIC_MODELS

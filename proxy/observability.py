@@ -7,7 +7,8 @@ Contract:
   the attempt's `traceparent` sent upstream in place of the client's. Sampler: ParentBased
   TraceIdRatio(`sample_rate`). Rate-limit, failover, retry-budget, disconnect and pool decisions are
   span events; the routing choice is an attempt attribute. Spans are light records on the request
-  path (`proxy.tracing`), exported through the SDK's exporters; nothing global is touched.
+  path (`proxy.tracing`), exported through the SDK's exporters (`proxy.telemetry_export`, which
+  also owns their shutdown); nothing global is touched.
 - Metrics (`monitoring.metrics.enabled`): `proxy.metrics.GatewayMetrics`; pushed over OTLP too
   when an endpoint is configured (`proxy.otlp.PrometheusBridge`).
 - Every hook is guarded: telemetry never raises into traffic. The observer also keeps
@@ -15,108 +16,41 @@ Contract:
   `ctx.extra["trace_id"]` for the access log.
 - Cost (a few microseconds a request): metrics go through one `Route` per (deployment, model,
   operation); a span sets only its own values (request id, overhead, attempt, status, tokens) and
-  takes the rest from a shared, cached "shape" (name and attribute dict per request or attempt
-  kind), which the exporter also encodes once.
+  takes the rest from a shared, cached "shape" (`proxy.span_shapes`: name and attribute dict per
+  request or attempt kind), which the exporter also encodes once.
 """
 from __future__ import annotations
 
-import asyncio
-import os
-import socket
-import threading
 import time
 from typing import Any
 
 import structlog
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import SpanKind
 
 from config.models import Config, Deployment
-from proxy import otlp
 from proxy.context import RequestContext
-from proxy.metrics import ATTRIBUTES, GatewayMetrics, Route, Upstream, error_type
+from proxy.metrics import GatewayMetrics, error_type
 from proxy.observer import Observer
-from proxy.tracing import BoundedSpanProcessor, Tracer, parse_traceparent
+from proxy.span_shapes import SpanShapes
+from proxy.telemetry_export import Exporters
+from proxy.tracing import parse_traceparent
 
 log = structlog.get_logger("llm_gateway.telemetry")
-_SHUTDOWN_WAIT = 3.0
-_SHAPES_LIMIT = 2048  # cached span shapes (name, shared attributes); cleared when full
-
-
-def resource() -> Resource:
-    base = Resource.create({"service.instance.id": f"{socket.gethostname()}-{os.getpid()}"})
-    if base.attributes.get("service.name", "unknown_service").startswith("unknown_service"):
-        base = base.merge(Resource({"service.name": "llm-gateway"}))
-    return base
 
 
 class GatewayObserver(Observer):
     def __init__(self, config: Config, *, span_exporter: SpanExporter | None = None,
                  metric_reader: MetricReader | None = None) -> None:
-        mon = config.monitoring
-        self.metrics = GatewayMetrics(config) if mon.metrics.enabled else None
+        self.metrics = GatewayMetrics(config) if config.monitoring.metrics.enabled else None
         self.overhead = self.metrics.child(self.metrics.overhead) if self.metrics else None
-        self.upstreams = self.metrics.upstreams if self.metrics else {d.name: Upstream(d) for d in config.providers}
         self.strategy = config.gateway.routing_strategy
         self.overrides = config.gateway.routing_overrides
-        self.tracer: Tracer | None = None
-        # (span name, shared attributes) per request shape, and (the same, metrics route) per attempt kind
-        self.shapes: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
-        self.attempt_kinds: dict[tuple[Any, ...], tuple[str, dict[str, Any], Route | None]] = {}
-        self.processor: BoundedSpanProcessor | None = None
-        self.reader: MetricReader | None = None
-        self.closed = False
-        res = resource() if (mon.otel.endpoint or span_exporter or metric_reader) else None
-        if mon.tracing.enabled and (span_exporter is not None or mon.otel.endpoint):
-            m = self.metrics
-            self.processor = BoundedSpanProcessor(
-                span_exporter if span_exporter is not None else otlp.fast_span_exporter(mon.otel, res),  # type: ignore[arg-type]
-                res,  # type: ignore[arg-type]
-                on_drop=(lambda n: m.spans_dropped.inc(n)) if m else (lambda n: None),
-                on_fail=(lambda n: m.export_failures.inc(n)) if m else (lambda n: None))
-            self.tracer = Tracer(mon.tracing.sample_rate, self.processor)
-        if self.metrics is not None and (metric_reader is not None or mon.otel.endpoint):
-            bridge = otlp.PrometheusBridge(self.metrics.registry, self.metrics.otel, ATTRIBUTES, res)  # type: ignore[arg-type]
-            reader = metric_reader if metric_reader is not None else \
-                PeriodicExportingMetricReader(otlp.metric_exporter(mon.otel))
-            self.reader = bridge.attach(reader)
-
-    # --- span shapes -----------------------------------------------------------------------------
-    # Most attributes repeat from request to request. They live in one shared dict per combination
-    # (never mutated once made), so a span sets only its own values and the exporter encodes each
-    # combination once. Many key ids or paths only make the cache (cleared when full) miss more.
-    def _server_shape(self, key: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
-        """A request's span name and shared attributes, once its outcome is known."""
-        method, path, family, operation, status, attempts, model, key_id, code = key
-        attrs: dict[str, Any] = {"http.request.method": method, "url.path": path, "http.response.status_code": status,
-                                 "gateway.attempts": attempts}
-        if model:
-            attrs["gen_ai.request.model"] = model
-        if key_id is not None:
-            attrs["gateway.key_id"] = key_id
-        if code:
-            attrs["error.type"] = code
-        if len(self.shapes) >= _SHAPES_LIMIT:
-            self.shapes.clear()
-        found = self.shapes[key] = (f"{method} {family} {operation}", attrs)
-        return found
-
-    def _attempt_kind(self, key: tuple[Any, ...], dep: Deployment) -> tuple[str, dict[str, Any], Route | None]:
-        """An attempt's span name and shared attributes, and its metrics route: one lookup per attempt."""
-        _, operation, model = key
-        up = self.upstreams.get(dep.name) or Upstream(dep)
-        attrs: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": model or "",
-                                 "gen_ai.provider.name": up.provider_name, "gateway.deployment": up.name}
-        if up.address:
-            attrs["server.address"], attrs["server.port"] = up.address, up.port
-        attrs["gen_ai.response.model"] = model or ""
-        route = self.metrics.route(dep.name, model, operation) if self.metrics is not None else None
-        if len(self.attempt_kinds) >= _SHAPES_LIMIT:
-            self.attempt_kinds.clear()
-        found = self.attempt_kinds[key] = (f"{operation} {model}" if model else operation, attrs, route)
-        return found
+        self.shapes = SpanShapes(self.metrics, config.providers)
+        self.exporters = Exporters(config, self.metrics, span_exporter, metric_reader)
+        self.tracer = self.exporters.tracer  # None: nothing is traced
+        self.reader = self.exporters.reader  # the OTLP metric reader, if any (embedders and tests flush it)
 
     # --- request ---------------------------------------------------------------------------------
     def request_start(self, ctx: RequestContext, scope: dict[str, Any]) -> Any:
@@ -171,7 +105,7 @@ class GatewayObserver(Observer):
                     # are the request id, the overhead and, when there was a choice, the routing.
                     key = (ctx.method, ctx.path, ctx.family, ctx.operation, status, ctx.attempts, ctx.model,
                            ctx.principal.key_id if ctx.principal is not None else None, code)
-                    span.name, span.static = self.shapes.get(key) or self._server_shape(key)
+                    span.name, span.static = self.shapes.servers.get(key) or self.shapes.server(key)
                     attrs = span.attributes
                     attrs["gateway.overhead_ms"] = round((total - ctx.upstream_seconds) * 1_000_000) / 1000
                     if len(ctx.tried) > 1:
@@ -193,7 +127,7 @@ class GatewayObserver(Observer):
             return (started, None, None)
         try:
             key = (dep.name, ctx.operation, ctx.model)
-            kind = self.attempt_kinds.get(key) or self._attempt_kind(key, dep)
+            kind = self.shapes.attempts.get(key) or self.shapes.attempt(key, dep)
             parent = ctx.extra.get("otel.span") if self.tracer is not None else None
             if parent is None:
                 return (started, None, kind)
@@ -338,25 +272,11 @@ class GatewayObserver(Observer):
         return self.metrics.render() if self.metrics is not None else None
 
     def flush(self) -> None:
-        if self.processor is not None:
-            self.processor.flush()
-
-    def _shutdown(self) -> None:
-        if self.processor is not None:
-            self.processor.shutdown()
-        if self.reader is not None:
-            self.reader.shutdown()
+        self.exporters.flush()
 
     async def aclose(self) -> None:
-        """Flush and stop the exporters; a dead collector delays shutdown by at most `_SHUTDOWN_WAIT` s."""
-        if self.closed:
-            return
-        self.closed = True
-        if self.processor is None and self.reader is None:
-            return
-        worker = threading.Thread(target=self._shutdown, name="llm-gateway-telemetry-shutdown", daemon=True)
-        worker.start()
-        await asyncio.to_thread(worker.join, _SHUTDOWN_WAIT)
+        """Flush and stop the exporters (`proxy.telemetry_export.Exporters.aclose`)."""
+        await self.exporters.aclose()
 
 
 def build_observer(config: Config) -> GatewayObserver:

@@ -36,7 +36,6 @@ log = structlog.get_logger("llm_gateway.state")
 TAG = "{llmgw}"
 MISSES_TO_OPEN = 3
 PROBE_INTERVAL = 1.0
-LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute")
 SCRIPTS = ("reserve", "reconcile", "health")
 # Error replies that mean "this server cannot serve the scripts now" (loading its dataset, a replica
 # after a failover, no master): like a lost connection, not like a bug in the call.
@@ -91,7 +90,6 @@ class Store:
                 self._client = fakeredis.FakeAsyncRedis()
             else:
                 import redis.asyncio as redis
-
                 from redis.asyncio.retry import Retry
                 from redis.backoff import NoBackoff
 
@@ -263,52 +261,26 @@ class Store:
         self.client  # noqa: B018 - registers the scripts on first use
         return self._scripts[name]
 
-    # --- live limits (ops-owned hashes) and usage -----------------------------------------------
-    def _admin_deadline(self) -> float:
-        return max(self.timeout, 2.0)
-
+    # --- live limits and usage: proxy/live_limits.py (it builds on Store, hence imported per call) ---
     async def set_limit(self, scope: str, rpm: int | None, tpm: int | None) -> None:
-        mapping = {k: v for k, v in zip(LIMIT_FIELDS, (rpm, tpm)) if v is not None}
-        self.live_limits = True
-        if mapping:
-            await self.call(lambda c: c.hset(limits_key(scope), mapping=mapping), deadline=self._admin_deadline())
+        from proxy import live_limits
+        await live_limits.set_limit(self, scope, rpm, tpm)
 
     async def get_limit(self, scope: str) -> dict[str, int]:
-        raw = await self.call(lambda c: c.hgetall(limits_key(scope)), deadline=self._admin_deadline())
-        return {k.decode(): int(v) for k, v in raw.items() if k.decode() in LIMIT_FIELDS}
+        from proxy import live_limits
+        return await live_limits.get_limit(self, scope)
 
     async def clear_limit(self, scope: str) -> bool:
-        return bool(await self.call(lambda c: c.delete(limits_key(scope)), deadline=self._admin_deadline()))
+        from proxy import live_limits
+        return await live_limits.clear_limit(self, scope)
 
     async def list_limits(self) -> dict[str, dict[str, int]]:
-        prefix = limits_key("")
-
-        async def op(c: Any) -> list[bytes]:
-            return [k async for k in c.scan_iter(match=prefix + "*", count=500)]
-
-        out: dict[str, dict[str, int]] = {}
-        for raw in sorted(await self.call(op, deadline=max(self.timeout, 5.0))):
-            scope = raw.decode()[len(prefix):]
-            values = await self.get_limit(scope)
-            if values:
-                out[scope] = values
-        return out
+        from proxy import live_limits
+        return await live_limits.list_limits(self)
 
     async def usage(self, scope: str) -> dict[str, float]:
-        """Requests in the current 60 s window, and how far (ms) the token bucket's TAT is ahead of now."""
-        req, tok = counter_keys(scope)
-
-        async def op(c: Any) -> list[Any]:
-            async with c.pipeline(transaction=True) as p:
-                p.time()
-                p.zrange(req, 0, -1, withscores=True)
-                p.get(tok)
-                return await p.execute()
-
-        (sec, usec), entries, tat = await self.call(op, deadline=self._admin_deadline())
-        now = sec * 1000 + usec // 1000
-        return {"requests": sum(1 for _, score in entries if score > now - 60000),
-                "tokens_ahead_ms": max(0.0, float(tat) - now) if tat else 0.0}
+        from proxy import live_limits
+        return await live_limits.usage(self, scope)
 
     async def aclose(self) -> None:
         if self._lag_task is not None:

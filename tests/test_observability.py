@@ -502,12 +502,13 @@ def test_otlp_http_export_reaches_a_collector(mock_upstream: str) -> None:
 
 
 def test_fast_span_encoding_matches_the_sdk_encoder() -> None:
-    """proxy.otlp.SpanEncoder writes exactly what the SDK's OTLP encoder writes for the same spans."""
+    """proxy.spanwire.SpanEncoder writes exactly what the SDK's OTLP encoder writes for the same spans."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    from proxy.observability import resource
-    from proxy.otlp import SCOPE, SpanEncoder
+    from proxy.otlp import SCOPE
+    from proxy.spanwire import SpanEncoder
+    from proxy.telemetry_export import resource
 
     res = resource()
     processor = BoundedSpanProcessor(InMemorySpanExporter(), res, on_drop=lambda n: None, on_fail=lambda n: None)

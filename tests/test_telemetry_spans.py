@@ -3,7 +3,7 @@
 - The observer's hooks, driven directly with a request context: spans carry exactly the documented
   names and attributes; spans of the same shape share one attribute dict (never mutated), a span's
   own values win over it, and the cache of shapes stays bounded.
-- `proxy.otlp.SpanEncoder` writes the bytes the SDK's encoder writes, for records with shared
+- `proxy.spanwire.SpanEncoder` writes the bytes the SDK's encoder writes, for records with shared
   dicts, long and non-ASCII strings, floats, negative and large ints, bools next to ints under one
   key (True == 1 must not share a cache entry), tuples, events, errors and trace state.
 - `GatewayMetrics.route` resolves a (deployment, model, operation) once; a series exists only once used.
@@ -18,10 +18,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from config import parse_config
-from proxy import observability
+from proxy import span_shapes
 from proxy.context import Principal, RequestContext
-from proxy.observability import GatewayObserver, resource
-from proxy.otlp import SCOPE, SpanEncoder
+from proxy.observability import GatewayObserver
+from proxy.otlp import SCOPE
+from proxy.spanwire import SpanEncoder
+from proxy.telemetry_export import resource
 from proxy.tracing import BoundedSpanProcessor, Tracer
 
 CONFIG = """
@@ -114,13 +116,13 @@ def test_own_values_win_over_the_shared_shape() -> None:
 
 
 def test_shapes_are_bounded(monkeypatch: Any) -> None:
-    monkeypatch.setattr(observability, "_SHAPES_LIMIT", 8)
+    monkeypatch.setattr(span_shapes, "SHAPES_LIMIT", 8)
     obs, _ = observer()
     for i in range(30):
         ctx = request(obs, status=200 + i)
         ctx.model = f"model-{i}"
         obs.attempt_end(ctx, DEP, obs.attempt_start(ctx, DEP, "http://x", []), 200, None)
-    assert 0 < len(obs.shapes) <= 8 and 0 < len(obs.attempt_kinds) <= 8
+    assert 0 < len(obs.shapes.servers) <= 8 and 0 < len(obs.shapes.attempts) <= 8
 
 
 def test_encoder_writes_what_the_sdk_writes() -> None:

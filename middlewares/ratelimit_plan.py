@@ -1,0 +1,78 @@
+"""The limiter's request layout: which scopes a request is checked against, and the script arguments
+derived from them, built once per (key policy, model, candidate set) and shared by every request.
+
+Contract:
+- A `Scope` is (name, default rpm, default tpm); None means no default (sent as -1: unlimited
+  unless a live limit, read by the script, says otherwise).
+- `Plan(global_limits, providers, principal, model, deployments)`: the common scopes (`global`,
+  `key:<id>` with the key's policy, `model:<name>`), which must all admit a request, and the
+  candidate scopes (`provider:<name>`, in routing order), of which the first that admits it is
+  reserved. It holds reserve.lua's KEYS and per-scope ARGV tail packed once (`call`), the scope
+  names by reply position (`names`), the key's concurrency cap and key, and reconcile.lua's keys
+  and token limits for the common scopes (`settle_keys`, `settle_limits`). A plan is never mutated.
+- `encode(common, candidates, conc_key)`: reserve.lua's KEYS and per-scope ARGV tail in the layout
+  its header documents (per scope: request log, token TAT, live-limit hash, and for a candidate its
+  health and probe keys; with a concurrency cap, its key last). `settle_keys(scope)`: what reconcile.lua
+  touches in one scope. Key names are encoded once per scope (LRU cached).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from proxy.context import Principal
+from proxy.health import health_key, probe_key
+from proxy.state import Prepared, concurrency_key, counter_keys, limits_key
+
+Scope = tuple[str, "int | None", "int | None"]  # name, default rpm, default tpm
+
+
+def limit_arg(value: int | None) -> int:
+    """A default limit as the scripts take it: -1 for none."""
+    return -1 if value is None else value
+
+
+@functools.lru_cache(maxsize=65536)
+def scope_keys(scope: str, deployment: bool) -> tuple[bytes, ...]:
+    """The Redis keys of one scope, encoded once (scopes repeat on every request)."""
+    names = [*counter_keys(scope), limits_key(scope)]
+    if deployment:
+        dep = scope.split(":", 1)[1]
+        names += [health_key(dep), probe_key(dep)]
+    return tuple(n.encode() for n in names)
+
+
+def settle_keys(scope: str) -> tuple[bytes, bytes]:
+    """What reconcile.lua touches in one scope: its token TAT and its live-limit hash."""
+    return scope_keys(scope, False)[1:3]
+
+
+def encode(common: list[Scope], candidates: list[Scope], conc_key: str | None) -> tuple[list[bytes], list[bytes]]:
+    """reserve.lua's KEYS and the per-scope tail of its ARGV (see the script's header)."""
+    keys: list[bytes] = [k for name, _, _ in common for k in scope_keys(name, False)]
+    keys += [k for name, _, _ in candidates for k in scope_keys(name, True)]
+    if conc_key:
+        keys.append(conc_key.encode())
+    return keys, [str(limit_arg(v)).encode() for _, rpm, tpm in common + candidates for v in (rpm, tpm)]
+
+
+class Plan:
+    """A request's scopes (all common ones must admit; the first admitting candidate is reserved) and
+    everything derived from them. Built once per (key policy, model, candidate set), then shared."""
+
+    __slots__ = ("common", "candidates", "names", "call", "conc", "conc_key", "settle_keys", "settle_limits")
+
+    def __init__(self, global_limits: tuple[int | None, int | None], providers: dict[str, Any],
+                 p: Principal | None, model: str | None, deployments: tuple[str, ...]) -> None:
+        self.common: list[Scope] = [("global", *global_limits)]
+        if p is not None:
+            self.common.append((f"key:{p.key_id}", p.rpm, p.tpm))
+        if model:
+            self.common.append((f"model:{model}", None, None))
+        self.candidates: list[Scope] = [(f"provider:{d}", *providers.get(d, (None, None))) for d in deployments]
+        self.conc = p.max_concurrent if p is not None else None
+        self.conc_key = concurrency_key(p.key_id) if self.conc and p is not None else None
+        self.names = [name for name, _, _ in self.common + self.candidates]  # reply rows name scopes by position
+        self.call = Prepared(*encode(self.common, self.candidates, self.conc_key))  # KEYS, ARGV tail: packed once
+        self.settle_keys = [k for name, _, _ in self.common for k in settle_keys(name)]
+        self.settle_limits = [limit_arg(tpm) for _, _, tpm in self.common]

@@ -1,0 +1,99 @@
+"""This process's own metric values: counters, gauges and histograms kept without locks.
+
+Contract:
+- `LocalMetric(kind, name, doc, labelnames, buckets)` stands in for a prometheus_client `Counter`,
+  `Gauge` or `Histogram` (`kind`) with the calls the gateway makes (`labels(*values)`, `inc`, `set`,
+  `observe`). A series is a plain slotted object made on first use and kept; recording is a dict
+  lookup plus an addition, with no lock: every writer runs on the event loop thread.
+- A histogram counts a value in the first bucket whose bound is >= it (Prometheus' `le`) and adds
+  it to the sum. `family()` renders the metric as a prometheus_client family: cumulative buckets up
+  to `+Inf`, and a counter's name without `_total` (as prometheus_client names it).
+- `LocalCollector(metrics)` exposes a list of them to a `CollectorRegistry`, so `generate_latest` and
+  the OTLP bridge read them like any other metric. With several workers they are not used:
+  `proxy.metrics` makes prometheus_client's multiprocess metrics instead.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
+
+
+class _Value:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+class _Buckets:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # bucket i counts value <= bounds[i]
+        self.sum += value
+
+
+class LocalMetric:
+    """A counter, gauge or histogram of this process, kept without locks (one writer thread per series)."""
+
+    _FAMILIES = {Counter: CounterMetricFamily, Gauge: GaugeMetricFamily, Histogram: HistogramMetricFamily}
+
+    def __init__(self, kind: Any, name: str, doc: str, labelnames: tuple[str, ...],
+                 buckets: tuple[float, ...] = ()) -> None:
+        self.kind, self.doc, self.labelnames, self.bounds = kind, doc, labelnames, tuple(buckets)
+        self._name = name[:-6] if kind is Counter and name.endswith("_total") else name
+        self.series: dict[tuple[str, ...], Any] = {}
+        if not labelnames:
+            self.labels()
+
+    def labels(self, *values: str) -> Any:
+        found = self.series.get(values)
+        if found is None:
+            found = self.series[values] = _Buckets(self.bounds) if self.kind is Histogram else _Value()
+        return found
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.labels().inc(amount)
+
+    def set(self, value: float) -> None:
+        self.labels().set(value)
+
+    def observe(self, value: float) -> None:
+        self.labels().observe(value)
+
+    def family(self) -> Any:
+        family = self._FAMILIES[self.kind](self._name, self.doc, labels=self.labelnames)
+        for labels, series in list(self.series.items()):
+            if self.kind is Histogram:
+                cumulative, total = [], 0
+                for bound, count in zip((*self.bounds, float("inf")), series.counts):
+                    total += count
+                    cumulative.append((floatToGoString(bound), total))
+                family.add_metric(labels, cumulative, series.sum)
+            else:
+                family.add_metric(labels, series.value)
+        return family
+
+
+class LocalCollector:
+    """A prometheus_client collector over this process's `LocalMetric`s (the list may grow after)."""
+
+    def __init__(self, metrics: list[LocalMetric]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Any:
+        for metric in self.metrics:
+            yield metric.family()

@@ -1,0 +1,64 @@
+"""Span shapes: the name and attributes that repeat from span to span, made once and shared.
+
+Contract:
+- Most span attributes repeat from request to request. They live in one dict per combination
+  (a "shape"), never mutated once made: a span takes it as its `static` part and sets only its own
+  values, and the exporter (`proxy.spanwire`) encodes each shape once.
+- `SpanShapes(metrics, deployments)` (metrics may be None: spans only) makes and remembers them:
+  `server(key)` gives a request's span name (`{method} {family} {operation}`) and shared
+  attributes, for key (method, path, family, operation, status, attempts, model, key id, error
+  type); `attempt(key, dep)` gives an attempt's span name (`{operation} {model}`, or the operation
+  alone), shared GenAI and server attributes and metrics `Route` (None without metrics), for key
+  (deployment, operation, model): one lookup per attempt serves spans and metrics.
+- The request path looks in `servers` / `attempts` first and calls those only on a miss. Each
+  cache holds at most `SHAPES_LIMIT` shapes and is cleared when full: many key ids or paths only
+  make it miss more, never grow without bound.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from config.models import Deployment
+from proxy.metrics import GatewayMetrics, Route, Upstream
+
+SHAPES_LIMIT = 2048
+
+
+class SpanShapes:
+    def __init__(self, metrics: GatewayMetrics | None, deployments: list[Deployment]) -> None:
+        self.metrics = metrics
+        # per-deployment label values: the metrics' own when there are metrics, else made here
+        self.upstreams = metrics.upstreams if metrics else {d.name: Upstream(d) for d in deployments}
+        self.servers: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
+        self.attempts: dict[tuple[Any, ...], tuple[str, dict[str, Any], Route | None]] = {}
+
+    def server(self, key: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
+        """A request's span name and shared attributes, once its outcome is known."""
+        method, path, family, operation, status, attempts, model, key_id, code = key
+        attrs: dict[str, Any] = {"http.request.method": method, "url.path": path, "http.response.status_code": status,
+                                 "gateway.attempts": attempts}
+        if model:
+            attrs["gen_ai.request.model"] = model
+        if key_id is not None:
+            attrs["gateway.key_id"] = key_id
+        if code:
+            attrs["error.type"] = code
+        if len(self.servers) >= SHAPES_LIMIT:
+            self.servers.clear()
+        found = self.servers[key] = (f"{method} {family} {operation}", attrs)
+        return found
+
+    def attempt(self, key: tuple[Any, ...], dep: Deployment) -> tuple[str, dict[str, Any], Route | None]:
+        """An attempt's span name and shared attributes, and its metrics route: one lookup per attempt."""
+        _, operation, model = key
+        up = self.upstreams.get(dep.name) or Upstream(dep)
+        attrs: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.request.model": model or "",
+                                 "gen_ai.provider.name": up.provider_name, "gateway.deployment": up.name}
+        if up.address:
+            attrs["server.address"], attrs["server.port"] = up.address, up.port
+        attrs["gen_ai.response.model"] = model or ""
+        route = self.metrics.route(dep.name, model, operation) if self.metrics is not None else None
+        if len(self.attempts) >= SHAPES_LIMIT:
+            self.attempts.clear()
+        found = self.attempts[key] = (f"{operation} {model}" if model else operation, attrs, route)
+        return found
