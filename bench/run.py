@@ -401,7 +401,7 @@ async def _mixed_client(url: str, conc: int, count: int, budget: float) -> dict[
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc),
                                      timeout=aiohttp.ClientTimeout(total=30)) as session:
         async with asyncio.timeout(budget):
-            await asyncio.gather(*(worker(session, i) for i in range(conc)))
+            await asyncio.gather(*(worker(session) for _ in range(conc)))
     return {"done": done, "errors": errors}
 
 
