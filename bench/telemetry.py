@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Telemetry cost: the same gateway with telemetry off and fully on, in the same run, interleaved.
 
-    .venv/bin/python bench/telemetry.py [--duration 10] [--rounds 3] [--concurrency 16] [--transport aiohttp]
+    .venv/bin/python bench/telemetry.py [--duration 10] [--rounds 3] [--concurrency 16] [--transport httptools]
                                         [--protocol http/protobuf|grpc]
     .venv/bin/python bench/telemetry.py --inprocess [--requests 50000]
 
@@ -39,7 +39,7 @@ import run as bench  # noqa: E402 - bench/run.py: servers, wrk, pinning
 import telemetry_inprocess  # noqa: E402 - bench/telemetry_inprocess.py: the --inprocess mode
 
 
-def config(workdir: Path, upstream: str, port: int, tag: str, monitoring: str, transport: str = "aiohttp") -> Path:
+def config(workdir: Path, upstream: str, port: int, tag: str, monitoring: str, transport: str = "httptools") -> Path:
     path = workdir / f"gateway-{tag}.yaml"
     path.write_text(f"""
 gateway: {{timeout: 60s, upstream_transport: {transport}}}
@@ -70,7 +70,7 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--transport", default="aiohttp", help="gateway.upstream_transport (aiohttp, httpx)")
+    p.add_argument("--transport", default="httptools", help="gateway.upstream_transport (httptools, aiohttp, httpx)")
     p.add_argument("--protocol", default="http/protobuf", choices=("http/protobuf", "grpc"),
                    help="OTLP protocol of the `on` gateway and its sink (default http/protobuf)")
     p.add_argument("--inprocess", action="store_true", help="measure the telemetry alone, in this process")
