@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import os
 import sys
 from typing import Any, Sequence
@@ -74,24 +75,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def app_factory() -> Any:
     """uvicorn factory for `serve` (each worker process builds its own app)."""
-    import gc
-
     from proxy.app import build_app
 
     app = build_app(os.environ.get("LLM_GATEWAY_CONFIG"))
     gc.freeze()  # the long-lived startup objects never need scanning again: cheaper collections per request
-    # A request allocates hundreds of short-lived containers but leaves no cycles (tests check the
-    # limiter's), so the default young-generation threshold (700) only buys a useless collection
-    # every few requests: measured ~8 us of CPU a request at c=16 (bench/run.py) above this setting.
+    # Requests leave no cycles (tests/test_no_cycles.py), so the default young-generation threshold
+    # (700) only buys a useless collection every few requests (~8 us a request at c=16, bench/run.py).
     gc.set_threshold(10_000, 20, 50)
     return app
 
 
 def uvicorn_options() -> dict[str, Any]:
     opts: dict[str, Any] = {"access_log": False, "log_level": "warning", "lifespan": "on",
-                            "timeout_graceful_shutdown": 10,
-                            # X-Forwarded-For is only read (client address in admin logs) when ops name
-                            # the load balancers they trust; otherwise it costs every request for nothing.
+                            "timeout_graceful_shutdown": 10, "http": "httptools",  # a dependency
+                            # X-Forwarded-For (admin logs' client address) only for the LBs ops trust
                             "proxy_headers": bool(os.environ.get("FORWARDED_ALLOW_IPS"))}
     try:
         import uvloop  # noqa: F401
@@ -99,12 +96,6 @@ def uvicorn_options() -> dict[str, Any]:
         opts["loop"] = "uvloop"
     except ImportError:
         opts["loop"] = "asyncio"
-    try:
-        import httptools  # noqa: F401
-
-        opts["http"] = "httptools"
-    except ImportError:
-        opts["http"] = "h11"
     return opts
 
 
