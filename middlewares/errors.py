@@ -72,19 +72,21 @@ class ErrorMiddleware:
         if root and path.startswith(root):  # mounted under a prefix: route on what follows it
             path = path[len(root):] or "/"
         headers = scope["headers"]
-        has_version = any(k == b"anthropic-version" for k, _ in headers)
-        found = route(path, has_version)
+        header_map = dict(reversed(headers))  # first value per name; the context keeps it for later lookups
+        found = route(path, b"anthropic-version" in header_map)
         if found is None:
             started = time.perf_counter()
             await send_plain_404(send, f"unknown path {scope['path']!r}",
                                  [overhead_header(None, started)] if self.overhead else None)
             return
         family, rel = found
-        client_id = next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), None)
+        raw_id = header_map.get(b"x-request-id")
+        client_id = raw_id.decode("latin-1") if raw_id is not None else None
         request_id = client_id if client_id and _REQUEST_ID.match(client_id) else f"gw-{os.urandom(16).hex()}"
         ctx = RequestContext(
             request_id=request_id, family=family, adapter=self.adapters[family], method=scope["method"],
             path=rel, query=scope.get("query_string", b"").decode("latin-1"), headers=headers,
+            header_map=header_map,
         )
         set_context(scope, ctx)
         overhead = self.overhead

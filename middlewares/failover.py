@@ -62,6 +62,9 @@ class RetryBudget:
 
 
 def client_deadline(ctx: RequestContext) -> float | None:
+    if ctx.header_map is not None and b"x-stainless-timeout" not in ctx.header_map \
+            and b"x-stainless-read-timeout" not in ctx.header_map:
+        return None  # most clients send neither
     values = []
     for name in (b"x-stainless-timeout", b"x-stainless-read-timeout"):
         raw = ctx.header(name)

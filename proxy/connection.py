@@ -104,8 +104,14 @@ class Connection(asyncio.Protocol):
             self.drain_waiter = loop.create_future()
             await self._wait(self.drain_waiter, write_timeout, httpx.WriteTimeout, "request upload timed out")
         if self.status == 0 and self.error is None and not self.closed:
-            self.head_waiter = loop.create_future()
-            await self._wait(self.head_waiter, read_timeout, httpx.ReadTimeout, "no response head in time")
+            waiter = self.head_waiter = loop.create_future()
+            timer = loop.call_later(read_timeout, _expire, waiter, httpx.ReadTimeout, "no response head in time") \
+                if read_timeout is not None else None
+            try:  # inline, not `_wait`: this wait is on every request
+                await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
         if self.error is not None:
             if reused and not self.received:
                 raise Stale()

@@ -95,12 +95,15 @@ class RequestContext:
     # Set by the rate limiter: reserve one of these deployments for a further attempt (None = none).
     admit_deployment: "Callable[[list[Deployment]], Awaitable[Deployment | None]] | None" = None
     extra: dict[str, Any] = field(default_factory=dict)
+    header_map: dict[bytes, bytes] | None = None  # first value per name, built on the first lookup
 
     def header(self, name: bytes) -> str | None:
-        for key, value in self.headers:
-            if key == name:
-                return value.decode("latin-1")
-        return None
+        """The first value of a (lower-case) header, as received."""
+        found = self.header_map
+        if found is None:  # several layers look headers up: one dict beats a scan per lookup
+            found = self.header_map = dict(reversed(self.headers))
+        value = found.get(name)
+        return None if value is None else value.decode("latin-1")
 
 
 def get_context(scope: dict[str, Any]) -> RequestContext:

@@ -98,7 +98,7 @@ class WireTransport(httpx.AsyncBaseTransport):
         head = _head(request, body)
         method_head = request.method == "HEAD"
         for attempt in (0, 1):
-            conn = await self._acquire(origin, timeouts)
+            conn = self._pooled(origin) or await self._acquire(origin, timeouts)
             try:
                 await conn.exchange(head, body, method_head, timeouts.get("write"), timeouts.get("read"))
             except Stale:
@@ -118,6 +118,19 @@ class WireTransport(httpx.AsyncBaseTransport):
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------ the pool
+    def _pooled(self, origin: Origin) -> Connection | None:
+        """An idle kept-alive connection to `origin`, if there is one (the common case: no await)."""
+        idle = self._idle.get(origin)
+        if idle and not self._closed:
+            now = asyncio.get_running_loop().time()
+            while idle:
+                conn = idle.pop()
+                if conn.usable(now, self.keepalive_expiry):
+                    return conn
+                conn.abort()
+                self._forget(conn)
+        return None
+
     async def _acquire(self, origin: Origin, timeouts: dict[str, Any]) -> Connection:
         if self._closed:
             raise httpx.ConnectError("the upstream transport is closed")
