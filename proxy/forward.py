@@ -98,9 +98,9 @@ class Forwarder:
             timeouts["read"] = t.idle  # httpcore reads this when the body iteration starts
             ctx.upstream_ttfb = time.perf_counter() - ctx.upstream_started
             try:
-                await relay(ctx, response, send, self.runtime.observer)
-            finally:
-                await response.aclose()
+                await relay(ctx, response, send, observer)
+            finally:  # the transport's stream, as relayed (httpx's Response.aclose adds a context per call)
+                await response.stream.aclose()  # type: ignore[union-attr]
         except asyncio.CancelledError:
             if not ctx.client_disconnected:
                 observer.attempt_end(ctx, dep, span, ctx.status, "cancelled")
@@ -118,6 +118,7 @@ class Forwarder:
             ctx.extra["relay_done"] = True
             watch.stop()
             ctx.upstream_seconds += time.perf_counter() - (ctx.upstream_started or time.perf_counter())
+
 
 class _Watch:
     """Cancel the attempt when the client disconnects; the watching task starts after WATCH_AFTER."""
