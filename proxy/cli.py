@@ -88,11 +88,11 @@ def app_factory() -> Any:
 def uvicorn_options() -> dict[str, Any]:
     opts: dict[str, Any] = {"access_log": False, "log_level": "warning", "lifespan": "on",
                             "timeout_graceful_shutdown": 10, "http": "httptools",  # a dependency
+                            "server_header": False,  # don't advertise the server software
                             # X-Forwarded-For (admin logs' client address) only for the LBs ops trust
                             "proxy_headers": bool(os.environ.get("FORWARDED_ALLOW_IPS"))}
     try:
         import uvloop  # noqa: F401
-
         opts["loop"] = "uvloop"
     except ImportError:
         opts["loop"] = "asyncio"

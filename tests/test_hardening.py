@@ -29,6 +29,7 @@ from config import ConfigError, parse_config
 from proxy.app import build_app
 from proxy.cli import effective_config
 from tests.conftest import CLIENT_AKID, GATEWAY_KEY, standard_config
+from tests.procs import Procs, procs  # noqa: F401 - `procs` is a fixture
 from tests.servers import serve
 
 FAMILIES = ("openai", "anthropic", "bedrock", "ollama")
@@ -494,3 +495,12 @@ providers:
         for name, canary in canaries.items():
             assert canary not in dump, (name, dump[:200])
     assert "***" in dumps[0]
+
+
+def test_served_gateway_does_not_advertise_its_server_software(procs: Procs) -> None:  # noqa: F811
+    mock = procs.mock()
+    (gw,) = procs.gateways(standard_config(mock.url), 1)
+    r = httpx.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {GATEWAY_KEY}"},
+                   json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    assert "server" not in r.headers and "date" in r.headers  # Date stays: RFC 9110 asks origin servers for it
