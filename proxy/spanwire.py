@@ -6,9 +6,10 @@ Contract:
   with the resource and the instrumentation scope. The decoded message equals what the SDK's
   encoder makes of the same spans as `ReadableSpan`s (tests/test_telemetry_spans.py checks it).
 - Why: the SDK's encoder builds one protobuf object per attribute (~35 us a span here), more than
-  the rest of the gateway's telemetry together. Here a record's shared `static` attributes are
-  encoded once per dict, repeating attribute pairs (status, attempt, token counts) come from a
-  cache, and one-off values (request id, overhead) take a short path. Every cache is bounded
+  the rest of the gateway's telemetry together. Here a record's name, kind and shared `static`
+  attributes are encoded once per `static` dict (checked against the record's name and kind),
+  repeating attribute pairs (status, attempt, token counts) come from a cache, and one-off values
+  (request id, overhead) take a short path. Every cache is bounded
   (`_CACHE_LIMIT` entries, cleared when full); bools and ints never share a cache entry.
 - One thread at a time per encoder (the span processor's export lock); no I/O.
 """
@@ -32,6 +33,7 @@ _LOW64 = (1 << 64) - 1
 _SERVER, _CLIENT = SpanKind.SERVER, SpanKind.CLIENT
 _OK_STATUS = b"\x7a\x00"  # Status = 15, empty (UNSET)
 _FLAGS = (b"\x85\x01" + _pack_i(0x100), b"\x85\x01" + _pack_i(0x300))  # Span.flags = 16: has (and is) remote parent
+_OK_TAIL = (_OK_STATUS + _FLAGS[0], _OK_STATUS + _FLAGS[1])
 
 
 def _varint(n: int) -> bytes:
@@ -98,8 +100,8 @@ class SpanEncoder:
         self.resource = _ld(b"\x0a", _key_values(b"\x0a", resource.attributes))
         # key -> {value: encoded attribute} for repeating values, or the encoded key alone for one-off ones
         self.cache: dict[str, dict[Any, bytes] | bytes] = {}
-        self.shared: dict[int, tuple[dict[str, Any], bytes]] = {}  # id(static dict) -> (it, its attributes)
-        self.names: dict[str, bytes] = {}
+        # id(static dict) -> (it, span name, kind, encoded name + kind + its attributes)
+        self.shared: dict[int, tuple[dict[str, Any], str, SpanKind, bytes]] = {}
 
     def _miss(self, key: str, value: Any) -> bytes:
         """First sight of `key`, or a value not cached yet (strings and ints repeat; the rest is one-off)."""
@@ -132,47 +134,53 @@ class SpanEncoder:
                 found = entry.get(value) if cls is str or cls is int else None  # type: ignore[union-attr]
                 parts.append(found if found is not None else miss(key, value))
 
-    def _static(self, static: dict[str, Any]) -> bytes:
+    def _head(self, r: Any) -> bytes:
+        """Name, kind and shared attributes: one cached piece per `static` dict (checked, not trusted)."""
+        static = r.static
         found = self.shared.get(id(static))
-        if found is not None and found[0] is static:
-            return found[1]
-        parts: list[bytes] = []
-        self._attributes(static, parts)
-        if len(self.shared) >= _CACHE_LIMIT:
-            self.shared.clear()
+        if found is not None and found[0] is static and found[1] == r.name and found[2] is r.kind:
+            return found[3]
+        name = _ld(b"\x2a", r.name.encode())
+        kind = r.kind
+        parts = [name, b"\x30\x02" if kind is _SERVER else b"\x30\x03" if kind is _CLIENT else b"\x30" + bytes((_KIND[kind],))]
+        if static:
+            self._attributes(static, parts)
         encoded = b"".join(parts)
-        self.shared[id(static)] = (static, encoded)  # holding the dict keeps its id from being reused
+        if static is not None:  # spans without shared attributes are rare (tests): not cached
+            if len(self.shared) >= _CACHE_LIMIT:
+                self.shared.clear()
+            self.shared[id(static)] = (static, r.name, kind, encoded)  # holding the dict keeps its id unique
         return encoded
 
     def span(self, r: Any) -> bytes:
         """One `ScopeSpans.spans` field: tag, length, then the Span's fields."""
-        name = self.names.get(r.name)
-        if name is None:
-            if len(self.names) >= _CACHE_LIMIT:
-                self.names.clear()
-            name = self.names[r.name] = _ld(b"\x2a", r.name.encode())
-        kind = r.kind
         trace_id = r.trace_id
         parts = [_IDS_PARENT(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, r.span_id, 0x2208, r.parent_id)
-                 if r.parent_id else _IDS(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, r.span_id)]
+                 if r.parent_id else _IDS(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, r.span_id),
+                 self._head(r), _TIMES(0x39, r.start, 0x41, r.end_time)]
         if r.trace_state:  # fields may come in any order; the decoded message is the same
             parts.append(_ld(b"\x1a", r.trace_state.encode()))
-        parts.append(name)
-        parts.append(b"\x30\x02" if kind is _SERVER else b"\x30\x03" if kind is _CLIENT else
-                     b"\x30" + bytes((_KIND[kind],)))
-        parts.append(_TIMES(0x39, r.start, 0x41, r.end_time))
-        if r.static:
-            parts.append(self._static(r.static))
-        self._attributes(r.attributes, parts)
+        cache, miss = self.cache, self._miss
+        for key, value in r.attributes.items():  # `_attributes`, inlined: this span's own values
+            entry = cache.get(key)
+            if entry is None:
+                parts.append(miss(key, value))
+            elif entry.__class__ is bytes:  # a one-off value
+                parts.append(_attribute(entry, value))  # type: ignore[arg-type]
+            else:
+                cls = value.__class__
+                found = entry.get(value) if cls is str or cls is int else None  # type: ignore[union-attr]
+                parts.append(found if found is not None else miss(key, value))
         for event, attrs, ts in r.events or ():  # Span.events = 11: time 1 (fixed64), name 2, attributes 3
             parts.append(_ld(b"\x5a", b"\x09" + _pack_q(ts) + _ld(b"\x12", event.encode()) + _key_values(b"\x1a", attrs)))
         if r.error is not None:  # Status = 15: message 2, code 3 (2 = ERROR)
             parts.append(_ld(b"\x7a", _ld(b"\x12", r.error.encode()) + b"\x18\x02"))
+            parts.append(_FLAGS[r.remote])
         else:
-            parts.append(_OK_STATUS)
-        parts.append(_FLAGS[r.remote])
+            parts.append(_OK_TAIL[r.remote])
         body = b"".join(parts)
-        return b"\x12" + _varint(len(body)) + body
+        n = len(body)
+        return b"\x12%c%c%b" % ((n & 0x7F) | 0x80, n >> 7, body) if 0x80 <= n < 0x4000 else b"\x12" + _varint(n) + body
 
     def request(self, spans: list[bytes]) -> bytes:
         """An `ExportTraceServiceRequest` of spans from `span()`."""

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import requests
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from config import parse_config
+from config.models import OtelSettings
 from proxy import span_shapes
 from proxy.context import Principal, RequestContext
 from proxy.observability import GatewayObserver
-from proxy.otlp import SCOPE
+from proxy.otlp import SCOPE, fast_span_exporter
 from proxy.spanwire import SpanEncoder
 from proxy.telemetry_export import resource
 from proxy.tracing import BoundedSpanProcessor, Tracer
@@ -141,7 +143,8 @@ def test_encoder_writes_what_the_sdk_writes() -> None:
     server.event("failover", {"gateway.failed": "a", "attempt": 2, "ratio": 0.5})
     server.error = "upstream_error"
     client = Tracer.start_child(server, "chat " + long_text, SpanKind.CLIENT, {"gateway.attempt": 2}, {"k" * 130: "v"})
-    records += [server, client]
+    # the same shared dict under another name or kind: encoded with its own, never a cached head
+    records += [server, client, Tracer.start_child(server, "POST openai chat", SpanKind.INTERNAL, {}, shared)]
     for r in records:
         r.end_time = r.start + 1000
     encoder = SpanEncoder(res, SCOPE)
@@ -173,3 +176,26 @@ def test_metric_routes_are_resolved_once_and_series_made_on_use() -> None:
     for i in range(200):  # unbounded client models never make unbounded routes
         m.route(None, f"made-up-{i}", "chat")
     assert len({r.model for r in m._routes.values()}) <= len(m.models) + 2
+
+
+def test_http_exporter_reads_the_environment_once(monkeypatch: Any, tmp_path: Any) -> None:
+    """Proxies, CA bundle and netrc are resolved when the exporter is made, as requests would per POST."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine collector.example login user password secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "bypassed.example")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "ca.pem"))
+    for host, proxied in (("collector.example", True), ("bypassed.example", False)):
+        exporter = fast_span_exporter(OtelSettings(endpoint=f"http://{host}:4318", protocol="http/protobuf"), resource())
+        session = exporter._client._transport._session
+        url = f"http://{host}:4318/v1/traces"
+        assert session.trust_env is False
+        assert session.proxies.get("http") == ("http://proxy.example:3128" if proxied else None)
+        assert session.verify == str(tmp_path / "ca.pem")
+        assert session.auth == (("user", "secret") if host == "collector.example" else None)
+        prepared = session.prepare_request(requests.Request("POST", url, data=b"x"))
+        assert session.merge_environment_settings(url, {}, None, None, None)["proxies"] == session.proxies
+        assert ("Authorization" in prepared.headers) is (host == "collector.example")
+        exporter.shutdown()
