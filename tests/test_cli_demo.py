@@ -155,3 +155,13 @@ def test_cli_help_lists_the_commands() -> None:
     if script.exists():
         installed = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30, env=_env())
         assert installed.returncode == 0 and installed.stdout == result.stdout
+
+
+def test_serve_reads_x_forwarded_for_only_from_named_load_balancers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.cli import uvicorn_options
+
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    assert uvicorn_options()["proxy_headers"] is False
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "10.0.0.0/8")
+    assert uvicorn_options()["proxy_headers"] is True
+    assert uvicorn_options()["server_header"] is False and uvicorn_options()["http"] == "httptools"

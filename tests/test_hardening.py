@@ -504,3 +504,15 @@ def test_served_gateway_does_not_advertise_its_server_software(procs: Procs) -> 
                    json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200, r.text
     assert "server" not in r.headers and "date" in r.headers  # Date stays: RFC 9110 asks origin servers for it
+
+
+def test_a_repeated_header_is_read_as_its_first_value() -> None:
+    """Every layer sees the same value of a repeated header (the first), whichever looks first."""
+    from proxy.context import RequestContext
+    from providers import build_adapters
+
+    headers = [(b"authorization", b"Bearer first"), (b"x-a", b"1"), (b"authorization", b"Bearer second")]
+    ctx = RequestContext(request_id="r", family="openai", adapter=build_adapters()["openai"], method="POST",
+                         path="/v1/chat/completions", query="", headers=headers)
+    assert ctx.header(b"authorization") == "Bearer first" and ctx.header(b"x-b") is None
+    assert ctx.header_map == {b"authorization": b"Bearer first", b"x-a": b"1"}
