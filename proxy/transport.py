@@ -1,4 +1,4 @@
-"""An httpx transport over one shared aiohttp `ClientSession` (opt-in: LLM_GATEWAY_TRANSPORT=aiohttp).
+"""An httpx transport over one shared aiohttp `ClientSession` (`gateway.upstream_transport: aiohttp`).
 
 The forwarder keeps speaking the httpx API (`build_request`, `send(stream=True)`, `aiter_raw`,
 `aclose`, `headers.raw`, `status_code`); only the wire client underneath changes.
