@@ -9,7 +9,8 @@ Contract (used by `proxy.wire` only):
   RemoteProtocolError (peer closed early, bad HTTP). `Stale` means a reused connection was found
   closed before any response byte arrived: the request can safely go out again elsewhere.
 - A body without length or chunking ends with the connection (HTTP/1.0 style); such a connection
-  is never reused, nor one the peer asked to close, nor one whose exchange did not finish.
+  is never reused, nor one the peer asked to close, nor one whose exchange did not finish, nor
+  one that sent bytes past the end of its response (the response itself still counts).
 """
 from __future__ import annotations
 
@@ -169,7 +170,8 @@ class Connection(asyncio.Protocol):
             self._wake(httpx.RemoteProtocolError("unexpected protocol upgrade"))
             self.abort()
         except httptools.HttpParserError as exc:
-            self._wake(httpx.RemoteProtocolError(f"invalid HTTP response: {exc}"))
+            if not self.complete:  # after a complete response only the connection is spoiled, not the answer
+                self._wake(httpx.RemoteProtocolError(f"invalid HTTP response: {exc}"))
             self.abort()
 
     def eof_received(self) -> bool:
@@ -200,6 +202,10 @@ class Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     # ------------------------------------------------------------------ httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.complete:  # bytes after the response we asked for: never trust (or reuse) this connection
+            raise httptools.HttpParserError("data after the end of the response")
+
     def on_status(self, status: bytes) -> None:
         self.reason += status
 

@@ -196,6 +196,15 @@ async def test_early_hints_are_skipped() -> None:
         await wire.aclose()
 
 
+async def test_bytes_after_the_response_are_not_taken_for_the_next_one() -> None:
+    async with server(keep_alive(OK + OK.replace(b'{"ok":true}', b'{"no":true}'))) as srv:
+        wire = WireTransport()
+        response, body = await fetch(wire, request(srv["url"]))
+        assert (response.status_code, body) == (200, b'{"ok":true}')
+        assert wire.stats() == (0, 0)  # an unasked-for second response: the connection is dropped
+        await wire.aclose()
+
+
 async def test_header_injection_is_refused_before_anything_is_sent() -> None:
     async with server(keep_alive(OK)) as srv:
         wire = WireTransport()
