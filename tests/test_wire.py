@@ -365,3 +365,31 @@ async def test_tls_upstream_with_a_private_ca() -> None:
         await wire.aclose()
         with pytest.raises(httpx.ConnectError):  # an untrusted certificate never connects
             await WireTransport().handle_async_request(request(srv["url"]))
+
+
+async def test_a_large_upload_is_sent_whole_and_a_stalled_one_times_out() -> None:
+    size = 16 * 1024 * 1024
+    stall = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: dict[str, Any]) -> None:
+        if state["connections"] == 2:
+            await stall.wait()  # never reads: the upload cannot drain
+            return
+        _, headers, body = await read_request(reader)
+        state["requests"].append(len(body))
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()
+
+    async with server(handler) as srv:
+        wire = WireTransport()
+        response, body = await fetch(wire, request(srv["url"], body=b"x" * size))
+        assert body == b'{"ok":true}' and srv["requests"] == [size]
+        with pytest.raises(httpx.WriteTimeout):  # the second connection's peer never reads
+            wire2 = WireTransport()
+            await wire2.handle_async_request(request(srv["url"], body=b"y" * size,
+                                                     timeout={"connect": 2, "read": 2, "write": 0.3, "pool": 2}))
+        stall.set()
+        assert wire2.stats() == (0, 0)
+        await wire.aclose()
+        await wire2.aclose()
