@@ -160,17 +160,7 @@ class SpanEncoder:
                  self._head(r), _TIMES(0x39, r.start, 0x41, r.end_time)]
         if r.trace_state:  # fields may come in any order; the decoded message is the same
             parts.append(_ld(b"\x1a", r.trace_state.encode()))
-        cache, miss = self.cache, self._miss
-        for key, value in r.attributes.items():  # `_attributes`, inlined: this span's own values
-            entry = cache.get(key)
-            if entry is None:
-                parts.append(miss(key, value))
-            elif entry.__class__ is bytes:  # a one-off value
-                parts.append(_attribute(entry, value))  # type: ignore[arg-type]
-            else:
-                cls = value.__class__
-                found = entry.get(value) if cls is str or cls is int else None  # type: ignore[union-attr]
-                parts.append(found if found is not None else miss(key, value))
+        self._attributes(r.attributes, parts)  # this span's own values
         for event, attrs, ts in r.events or ():  # Span.events = 11: time 1 (fixed64), name 2, attributes 3
             parts.append(_ld(b"\x5a", b"\x09" + _pack_q(ts) + _ld(b"\x12", event.encode()) + _key_values(b"\x1a", attrs)))
         if r.error is not None:  # Status = 15: message 2, code 3 (2 = ERROR)

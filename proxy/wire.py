@@ -137,14 +137,10 @@ class WireTransport(httpx.AsyncBaseTransport):
         loop = asyncio.get_running_loop()
         deadline = None
         while True:
-            idle = self._idle.get(origin)
+            conn = self._pooled(origin)  # again after every wake-up: a released connection may be ours
+            if conn is not None:
+                return conn
             now = loop.time()
-            while idle:
-                conn = idle.pop()
-                if conn.usable(now, self.keepalive_expiry):
-                    return conn
-                conn.abort()
-                self._forget(conn)
             if self._count >= self.max_connections:
                 self._evict_idle()  # an idle connection to another origin makes room
             if self._count < self.max_connections:
