@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 
 from config.models import Config, Deployment
+from middlewares.ratelimit_batch import ReserveBatcher
 from middlewares.ratelimit_plan import Plan, encode, limit_arg, settle_keys
 from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError
@@ -68,6 +69,7 @@ class RateLimitMiddleware:
         # Settlements are batched (process-wide, like a pool): one pipelined round trip per
         # SETTLE_EVERY seconds instead of one per request.
         self.settlements: list[tuple[list[Any], list[Any]]] = []
+        self.batcher = ReserveBatcher(deps)  # process-wide too: reservations of one loop turn share a call
         self.flusher: asyncio.Task[None] | None = None
 
     def plan(self, ctx: RequestContext) -> Plan:
@@ -123,7 +125,7 @@ class RateLimitMiddleware:
     async def _reserve(self, ctx: RequestContext, plan: Plan, member: str) -> list[tuple[bytes, bytes]]:
         common, candidates = plan.common, plan.candidates
         try:
-            reply = await self.runtime.store.script("reserve", plan.call, self._head(ctx, member, len(common), plan.conc))
+            reply = await self.batcher.reserve(plan.block, [*self._head(ctx, member, len(common), plan.conc), *plan.tail])
         except StoreUnavailable:
             return self._fallback(ctx, common, candidates, member, plan.conc, plan.conc_key)
         admitted, chosen, retry_ms, marker = int(reply[0]), int(reply[1]), int(reply[2]), int(reply[4])
@@ -151,7 +153,7 @@ class RateLimitMiddleware:
             if ctx.reservation and ctx.reservation.get("store") == "redis":
                 keys, limits = encode([], candidates, None)
                 try:
-                    reply = await self.runtime.store.script("reserve", keys, [*self._head(ctx, member, 0, None), *limits])
+                    reply = await self.batcher.reserve(tuple(keys), [*self._head(ctx, member, 0, None), *limits])
                 except StoreUnavailable:
                     reply = None
                 if reply is not None:

@@ -392,9 +392,9 @@ def test_cancelled_limit_checks_corrupt_no_later_reply(redis_server: dict[str, A
     rng = random.Random(1234)
 
     def args(member: str, rpm: int, tpm: int) -> list[Any]:
-        # reserve.lua ARGV: member, tokens, common scopes, max_concurrent, lease ms, probe lock ms,
-        # then per scope the default rpm and tpm
-        return [member, 1, 1, 0, 60000, 0, rpm, tpm]
+        # reserve.lua ARGV, a batch of one: record length, key offset, member, tokens, common scopes,
+        # max_concurrent, lease ms, probe lock ms, then per scope the default rpm and tpm
+        return [10, 0, member, 1, 1, 0, 60000, 0, rpm, tpm]
 
     async def scenario() -> dict[str, Any]:
         store = Store(parse_config(f'state: {{redis_url: "{redis_server["url"]}", redis_timeout: 1s}}\n', "s.yaml", {}))
@@ -429,7 +429,7 @@ def test_cancelled_limit_checks_corrupt_no_later_reply(redis_server: dict[str, A
                     errors.append(repr(exc))
                     continue
                 # {admitted, chosen, retry ms, now, marker, probe, scope 1, rpm, remaining, reset, tpm, ...}
-                reply = [int(v) for v in reply]
+                reply = [int(v) for v in reply[0]]  # the batch of one's only reply
                 if (len(reply) < 13 or reply[0] != 1 or reply[4] != 0 or reply[6] != 1
                         or reply[7] != 10_000_000 + i or reply[10] != 20_000_000 + i):
                     wrong.append((i, reply))
@@ -447,7 +447,7 @@ def test_cancelled_limit_checks_corrupt_no_later_reply(redis_server: dict[str, A
         fresh_keys = [*counter_keys(fresh), limits_key(fresh)]
         sequence = []
         for j in range(7):
-            reply = [int(v) for v in await store.script("reserve", fresh_keys, args(f"n{j}", 5, -1))]
+            reply = [int(v) for v in (await store.script("reserve", fresh_keys, args(f"n{j}", 5, -1)))[0]]
             sequence.append((reply[0], reply[8] if reply[0] else reply[2] > 0))  # remaining, or a retry time
         # and plain commands interleaved concurrently get their own replies
         async def echo(k: int) -> bool:

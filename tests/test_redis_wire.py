@@ -33,9 +33,14 @@ COUNT = "return {redis.call('INCR', KEYS[1]), ARGV[1], ARGV[2]}"
 
 
 def reserve_call(scope: str, member: str) -> tuple[list[str], list[Any]]:
-    """reserve.lua on one common scope (ARGV: member, tokens, 1 scope, no concurrency cap, lease,
-    probe lock, then that scope's default rpm and tpm)."""
-    return [*counter_keys(scope), limits_key(scope)], [member, 1, 1, 0, 60000, 0, 1000, -1]
+    """reserve.lua, a batch of one request on one common scope (ARGV record: its length, key offset,
+    member, tokens, 1 scope, no concurrency cap, lease, probe lock, then the scope's default rpm and tpm)."""
+    return [*counter_keys(scope), limits_key(scope)], [10, 0, member, 1, 1, 0, 60000, 0, 1000, -1]
+
+
+async def reserve(store: Store, scope: str, member: str) -> Any:
+    """That one request's reply."""
+    return (await store.script("reserve", *reserve_call(scope, member)))[0]
 
 
 def store_for(url: str, timeout: str = "30s") -> Store:
@@ -51,7 +56,7 @@ async def until_answered(store: Store, scope: str, bound: float = 15.0) -> Any:
     deadline = time.monotonic() + bound
     while True:
         try:
-            return await store.script("reserve", *reserve_call(scope, f"probe-{time.monotonic()}"))
+            return await reserve(store, scope, f"probe-{time.monotonic()}")
         except StoreUnavailable:
             assert time.monotonic() < deadline, "the store never answered again"
             await asyncio.sleep(0.05)
@@ -200,9 +205,9 @@ def test_killed_mid_call_fails_at_once_opens_the_breaker_then_reconnects(redis_s
     store = store_for(url)  # a long deadline: only the kill can end the call in flight
 
     async def scenario() -> None:
-        assert (await store.script("reserve", *reserve_call("kill", "m0")))[0] == 1
+        assert (await reserve(store, "kill", "m0"))[0] == 1
         os.kill(pid, signal.SIGSTOP)
-        in_flight = asyncio.ensure_future(store.script("reserve", *reserve_call("kill", "m1")))
+        in_flight = asyncio.ensure_future(reserve(store, "kill", "m1"))
         for _ in range(5):  # written and waiting
             await asyncio.sleep(0)
         redis_server["proc"].kill()
@@ -211,7 +216,7 @@ def test_killed_mid_call_fails_at_once_opens_the_breaker_then_reconnects(redis_s
             await asyncio.wait_for(in_flight, 20)  # a hang guard, not a time limit on the behaviour
         assert store.degraded
         with pytest.raises(StoreUnavailable, match="breaker open"):
-            await store.script("reserve", *reserve_call("kill", "m2"))
+            await reserve(store, "kill", "m2")
         await asyncio.to_thread(restart_redis, redis_server)
         reply = await until_answered(store, "kill")  # a fresh server: NOSCRIPT is transparent
         assert reply[0] == 1 and not store.degraded
@@ -227,7 +232,7 @@ def test_paused_redis_misses_deadlines_and_one_slow_reply_never_opens(redis_serv
     async def misses(n: int) -> None:
         for i in range(n):
             with pytest.raises(StoreUnavailable, match="deadline"):
-                await asyncio.wait_for(store.script("reserve", *reserve_call("pause", f"late-{i}")), 20)
+                await asyncio.wait_for(reserve(store, "pause", f"late-{i}"), 20)
 
     async def scenario() -> None:
         await until_answered(store, "pause")
@@ -236,7 +241,7 @@ def test_paused_redis_misses_deadlines_and_one_slow_reply_never_opens(redis_serv
             await misses(MISSES_TO_OPEN - 1)
         finally:
             os.kill(pid, signal.SIGCONT)
-        assert (await store.script("reserve", *reserve_call("pause", "answered")))[0] == 1
+        assert (await reserve(store, "pause", "answered"))[0] == 1
         assert not store.degraded, "misses short of MISSES_TO_OPEN, then an answer: still closed"
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -245,7 +250,7 @@ def test_paused_redis_misses_deadlines_and_one_slow_reply_never_opens(redis_serv
             await misses(1)
             assert store.degraded
             with pytest.raises(StoreUnavailable, match="breaker open"):
-                await store.script("reserve", *reserve_call("pause", "refused"))
+                await reserve(store, "pause", "refused")
         finally:
             os.kill(pid, signal.SIGCONT)
         await until_answered(store, "pause")
@@ -286,7 +291,7 @@ def reserve_in(url: str) -> list[Any]:
     async def scenario() -> list[Any]:
         store = store_for(url)
         try:
-            return list(await store.script("reserve", *reserve_call("url", "m1")))
+            return list(await reserve(store, "url", "m1"))
         finally:
             await store.aclose()
 
