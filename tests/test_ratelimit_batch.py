@@ -1,0 +1,122 @@
+"""Reservations batched per loop turn (`middlewares/ratelimit_batch.py` + the batch form of
+`proxy/lua/reserve.lua`), on both stores: the embedded one and a test-owned redis-server.
+
+- Concurrent reservations of one turn are one script call, and each request is still taken in
+  arrival order, all or nothing: exactly the limit is admitted, and each reply is its own.
+- Plans with different keys share a batch: a key that appears in both blocks (the global scope)
+  is counted once, across both.
+- A request refused in a batch reserves nothing (its tokens stay for the requests after it).
+- No reply reaches every waiter as its own `StoreUnavailable`.
+"""
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+
+from config import parse_config
+from middlewares.ratelimit_batch import ReserveBatcher
+from middlewares.ratelimit_plan import Plan
+from proxy.context import Principal
+from proxy.state import Store, StoreUnavailable, counter_keys
+from tests.servers import free_port
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def url(request: pytest.FixtureRequest) -> str:
+    return "" if request.param == "embedded" else request.getfixturevalue("redis_server")["url"]
+
+
+def store_for(url: str) -> Store:
+    return Store(parse_config(f'state: {{redis_url: "{url}", redis_timeout: 2s}}\n', "s.yaml", {}))
+
+
+def record(plan: Plan, member: str, tokens: int = 1) -> list[Any]:
+    """reserve.lua's record after its length and key offset: member, estimate, common scopes, no
+    concurrency cap, lease, probe lock, then the plan's per-scope default limits."""
+    return [member, tokens, len(plan.common), 0, 60000, 1000, *plan.tail]
+
+
+def evalsha_calls(url: str) -> int:
+    if not url:
+        return 0
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0)) + int(stats.get("cmdstat_eval", {}).get("calls", 0))
+
+
+def test_one_turn_is_one_call_and_exact(url: str) -> None:
+    store = store_for(url)
+    batcher = ReserveBatcher(SimpleNamespace(store=store))  # type: ignore[arg-type]
+    plan = Plan((10, None), {}, None, None, ())
+
+    async def scenario() -> list[Any]:
+        await batcher.reserve(plan.block, record(plan, "warm"))  # loads the script: not counted below
+        before = evalsha_calls(url)
+        replies = await asyncio.gather(*(batcher.reserve(plan.block, record(plan, f"m{i}")) for i in range(40)))
+        calls = evalsha_calls(url) - before
+        await store.aclose()
+        return [calls, replies]
+
+    calls, replies = asyncio.run(scenario())
+    if url:
+        assert calls == 1, "40 reservations of one loop turn: one script call"
+    admitted = [int(r[0]) for r in replies]
+    assert admitted == [1] * 9 + [0] * 31, "the warm-up took 1 of 10; then arrival order, exactly"
+    # each reply is its own: the remaining count falls one by one, the refused ones say when to retry
+    assert [int(r[8]) for r in replies[:9]] == list(range(8, -1, -1))
+    assert all(int(r[2]) > 0 for r in replies[9:])
+
+
+def test_plans_with_a_shared_key_count_it_once(url: str) -> None:
+    store = store_for(url)
+    batcher = ReserveBatcher(SimpleNamespace(store=store))  # type: ignore[arg-type]
+    alice = Plan((3, None), {}, Principal("alice"), None, ())
+    bob = Plan((3, None), {}, Principal("bob"), None, ())
+    assert alice.block[0] == bob.block[0] and alice.block != bob.block  # the global log, then their own keys
+
+    async def scenario() -> list[Any]:
+        calls = [batcher.reserve(p.block, record(p, f"{name}{i}"))
+                 for i in range(2) for name, p in (("alice", alice), ("bob", bob))]
+        replies = await asyncio.gather(*calls)
+        await store.aclose()
+        return replies
+
+    replies = asyncio.run(scenario())
+    assert [int(r[0]) for r in replies] == [1, 1, 1, 0], "global rpm 3 across both plans, in arrival order"
+    if url:
+        assert redis.Redis.from_url(url).zcard(counter_keys("global")[0]) == 3
+
+
+def test_a_refused_request_reserves_nothing(url: str) -> None:
+    """Tokens per minute 100: 60 fits, 60 more does not, and the refused one leaves room for 40."""
+    store = store_for(url)
+    batcher = ReserveBatcher(SimpleNamespace(store=store))  # type: ignore[arg-type]
+    plan = Plan((None, 100), {}, None, None, ())
+
+    async def scenario() -> list[Any]:
+        replies = await asyncio.gather(batcher.reserve(plan.block, record(plan, "a", 60)),
+                                       batcher.reserve(plan.block, record(plan, "b", 60)),
+                                       batcher.reserve(plan.block, record(plan, "c", 40)))
+        await store.aclose()
+        return replies
+
+    assert [int(r[0]) for r in asyncio.run(scenario())] == [1, 0, 1]
+
+
+def test_no_reply_reaches_every_waiter() -> None:
+    store = store_for(f"redis://127.0.0.1:{free_port()}/0")  # nobody listens there
+    batcher = ReserveBatcher(SimpleNamespace(store=store))  # type: ignore[arg-type]
+    plan = Plan((10, None), {}, None, None, ())
+
+    async def scenario() -> list[Any]:
+        out = await asyncio.gather(*(batcher.reserve(plan.block, record(plan, f"m{i}")) for i in range(5)),
+                                   return_exceptions=True)
+        await store.aclose()
+        return out
+
+    errors = asyncio.run(scenario())
+    assert all(isinstance(e, StoreUnavailable) for e in errors), errors
+    assert len({id(e) for e in errors}) == 5, "one exception instance per waiter"
