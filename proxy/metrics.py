@@ -16,7 +16,8 @@ Contract:
   `other`; `status` an HTTP status; `error_type` the closed error vocabulary.
 - The request path resolves labels once per (provider, model label, operation): `route()` returns a
   `Route` holding that combination's series, so a request costs one tuple lookup plus a few
-  increments, not one label lookup per metric (the set of routes is bounded by the labels).
+  increments, not one label lookup per metric (the set of routes is bounded by the labels);
+  `Route.finish()` records a request's status, duration and tokens in one call.
 - Several uvicorn workers: `prepare_multiprocess()` (called by `serve` before the workers start)
   points prometheus_client at a shared directory, and `/metrics` then aggregates every worker.
 """
@@ -122,6 +123,20 @@ class Route:
             found = self.series[kind] = (m.child(m.tokens, self.provider, self.model, kind),
                                          m.child(m.token_usage, *self.genai, kind))
         return found
+
+    def finish(self, status: int, seconds: float, input_tokens: int | None, output_tokens: int | None) -> None:
+        """A request's count by status, its duration and its non-zero token counts: one call, not one a series."""
+        series = self.series
+        (series.get(status) or self.status(status)).inc()
+        (series.get("duration") or self.duration()).observe(seconds)
+        if input_tokens:
+            counter, histogram = series.get("input") or self.tokens("input")
+            counter.inc(input_tokens)
+            histogram.observe(input_tokens)
+        if output_tokens:
+            counter, histogram = series.get("output") or self.tokens("output")
+            counter.inc(output_tokens)
+            histogram.observe(output_tokens)
 
     def error(self, code: str) -> Any:
         found = self.errors.get(code)

@@ -38,6 +38,8 @@ from proxy.telemetry_export import Exporters
 from proxy.tracing import parse_traceparent
 
 log = structlog.get_logger("llm_gateway.telemetry")
+_perf_counter = time.perf_counter  # module globals: one lookup, not two, on every hook
+_CLIENT = SpanKind.CLIENT
 
 
 class GatewayObserver(Observer):
@@ -76,27 +78,20 @@ class GatewayObserver(Observer):
 
     def request_end(self, ctx: RequestContext, handle: Any, status: int, outcome: str) -> None:
         try:
-            total = time.perf_counter() - ctx.started
+            total = _perf_counter() - ctx.started
             dep = ctx.deployment if ctx.attempts else None
             code = None if outcome == "ok" else error_type(outcome)
             m = self.metrics
             if m is not None:
                 route = m.route(dep.name if dep is not None else None, ctx.model, ctx.operation)
-                route.status(status).inc()
-                route.duration().observe(total)
+                u = ctx.usage
+                if dep is not None:  # tokens count only when a deployment was called
+                    route.finish(status, total, u.input_tokens, u.output_tokens)
+                else:
+                    route.finish(status, total, None, None)
                 self.overhead.observe(max(0.0, total - ctx.upstream_seconds))  # type: ignore[union-attr]
                 if code:
                     route.error(code).inc()
-                u = ctx.usage
-                if dep is not None:
-                    if u.input_tokens:
-                        counter, histogram = route.tokens("input")
-                        counter.inc(u.input_tokens)
-                        histogram.observe(u.input_tokens)
-                    if u.output_tokens:
-                        counter, histogram = route.tokens("output")
-                        counter.inc(u.output_tokens)
-                        histogram.observe(u.output_tokens)
             span = handle
             if span is not None:
                 if span.sampled:
@@ -122,7 +117,7 @@ class GatewayObserver(Observer):
     # --- attempts --------------------------------------------------------------------------------
     def attempt_start(self, ctx: RequestContext, dep: Deployment, url: str, headers: list[tuple[str, str]]) -> Any:
         ctx.extra["attempt_open"] = True
-        started = time.perf_counter()
+        started = _perf_counter()
         if self.tracer is None and self.metrics is None:
             return (started, None, None)
         try:
@@ -132,10 +127,10 @@ class GatewayObserver(Observer):
             if parent is None:
                 return (started, None, kind)
             if parent.sampled:
-                span = self.tracer.start_child(parent, kind[0], SpanKind.CLIENT,  # type: ignore[union-attr]
+                span = self.tracer.start_child(parent, kind[0], _CLIENT,  # type: ignore[union-attr]
                                                {"gateway.attempt": ctx.attempts + 1}, kind[1])
             else:  # ids only, for the upstream's traceparent
-                span = self.tracer.start_child(parent, "", SpanKind.CLIENT, {})  # type: ignore[union-attr]
+                span = self.tracer.start_child(parent, "", _CLIENT, {})  # type: ignore[union-attr]
             if ctx.extra.get("client_traceparent"):
                 headers[:] = [(k, v) for k, v in headers if k.lower() != "traceparent"]
             headers.append(("traceparent", span.traceparent))
@@ -148,8 +143,8 @@ class GatewayObserver(Observer):
                     error_type_: str | None) -> None:
         ctx.extra["attempt_open"] = False
         try:
-            started, span, kind = handle if isinstance(handle, tuple) else (time.perf_counter(), None, None)
-            seconds = time.perf_counter() - started
+            started, span, kind = handle if isinstance(handle, tuple) else (_perf_counter(), None, None)
+            seconds = _perf_counter() - started
             code = error_type(error_type_)
             if code:
                 ctx.extra["attempt_error"] = code
@@ -186,7 +181,7 @@ class GatewayObserver(Observer):
         m = self.metrics
         if m is not None and ctx.deployment is not None:
             try:  # the gateway is the server here: request start to the first chunk sent
-                m.route(ctx.deployment.name, ctx.model, ctx.operation).ttft().observe(time.perf_counter() - ctx.started)
+                m.route(ctx.deployment.name, ctx.model, ctx.operation).ttft().observe(_perf_counter() - ctx.started)
             except Exception:  # noqa: BLE001
                 log.exception("telemetry_hook_failed", hook="first_chunk")
 
