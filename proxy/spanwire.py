@@ -9,7 +9,7 @@ Contract:
   the rest of the gateway's telemetry together. Here a record's name, kind and shared `static`
   attributes are encoded once per `static` dict (checked against the record's name and kind),
   repeating attribute pairs (status, attempt, token counts) come from a cache, and one-off values
-  (request id, overhead) take a short path. Every cache is bounded
+  (request id, overhead) get a ready head per key (and string length) and only their own bytes. Every cache is bounded
   (`_CACHE_LIMIT` entries, cleared when full); bools and ints never share a cache entry.
 - One thread at a time per encoder (the span processor's export lock); no I/O.
 """
@@ -85,6 +85,35 @@ def _attribute(key_field: bytes, value: Any, tag: bytes = b"\x4a") -> bytes:
     return _ld(tag, key_field + _ld(b"\x12", _any(value)))
 
 
+class _OneOff:
+    """A span attribute key whose values rarely repeat (request id, overhead): its encoded heads.
+
+    A float's KeyValue is a fixed head and 8 bytes; a string's head depends only on its length (request
+    ids have one length). Prepending a ready head is ~3x cheaper than formatting the whole field."""
+
+    __slots__ = ("key_field", "float_head", "str_heads")
+
+    def __init__(self, key_field: bytes) -> None:
+        self.key_field = key_field
+        self.float_head = b"\x4a%c%b\x12\x09\x21" % (len(key_field) + 11, key_field) if len(key_field) < 0x75 else b""
+        self.str_heads: dict[int, bytes] = {}  # encoded length -> head (one-byte lengths only)
+
+    def encode(self, value: Any) -> bytes:
+        cls = value.__class__
+        if cls is float and self.float_head:
+            return self.float_head + _pack_d(value)
+        if cls is str:
+            encoded = value.encode()
+            n = len(encoded)
+            head = self.str_heads.get(n)
+            if head is None and len(self.key_field) + n < 0x7C and len(self.str_heads) < 64:
+                head = self.str_heads[n] = b"\x4a%c%b\x12%c\x0a%c" % (len(self.key_field) + n + 4, self.key_field,
+                                                                       n + 2, n)
+            if head is not None:
+                return head + encoded
+        return _attribute(self.key_field, value)
+
+
 def _key_values(tag: bytes, attributes: Any) -> bytes:
     return b"".join(_attribute(_ld(b"\x0a", str(k).encode()), v, tag) for k, v in attributes.items())
 
@@ -98,8 +127,8 @@ class SpanEncoder:
         head = _ld(b"\x0a", scope.name.encode()) + (_ld(b"\x12", scope.version.encode()) if scope.version else b"")
         self.scope = _ld(b"\x0a", head)
         self.resource = _ld(b"\x0a", _key_values(b"\x0a", resource.attributes))
-        # key -> {value: encoded attribute} for repeating values, or the encoded key alone for one-off ones
-        self.cache: dict[str, dict[Any, bytes] | bytes] = {}
+        # key -> {value: encoded attribute} for repeating values, or a `_OneOff` for one-off ones
+        self.cache: dict[str, dict[Any, bytes] | _OneOff] = {}
         # id(static dict) -> (it, span name, kind, encoded name + kind + its attributes)
         self.shared: dict[int, tuple[dict[str, Any], str, SpanKind, bytes]] = {}
 
@@ -110,9 +139,9 @@ class SpanEncoder:
             if len(self.cache) >= _CACHE_LIMIT:
                 self.cache.clear()
             key_field = _ld(b"\x0a", key.encode())
-            entry = self.cache[key] = key_field if key in _UNIQUE else {}
-        if entry.__class__ is bytes:
-            return _attribute(entry, value)  # type: ignore[arg-type]
+            entry = self.cache[key] = _OneOff(key_field) if key in _UNIQUE else {}
+        if entry.__class__ is _OneOff:
+            return entry.encode(value)  # type: ignore[union-attr]
         encoded = _attribute(_ld(b"\x0a", key.encode()), value)
         cls = value.__class__
         if cls is str or cls is int:  # never bool or float: True == 1 == 1.0 as dict keys
@@ -127,8 +156,8 @@ class SpanEncoder:
             entry = cache.get(key)
             if entry is None:
                 parts.append(miss(key, value))
-            elif entry.__class__ is bytes:  # a one-off value
-                parts.append(_attribute(entry, value))  # type: ignore[arg-type]
+            elif entry.__class__ is _OneOff:  # a one-off value
+                parts.append(entry.encode(value))  # type: ignore[union-attr]
             else:
                 cls = value.__class__
                 found = entry.get(value) if cls is str or cls is int else None  # type: ignore[union-attr]

@@ -157,6 +157,39 @@ def test_encoder_writes_what_the_sdk_writes() -> None:
     processor.shutdown()
 
 
+def test_one_off_values_encode_like_the_sdk() -> None:
+    """Request ids, overheads and first-chunk times take ready heads per key and length: same bytes as the SDK."""
+    res = resource()
+    processor = BoundedSpanProcessor(InMemorySpanExporter(), res, on_drop=lambda n: None, on_fail=lambda n: None)
+    tracer = Tracer(1.0, processor)
+    values: list[Any] = ["gw-0123456789abcdef", "gw-fedcba9876543210", "gw-ü", "", "x" * 90, "x" * 140, 0.0, -2.5,
+                         1e300, 3, True, ("a", "b")]
+    records = [tracer.start_server("x", None, None, {"gateway.request_id": v, "gateway.overhead_ms": v,
+                                                     "gen_ai.response.time_to_first_chunk": v}) for v in values]
+    for r in records:
+        r.end_time = r.start + 1
+    encoder = SpanEncoder(res, SCOPE)
+    for _ in range(2):  # then with the heads made
+        ours = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(r) for r in records]))
+        assert ours == encode_spans([processor.readable(r) for r in records])
+    processor.shutdown()
+
+
+def test_route_finish_records_status_duration_and_non_zero_tokens() -> None:
+    from proxy.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics(CFG)
+    route = metrics.route(DEP.name, "gpt-4o-mini", "chat")
+    route.finish(200, 0.03, 12, 0)
+    route.finish(200, 0.05, None, 4)
+    route.finish(502, 0.01, None, None)
+    text = metrics.render().decode()
+    assert 'status="200"} 2.0' in text and 'status="502"} 1.0' in text
+    assert 'llm_request_duration_seconds_count{model="gpt-4o-mini",provider="openai-good"} 3.0' in text
+    assert 'token_type="input"} 12.0' in text and 'token_type="output"} 4.0' in text
+    assert text.count("gen_ai_client_token_usage_count") == 2
+
+
 def test_metric_routes_are_resolved_once_and_series_made_on_use() -> None:
     obs, _ = observer()
     m = obs.metrics
