@@ -40,6 +40,7 @@ from proxy.state import StoreUnavailable, done_key
 
 log = structlog.get_logger("llm_gateway.ratelimit")
 SETTLE_EVERY = 0.005
+SETTLE_BATCH = 500  # settlements per reconcile.lua call
 _STAT = 7
 _MAX_PLANS = 4096
 
@@ -260,7 +261,7 @@ class RateLimitMiddleware:
 
     def _queue(self, tag: str, member: str, conc_key: str | None, amount: int, keys: list[bytes], limits: list[int],
                deployments: list[str], est: int) -> None:
-        """One reconcile.lua call (see its header) for the next batch."""
+        """One reconcile.lua record (see its header) for the next batch."""
         done = done_key(tag)
         keys = [done, conc_key or done, *keys]
         args: list[Any] = [member, amount, *limits]
@@ -268,24 +269,22 @@ class RateLimitMiddleware:
             keys.extend(settle_keys(f"provider:{name}"))
             args.append(limit_arg(self._tpm(name)))
         args.append(est)  # last: each scope is settled against the min(estimate, tpm) it was charged
-        self.settlements.append((keys, args))
+        self.settlements.append((keys, [len(args) + 2, len(keys), *args]))
 
     async def _flush(self) -> None:
-        """Every SETTLE_EVERY seconds while requests finish: all their settlements in one pipelined
-        round trip. What finishes during a round trip waits for the next tick, so a slow Redis
-        means bigger batches, never more round trips."""
+        """Every SETTLE_EVERY seconds while requests finish: all their settlements in one reconcile.lua
+        call. What finishes during a round trip waits for the next tick, so a slow Redis means bigger
+        batches, never more round trips."""
         while True:
             await asyncio.sleep(SETTLE_EVERY)
             queued, self.settlements = self.settlements, []
             if not queued:
                 return
-            for start in range(0, len(queued), 500):
-                batch = queued[start:start + 500]
+            for start in range(0, len(queued), SETTLE_BATCH):
+                batch = queued[start:start + SETTLE_BATCH]
                 try:
-                    replies = await self.runtime.store.script_many("reconcile", batch)
-                    failed = [r for r in replies if isinstance(r, Exception)]
-                    if failed:
-                        log.warning("reconcile_failed", count=len(failed), error=type(failed[0]).__name__)
+                    await self.runtime.store.script("reconcile", [k for keys, _ in batch for k in keys],
+                                                    [a for _, record in batch for a in record])
                 except StoreUnavailable:
                     log.warning("reconcile_skipped", count=len(batch), reason="store unavailable")
                 except Exception:  # noqa: BLE001 - reconciling must never hurt a finished request

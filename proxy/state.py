@@ -3,7 +3,7 @@
 Contract:
 - `Store(config)` connects lazily to `state.redis_url`; with no URL it runs the same Lua scripts in
   process on fakeredis (with lupa), on the same code path.
-- The hot path (`script`, `script_many`: the Lua scripts) goes through `proxy/redis_wire.py`, one
+- The hot path (`script`: the Lua scripts) goes through `proxy/redis_wire.py`, one
   auto-pipelined connection shared by every caller; everything else (admin, live limits, usage,
   keys, health figures) through redis-py in `call`. NOSCRIPT after a flush, restart or failover is
   transparent on both (EVAL resend / redis-py's `Script`); no other call is ever resent.
@@ -228,34 +228,6 @@ class Store:
             raise reply
         self._answered(started)
         return reply
-
-    async def script_many(self, name: str, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
-        """Several calls of one script in one write (one round trip). Each reply is a value or the
-        `ResponseError` of that call; no reply at all is `StoreUnavailable` for the whole batch."""
-        if self.embedded:
-            script = self._embedded_script(name)
-            async with self.client.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    await script(keys=keys, args=args, client=pipe)
-                return list(await pipe.execute(raise_on_error=False))
-        self._enter()
-        started = time.perf_counter()
-        wire = self.wire
-        timeout = max(self.timeout, 1.0)
-        futures = [wire.script(name, keys, args, timeout) for keys, args in calls]
-        try:
-            for fut in reversed(futures):  # FIFO: once the last is answered, the others are (bar resends)
-                await fut
-            replies = [fut.result() for fut in futures]
-        except BaseException as exc:
-            for fut in futures:  # nobody waits for the rest: their replies are dropped on arrival
-                if not fut.cancel() and not fut.cancelled():
-                    fut.exception()  # retrieved: no "never retrieved" warning
-            if isinstance(exc, WireError):
-                raise self._unanswered(exc, started) from None
-            raise
-        self._answered(started)
-        return replies
 
     def _embedded_script(self, name: str) -> Any:
         self.client  # noqa: B018 - registers the scripts on first use

@@ -262,28 +262,36 @@ def test_paused_redis_misses_deadlines_and_one_slow_reply_never_opens(redis_serv
     asyncio.run(scenario())
 
 
-def test_script_many_is_one_batch_and_survives_a_flush(redis_server: dict[str, Any]) -> None:
+def test_a_settlement_batch_is_one_call_and_survives_a_flush(redis_server: dict[str, Any]) -> None:
     store = store_for(redis_server["url"])
     admin = redis.Redis(port=redis_server["port"])
     scope = "batch"
 
-    def settlements(batch: str) -> list[tuple[list[Any], list[Any]]]:
-        """reconcile.lua: done marker (twice: no concurrency lease), then the scope's token TAT and
-        live-limit hash; ARGV member, delta, the scope's default tpm, the estimate."""
-        return [([f"llmgw:{{llmgw}}:settled:{batch}{i}"] * 2 + [counter_keys(scope)[1], limits_key(scope)],
-                 [f"{batch}{i}", -1, 1000, 10]) for i in range(40)]
+    def settlements(batch: str) -> tuple[list[Any], list[Any]]:
+        """reconcile.lua, 40 records: done marker (twice: no concurrency lease), then the scope's token
+        TAT and live-limit hash; each record: length, key count, member, delta, the scope's default
+        tpm, the estimate."""
+        keys: list[Any] = []
+        args: list[Any] = []
+        for i in range(40):
+            keys += [f"llmgw:{{llmgw}}:settled:{batch}{i}"] * 2 + [counter_keys(scope)[1], limits_key(scope)]
+            args += [6, 4, f"{batch}{i}", -1, 1000, 10]
+        return keys, args
 
     async def scenario() -> list[list[Any]]:
-        first = await store.script_many("reconcile", settlements("a"))
+        first = await store.script("reconcile", *settlements("a"))
         admin.script_flush()
-        after_flush = await store.script_many("reconcile", settlements("b"))  # every one NOSCRIPT, resent once
-        again = await store.script_many("reconcile", settlements("b"))  # idempotent: each settles once
+        after_flush = await store.script("reconcile", *settlements("b"))  # NOSCRIPT: resent once, as EVAL
+        again = await store.script("reconcile", *settlements("b"))  # idempotent: each settles once
         await store.aclose()
         return [first, after_flush, again]
 
+    calls = int(admin.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
     first, after_flush, again = asyncio.run(scenario())
+    calls = int(admin.info("commandstats")["cmdstat_evalsha"]["calls"]) - calls
     admin.close()
     assert first == [1] * 40 and after_flush == [1] * 40 and again == [0] * 40
+    assert calls == 3, "one call per batch of 40"
 
 
 # --- connection settings from the URL -------------------------------------------------------------
