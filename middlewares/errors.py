@@ -10,7 +10,8 @@ Contract:
   is dropped so the client sees a truncated response, not a false success.
 - Any other exception is logged server-side and answered as a native 500 without a traceback.
 - It is the one layer that wraps `send`: it records what the client got on the context
-  (`response_status`, `response_streaming`; telemetry reads them) and stamps every
+  (`response_status`, `response_streaming`; telemetry reads them), appends the headers an inner
+  layer left in `ctx.response_headers` (the rate limiter's), and stamps every
   response start with `x-gateway-overhead-ms` (unless `monitoring.overhead_header: false`): time so
   far minus upstream time so far (an attempt still streaming counts as upstream time), so streams
   and errors carry it too.
@@ -97,8 +98,12 @@ class ErrorMiddleware:
                 ctx.response_status = message["status"]
                 ctype = next((v for k, v in headers if k == b"content-type"), b"")
                 ctx.response_streaming = any(t in ctype for t in _STREAM_TYPES)
+                added = ctx.response_headers
                 if overhead:
-                    message = {**message, "headers": [*headers, overhead_header(ctx, ctx.started)]}
+                    message = {**message, "headers": [*headers, *added, overhead_header(ctx, ctx.started)]
+                               if added else [*headers, overhead_header(ctx, ctx.started)]}
+                elif added:
+                    message = {**message, "headers": [*headers, *added]}
             await send(message)
 
         try:

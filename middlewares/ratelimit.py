@@ -102,15 +102,10 @@ class RateLimitMiddleware:
             return
         plan = self.plan(ctx)
         member = self._member(ctx)
-        headers = await self._reserve(ctx, plan, member)
-
-        async def send_with_headers(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start" and headers:
-                message = {**message, "headers": [*message.get("headers", ()), *headers]}
-            await send(message)
+        ctx.response_headers = await self._reserve(ctx, plan, member) or None  # the error layer adds them
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            await self.app(scope, receive, send)
         finally:
             ctx.admit_deployment = None  # it holds ctx: without this, every context would wait for the GC
             try:

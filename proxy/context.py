@@ -89,6 +89,8 @@ class RequestContext:
     # What the client has been sent, recorded by the error layer's one `send` wrapper (others read it).
     response_status: int = 0  # 0 = no response start yet
     response_streaming: bool = False
+    # Added to the response start by that wrapper (the rate limiter's headers): no wrapper per layer.
+    response_headers: list[tuple[bytes, bytes]] | None = None
     may_retry: bool = False  # the forwarder raises retryable failures instead of relaying them
     hold_stream: bool = False  # hold a stream's first events until they show it is healthy
     failed_over: bool = False
