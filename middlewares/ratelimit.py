@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 
 from config.models import Config, Deployment
-from middlewares.ratelimit_batch import ReserveBatcher
+from middlewares.ratelimit_batch import Block, ReserveBatcher
 from middlewares.ratelimit_plan import Plan, encode, limit_arg, settle_keys
 from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError
@@ -80,7 +80,7 @@ class RateLimitMiddleware:
         if plan is None:
             if len(self.plans) >= _MAX_PLANS:  # many managed keys or models: start over, never grow unbounded
                 self.plans.clear()
-            plan = self.plans[key] = Plan(self.global_limits, self.providers, p, ctx.model, names)
+            plan = self.plans[key] = Plan(self.global_limits, self.providers, p, ctx.model, names, self.lease_ms)
         return plan
 
     def _member(self, ctx: RequestContext) -> str:
@@ -113,15 +113,10 @@ class RateLimitMiddleware:
             except Exception:  # noqa: BLE001 - settling must never hurt a finished request
                 log.exception("settle_failed", request_id=ctx.request_id)
 
-    def _head(self, ctx: RequestContext, member: str, common: int, conc: int | None) -> list[Any]:
-        """reserve.lua's ARGV up to the per-scope limits: member, estimate, number of common scopes,
-        max concurrent, concurrency lease ms, probe lock ms."""
-        return [member, ctx.estimated_tokens, common, conc or 0, self.lease_ms, PROBE_LOCK_MS]
-
     async def _reserve(self, ctx: RequestContext, plan: Plan, member: str) -> list[tuple[bytes, bytes]]:
         common, candidates = plan.common, plan.candidates
         try:
-            reply = await self.batcher.reserve(plan.block, [*self._head(ctx, member, len(common), plan.conc), *plan.tail])
+            reply = await self.batcher.reserve(plan.block, member, ctx.estimated_tokens)
         except StoreUnavailable:
             return self._fallback(ctx, common, candidates, member, plan.conc, plan.conc_key)
         admitted, chosen, retry_ms, marker = int(reply[0]), int(reply[1]), int(reply[2]), int(reply[4])
@@ -149,7 +144,8 @@ class RateLimitMiddleware:
             if ctx.reservation and ctx.reservation.get("store") == "redis":
                 keys, limits = encode([], candidates, None)
                 try:
-                    reply = await self.batcher.reserve(tuple(keys), [*self._head(ctx, member, 0, None), *limits])
+                    block = Block(tuple(keys), [0, 0, self.lease_ms, PROBE_LOCK_MS, *limits])  # candidates only
+                    reply = await self.batcher.reserve(block, member, ctx.estimated_tokens)
                 except StoreUnavailable:
                     reply = None
                 if reply is not None:

@@ -22,23 +22,37 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from proxy.redis_wire import Packed, bulk, bulks
 from proxy.runtime import Runtime
 from proxy.state import StoreUnavailable
 
 MAX_BATCH = 128  # reserve.lua unpacks one ZADD argument pair per request and key
 
 
+class Block:
+    __slots__ = ("keys", "tail", "packed_keys", "packed_tail", "packed_length")
+
+    def __init__(self, keys: tuple[bytes, ...], tail: list[Any]) -> None:
+        self.keys, self.tail = keys, tail
+        self.packed_keys = bulks(keys) if keys else b""
+        self.packed_tail = bulks(tail)
+        self.packed_length = bulk(b"%d" % (len(tail) + 4))  # a record: length, key offset, member, estimate, tail
+
+
+Waiter = tuple[Block, str, int, "asyncio.Future[Any]"]
+
+
 class ReserveBatcher:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.queue: list[tuple[tuple[Any, ...], list[Any], asyncio.Future[Any]]] = []
+        self.queue: list[Waiter] = []
 
-    def reserve(self, block: tuple[Any, ...], record: list[Any]) -> asyncio.Future[Any]:
+    def reserve(self, block: Block, member: str, tokens: int) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if not self.queue:
             loop.call_soon(self._flush)
-        self.queue.append((block, record, fut))
+        self.queue.append((block, member, tokens, fut))
         return fut
 
     def _flush(self) -> None:
@@ -46,30 +60,55 @@ class ReserveBatcher:
         for start in range(0, len(queue), MAX_BATCH):
             asyncio.ensure_future(self._call(queue[start:start + MAX_BATCH]))
 
-    async def _call(self, batch: list[tuple[tuple[Any, ...], list[Any], asyncio.Future[Any]]]) -> None:
-        keys: list[Any] = []
-        args: list[Any] = []
-        offsets: dict[int, int] = {}
-        for block, record, _ in batch:
-            koff = offsets.get(id(block))  # the blocks stay referenced by `batch`: ids are unique
-            if koff is None:
-                koff = offsets[id(block)] = len(keys)
-                keys.extend(block)
-            args.append(len(record) + 2)
-            args.append(koff)
-            args.extend(record)
+    async def _call(self, batch: list[Waiter]) -> None:
+        store = self.runtime.store
         try:
-            replies = await self.runtime.store.script("reserve", keys, args)
+            if store.embedded:
+                replies = await store.script("reserve", *_lists(batch))
+            else:
+                replies = await store.script("reserve", _packed(batch), [])
         except BaseException as exc:  # handed to each waiter, which decides
-            for _, _, fut in batch:
+            for *_, fut in batch:
                 if not fut.done():
                     fut.set_exception(_copy(exc))
             if not isinstance(exc, Exception):  # cancelled (shutting down): the waiters are told
                 raise
             return
-        for (_, _, fut), reply in zip(batch, replies):
+        for (*_, fut), reply in zip(batch, replies):
             if not fut.done():
                 fut.set_result(reply)
+
+
+def _lists(batch: list[Waiter]) -> tuple[list[Any], list[Any]]:
+    """KEYS and ARGV as values (the embedded store)."""
+    keys: list[Any] = []
+    args: list[Any] = []
+    offsets: dict[int, int] = {}
+    for block, member, tokens, _ in batch:
+        koff = offsets.get(id(block))  # the blocks stay referenced by `batch`: ids are unique
+        if koff is None:
+            koff = offsets[id(block)] = len(keys)
+            keys.extend(block.keys)
+        args.extend((len(block.tail) + 4, koff, member, tokens, *block.tail))
+    return keys, args
+
+
+def _packed(batch: list[Waiter]) -> Packed:
+    """The same call as `_lists`, from the blocks' packed pieces: per request only three values are packed."""
+    key_parts: list[bytes] = []
+    records: list[bytes] = []
+    offsets: dict[int, bytes] = {}
+    nkeys = nargs = 0
+    for block, member, tokens, _ in batch:
+        koff = offsets.get(id(block))
+        if koff is None:
+            koff = offsets[id(block)] = bulk(b"%d" % nkeys)
+            key_parts.append(block.packed_keys)
+            nkeys += len(block.keys)
+        records.append(b"%b%b%b%b%b" % (block.packed_length, koff, bulk(member.encode()), bulk(b"%d" % tokens),
+                                         block.packed_tail))
+        nargs += len(block.tail) + 4
+    return Packed(1 + nkeys + nargs, b"".join((bulk(b"%d" % nkeys), *key_parts, *records)))
 
 
 def _copy(exc: BaseException) -> BaseException:

@@ -4,11 +4,11 @@ derived from them, built once per (key policy, model, candidate set) and shared 
 Contract:
 - A `Scope` is (name, default rpm, default tpm); None means no default (sent as -1: unlimited
   unless a live limit, read by the script, says otherwise).
-- `Plan(global_limits, providers, principal, model, deployments)`: the common scopes (`global`,
+- `Plan(global_limits, providers, principal, model, deployments, lease_ms)`: the common scopes (`global`,
   `key:<id>` with the key's policy, `model:<name>`), which must all admit a request, and the
   candidate scopes (`provider:<name>`, in routing order), of which the first that admits it is
-  reserved. It holds reserve.lua's KEYS (`block`, a tuple: a batch sends it once per plan) and the
-  per-scope ARGV tail (`tail`), the scope
+  reserved. It holds reserve.lua's KEYS and constant ARGV tail as a `ratelimit_batch.Block`
+  (`block`: values and RESP, made once; a batch sends a plan's keys once), the scope
   names by reply position (`names`), the key's concurrency cap and key, and reconcile.lua's keys
   and token limits for the common scopes (`settle_keys`, `settle_limits`). A plan is never mutated.
 - `encode(common, candidates, conc_key)`: reserve.lua's KEYS and per-scope ARGV tail in the layout
@@ -22,7 +22,8 @@ import functools
 from typing import Any
 
 from proxy.context import Principal
-from proxy.health import health_key, probe_key
+from middlewares.ratelimit_batch import Block
+from proxy.health import PROBE_LOCK_MS, health_key, probe_key
 from proxy.state import concurrency_key, counter_keys, limits_key
 
 Scope = tuple[str, "int | None", "int | None"]  # name, default rpm, default tpm
@@ -61,10 +62,10 @@ class Plan:
     """A request's scopes (all common ones must admit; the first admitting candidate is reserved) and
     everything derived from them. Built once per (key policy, model, candidate set), then shared."""
 
-    __slots__ = ("common", "candidates", "names", "block", "tail", "conc", "conc_key", "settle_keys", "settle_limits")
+    __slots__ = ("common", "candidates", "names", "block", "conc", "conc_key", "settle_keys", "settle_limits")
 
     def __init__(self, global_limits: tuple[int | None, int | None], providers: dict[str, Any],
-                 p: Principal | None, model: str | None, deployments: tuple[str, ...]) -> None:
+                 p: Principal | None, model: str | None, deployments: tuple[str, ...], lease_ms: int = 60000) -> None:
         self.common: list[Scope] = [("global", *global_limits)]
         if p is not None:
             self.common.append((f"key:{p.key_id}", p.rpm, p.tpm))
@@ -74,7 +75,9 @@ class Plan:
         self.conc = p.max_concurrent if p is not None else None
         self.conc_key = concurrency_key(p.key_id) if self.conc and p is not None else None
         self.names = [name for name, _, _ in self.common + self.candidates]  # reply rows name scopes by position
-        keys, self.tail = encode(self.common, self.candidates, self.conc_key)
-        self.block = tuple(keys)  # reserve.lua's KEYS for this plan: sent once per batch
+        keys, limits = encode(self.common, self.candidates, self.conc_key)
+        # reserve.lua's KEYS and constant ARGV tail for this plan (common scopes, concurrency cap and
+        # lease, probe lock, default limits), packed once
+        self.block = Block(tuple(keys), [len(self.common), self.conc or 0, lease_ms, PROBE_LOCK_MS, *limits])
         self.settle_keys = [k for name, _, _ in self.common for k in settle_keys(name)]
         self.settle_limits = [limit_arg(tpm) for _, _, tpm in self.common]

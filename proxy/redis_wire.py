@@ -5,7 +5,7 @@ Contract:
   and parses). Callers share it: each command is queued at once and every command queued in one loop
   turn goes out in one write; replies resolve the callers' futures in FIFO order.
 - `script(name, keys, args, timeout)` sends EVALSHA and returns a future of the raw reply; `keys` may
-  be a `Prepared` (keys and trailing arguments that repeat call after call, packed once). A Redis
+  be a `Packed` call (numkeys, keys and arguments packed by the caller, who packs what repeats once). A Redis
   error reply is a `redis.exceptions.ResponseError` *value*, never raised: the caller decides. On
   NOSCRIPT (flush, restart, failover) the script did not run, so that call alone is resent as EVAL,
   which also reloads it. Nothing else is ever resent: a reservation is never applied twice.
@@ -112,23 +112,29 @@ class _Conn(asyncio.Protocol):
             self.transport.abort()
 
 
-def _bulks(parts: Any) -> bytes:
+def bulks(parts: Any) -> bytes:
     """`parts` as RESP bulk strings without the array header: a piece of a command."""
     packed = hiredis.pack_command(tuple(parts))
     return packed[packed.index(b"\n") + 1:]
 
 
-class Prepared:
-    """A script call's keys and trailing arguments, packed once for every call that repeats them
-    (the limiter's scopes and their default limits); the arguments in between vary per call."""
+def bulk(value: bytes) -> bytes:
+    """One RESP bulk string (cheaper than `bulks` for a single short value)."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
 
-    __slots__ = ("keys", "tail", "packed_keys", "packed_tail", "count")
 
-    def __init__(self, keys: list[Any], tail: list[Any]) -> None:
-        self.keys, self.tail = keys, tail
-        self.packed_keys = _bulks((len(keys), *keys))
-        self.packed_tail = _bulks(tail) if tail else b""
-        self.count = 1 + len(keys) + len(tail)
+class Packed:
+    """A script call's numkeys, KEYS and ARGV, already packed as RESP bulk strings: the limiter packs
+    what repeats (a plan's keys and constant arguments) once and joins the pieces per batch."""
+
+    __slots__ = ("count", "body")
+
+    def __init__(self, count: int, body: bytes) -> None:
+        self.count, self.body = count, body  # count: numkeys + keys + args
+
+    @classmethod
+    def of(cls, keys: list[Any], args: list[Any]) -> "Packed":
+        return cls(1 + len(keys) + len(args), bulks((len(keys), *keys, *args)))
 
 
 class RedisWire:
@@ -155,13 +161,14 @@ class RedisWire:
         self.timer_due = 0.0
 
     # --- calls ------------------------------------------------------------------------------------
-    def script(self, name: str, keys: "list[Any] | Prepared", args: list[Any], timeout: float) -> asyncio.Future:
+    def script(self, name: str, keys: "list[Any] | Packed", args: list[Any], timeout: float) -> asyncio.Future:
+        """EVALSHA `name` with `keys` and `args`, or with a `Packed` call (then `args` is empty)."""
         sha, source = self.scripts[name]
-        if type(keys) is Prepared:
-            body = (keys.packed_keys, _bulks(args) if args else b"", keys.packed_tail)
-            count = keys.count + len(args)
+        if type(keys) is Packed:
+            body: tuple[bytes, ...] = (keys.body,)
+            count = keys.count
         else:
-            body = (_bulks((len(keys), *keys, *args)),)
+            body = (bulks((len(keys), *keys, *args)),)
             count = 1 + len(keys) + len(args)
         return self._submit(b"".join((b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (count + 2, sha), *body)),
                             timeout, source, body, count)

@@ -30,7 +30,7 @@ import structlog
 
 from config.models import Config
 from proxy.observer import Observer
-from proxy.redis_wire import Prepared, RedisWire, WireError, WireTimeout
+from proxy.redis_wire import Packed, RedisWire, WireError, WireTimeout
 
 log = structlog.get_logger("llm_gateway.state")
 TAG = "{llmgw}"
@@ -208,12 +208,12 @@ class Store:
         self._answered(started)
         return result
 
-    async def script(self, name: str, keys: list[Any] | Prepared, args: list[Any]) -> Any:
+    async def script(self, name: str, keys: list[Any] | Packed, args: list[Any]) -> Any:
         """One Lua script call: its reply, or `StoreUnavailable`; an error reply is raised as such.
-        With a `Prepared`, the script's ARGV is `args` followed by the prepared trailing arguments."""
+        A `Packed` call (keys and arguments packed by the caller) is for Redis, not the embedded store."""
         if self.embedded:
-            if isinstance(keys, Prepared):
-                keys, args = keys.keys, [*args, *keys.tail]
+            if isinstance(keys, Packed):
+                raise TypeError("the embedded store takes keys and arguments, not a packed call")
             script = self._embedded_script(name)
             return await script(keys=keys, args=args, client=self.client)
         self._enter()

@@ -34,12 +34,6 @@ def store_for(url: str) -> Store:
     return Store(parse_config(f'state: {{redis_url: "{url}", redis_timeout: 2s}}\n', "s.yaml", {}))
 
 
-def record(plan: Plan, member: str, tokens: int = 1) -> list[Any]:
-    """reserve.lua's record after its length and key offset: member, estimate, common scopes, no
-    concurrency cap, lease, probe lock, then the plan's per-scope default limits."""
-    return [member, tokens, len(plan.common), 0, 60000, 1000, *plan.tail]
-
-
 def evalsha_calls(url: str) -> int:
     if not url:
         return 0
@@ -53,9 +47,9 @@ def test_one_turn_is_one_call_and_exact(url: str) -> None:
     plan = Plan((10, None), {}, None, None, ())
 
     async def scenario() -> list[Any]:
-        await batcher.reserve(plan.block, record(plan, "warm"))  # loads the script: not counted below
+        await batcher.reserve(plan.block, "warm", 1)  # loads the script: not counted below
         before = evalsha_calls(url)
-        replies = await asyncio.gather(*(batcher.reserve(plan.block, record(plan, f"m{i}")) for i in range(40)))
+        replies = await asyncio.gather(*(batcher.reserve(plan.block, f"m{i}", 1) for i in range(40)))
         calls = evalsha_calls(url) - before
         await store.aclose()
         return [calls, replies]
@@ -75,10 +69,10 @@ def test_plans_with_a_shared_key_count_it_once(url: str) -> None:
     batcher = ReserveBatcher(SimpleNamespace(store=store))  # type: ignore[arg-type]
     alice = Plan((3, None), {}, Principal("alice"), None, ())
     bob = Plan((3, None), {}, Principal("bob"), None, ())
-    assert alice.block[0] == bob.block[0] and alice.block != bob.block  # the global log, then their own keys
+    assert alice.block.keys[0] == bob.block.keys[0] and alice.block.keys != bob.block.keys  # the global log, then their own keys
 
     async def scenario() -> list[Any]:
-        calls = [batcher.reserve(p.block, record(p, f"{name}{i}"))
+        calls = [batcher.reserve(p.block, f"{name}{i}", 1)
                  for i in range(2) for name, p in (("alice", alice), ("bob", bob))]
         replies = await asyncio.gather(*calls)
         await store.aclose()
@@ -97,9 +91,9 @@ def test_a_refused_request_reserves_nothing(url: str) -> None:
     plan = Plan((None, 100), {}, None, None, ())
 
     async def scenario() -> list[Any]:
-        replies = await asyncio.gather(batcher.reserve(plan.block, record(plan, "a", 60)),
-                                       batcher.reserve(plan.block, record(plan, "b", 60)),
-                                       batcher.reserve(plan.block, record(plan, "c", 40)))
+        replies = await asyncio.gather(batcher.reserve(plan.block, "a", 60),
+                                       batcher.reserve(plan.block, "b", 60),
+                                       batcher.reserve(plan.block, "c", 40))
         await store.aclose()
         return replies
 
@@ -112,7 +106,7 @@ def test_no_reply_reaches_every_waiter() -> None:
     plan = Plan((10, None), {}, None, None, ())
 
     async def scenario() -> list[Any]:
-        out = await asyncio.gather(*(batcher.reserve(plan.block, record(plan, f"m{i}")) for i in range(5)),
+        out = await asyncio.gather(*(batcher.reserve(plan.block, f"m{i}", 1) for i in range(5)),
                                    return_exceptions=True)
         await store.aclose()
         return out
@@ -120,3 +114,22 @@ def test_no_reply_reaches_every_waiter() -> None:
     errors = asyncio.run(scenario())
     assert all(isinstance(e, StoreUnavailable) for e in errors), errors
     assert len({id(e) for e in errors}) == 5, "one exception instance per waiter"
+
+
+def test_the_packed_call_is_the_call_hiredis_would_pack() -> None:
+    """The hot path packs a batch from each plan's pieces packed once; the bytes must be exactly what
+    packing the KEYS and ARGV values (the embedded store's form) gives."""
+    from middlewares.ratelimit_batch import _lists, _packed
+    from proxy.redis_wire import Packed
+
+    alice = Plan((3, 1000), {"a": (5, None)}, Principal("alice", rpm=2, max_concurrent=3), "gpt-4o", ("a", "b"))
+    bob = Plan((3, 1000), {}, Principal("bob"), None, ())
+    loop = asyncio.new_event_loop()
+    try:
+        batch = [(alice, "m-1", 17), (bob, "m-2", 0), (alice, "m-é", 123456789)]
+        waiters = [(p.block, member, tokens, loop.create_future()) for p, member, tokens in batch]
+        expected = Packed.of(*_lists(waiters))
+        got = _packed(waiters)
+        assert (got.count, got.body) == (expected.count, expected.body)
+    finally:
+        loop.close()

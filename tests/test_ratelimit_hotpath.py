@@ -90,9 +90,10 @@ def test_plans_are_built_once_per_policy_and_match_the_script_layout(url: str) -
         keys = [k for s in scopes for k in (*counter_keys(s), limits_key(s))]
         keys += [k for d in ("a", "b") for k in (*counter_keys(f"provider:{d}"), limits_key(f"provider:{d}"),
                                                  health_key(d), probe_key(d))]
-        assert [k.decode() for k in plan.block] == [*keys, concurrency_key("team")]
-        assert plan.tail == [b"100000", b"100000000", b"50", b"-1", b"-1", b"-1", b"7000", b"-1", b"-1", b"-1"]
-        assert h.middleware._head(first, "m", 3, 4) == ["m", 10, 3, 4, 90000, PROBE_LOCK_MS]
+        assert [k.decode() for k in plan.block.keys] == [*keys, concurrency_key("team")]
+        # common scopes, concurrency cap, lease, probe lock, then the default limits per scope
+        assert plan.block.tail == [3, 4, 90000, PROBE_LOCK_MS, b"100000", b"100000000", b"50", b"-1", b"-1", b"-1",
+                                   b"7000", b"-1", b"-1", b"-1"]
         await h.aclose()
 
     asyncio.run(scenario())

@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from config import parse_config
-from proxy.redis_wire import Prepared, RedisWire, WireConnectionError, WireTimeout
+from proxy.redis_wire import Packed, RedisWire, WireConnectionError, WireTimeout
 from proxy.state import MISSES_TO_OPEN, Store, StoreUnavailable, counter_keys, limits_key
 from tests.procs import restart_redis
 from tests.servers import free_port
@@ -114,8 +114,8 @@ def test_many_concurrent_callers_share_one_connection_and_get_their_own_replies(
                           == [[b"k", f"{tag}-{j}".encode(), b"y"] for j in range(3)])
             elif kind == 1:
                 ok.append(await wire.script("echo", [f"k{tag}"], [tag, "x"], 30) == [f"k{tag}".encode(), tag.encode(), b"x"])
-            else:  # the hot path's form: keys and trailing arguments packed once, head arguments per call
-                reply = await wire.script("echo", Prepared([b"shared"], ["tail"]), [tag], 30)
+            else:  # the hot path's form: a call packed by the caller
+                reply = await wire.script("echo", Packed.of([b"shared"], [tag, "tail"]), [], 30)
                 ok.append(reply == [b"shared", tag.encode(), b"tail"])
             for _ in range(rng.randrange(3)):
                 await asyncio.sleep(0)
@@ -171,7 +171,7 @@ def test_noscript_after_a_flush_runs_each_call_exactly_once(redis_server: dict[s
         admin.script_flush()
         admin.config_resetstat()
         # 50 calls in flight together: every one gets NOSCRIPT, is resent once as EVAL, runs once.
-        replies = await asyncio.gather(*(wire.script("count", Prepared([counter], ["tail"]), [f"m{i}"], 30)
+        replies = await asyncio.gather(*(wire.script("count", Packed.of([counter], [f"m{i}", "tail"]), [], 30)
                                          for i in range(50)))
         after = await wire.script("count", [counter], ["c", "d"], 30)  # EVAL reloaded it: EVALSHA works again
         wire.close()
