@@ -8,8 +8,9 @@ Contract:
   key offset (member, estimate, common scopes, concurrency cap, lease, probe lock, then the
   per-scope default limits).
 - The first reservation of a turn schedules the call for the end of the turn; at most `MAX_BATCH`
-  requests share one call (more make several calls in that turn). A request that arrives alone is
-  sent alone, one loop turn later than a direct call: batching never waits for company.
+  requests share one call (more make several calls in that turn). The call is submitted from that
+  callback (`Store.script_soon`, no task) and written at once, so a reservation leaves in the next
+  turn, as a direct call's would: batching never waits for company.
 - Why: what a reservation costs Redis is mostly per call and per key (the call itself, TIME, each
   scope's live limits, trim and count, token state, expiry), and reserve.lua does that once per
   key per batch. The gateway packs one command and parses one reply per batch, too.
@@ -20,6 +21,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from proxy.redis_wire import Packed, bulk, bulks
@@ -57,26 +59,45 @@ class ReserveBatcher:
 
     def _flush(self) -> None:
         queue, self.queue = self.queue, []
-        for start in range(0, len(queue), MAX_BATCH):
-            asyncio.ensure_future(self._call(queue[start:start + MAX_BATCH]))
-
-    async def _call(self, batch: list[Waiter]) -> None:
         store = self.runtime.store
-        try:
+        for start in range(0, len(queue), MAX_BATCH):
+            batch = queue[start:start + MAX_BATCH]
             if store.embedded:
-                replies = await store.script("reserve", *_lists(batch))
-            else:
-                replies = await store.script("reserve", _packed(batch), [])
+                asyncio.ensure_future(self._embedded(batch))
+                continue
+            try:  # submitted here, not from a task: the write leaves in this turn (flushed below)
+                store.script_soon("reserve", _packed(batch), []).add_done_callback(functools.partial(_deliver, batch))
+            except Exception as exc:  # noqa: BLE001 - the breaker is open: every waiter falls back
+                _fail(batch, exc)
+        if not store.embedded:
+            store.wire.flush()
+
+    async def _embedded(self, batch: list[Waiter]) -> None:
+        try:
+            replies = await self.runtime.store.script("reserve", *_lists(batch))
         except BaseException as exc:  # handed to each waiter, which decides
-            for *_, fut in batch:
-                if not fut.done():
-                    fut.set_exception(_copy(exc))
+            _fail(batch, exc)
             if not isinstance(exc, Exception):  # cancelled (shutting down): the waiters are told
                 raise
             return
         for (*_, fut), reply in zip(batch, replies):
             if not fut.done():
                 fut.set_result(reply)
+
+
+def _deliver(batch: list[Waiter], done: "asyncio.Future[Any]") -> None:
+    if done.cancelled() or done.exception() is not None:
+        _fail(batch, done.exception() if not done.cancelled() else StoreUnavailable("reservation cancelled"))
+        return
+    for (*_, fut), reply in zip(batch, done.result()):
+        if not fut.done():
+            fut.set_result(reply)
+
+
+def _fail(batch: list[Waiter], exc: BaseException) -> None:
+    for *_, fut in batch:
+        if not fut.done():
+            fut.set_exception(_copy(exc))
 
 
 def _lists(batch: list[Waiter]) -> tuple[list[Any], list[Any]]:

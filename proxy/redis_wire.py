@@ -256,6 +256,12 @@ class RedisWire:
         self.loop = loop
         return loop
 
+    def flush(self) -> None:
+        """Write what this turn queued now instead of at the end of the turn (a caller that batched
+        its commands a turn late wins that turn back)."""
+        if self.conn is not None:
+            self.conn.flush()
+
     def close(self) -> None:
         self.reset("closed")
         if self.timer is not None:

@@ -216,18 +216,41 @@ class Store:
                 raise TypeError("the embedded store takes keys and arguments, not a packed call")
             script = self._embedded_script(name)
             return await script(keys=keys, args=args, client=self.client)
+        return await self.script_soon(name, keys, args)
+
+    def script_soon(self, name: str, keys: list[Any] | Packed, args: list[Any]) -> "asyncio.Future[Any]":
+        """`script` on Redis, submitted at once (no task needed): a future of its reply, resolved by a
+        callback with the reply, `StoreUnavailable` or the error reply. Raises `StoreUnavailable` at
+        once when the breaker is open. Cancelling the future gives the call up (the wire drops it)."""
         self._enter()
         started = time.perf_counter()
-        try:
-            reply = await self.wire.script(name, keys, args, self.timeout)
-        except WireError as exc:
-            raise self._unanswered(exc, started) from None
-        if type(reply) is rex.ResponseError:
-            if str(reply).startswith(UNAVAILABLE_REPLIES):
-                raise self._unanswered(reply, started)
-            raise reply
-        self._answered(started)
-        return reply
+        sent = self.wire.script(name, keys, args, self.timeout)
+        out: asyncio.Future[Any] = sent.get_loop().create_future()
+
+        def settle(f: asyncio.Future[Any]) -> None:
+            error: BaseException | None = None
+            if f.cancelled():
+                error = StoreUnavailable("call given up")
+            elif (exc := f.exception()) is not None:
+                error = self._unanswered(exc, started) if isinstance(exc, WireError) else exc
+            elif type(reply := f.result()) is rex.ResponseError:
+                error = self._unanswered(reply, started) if str(reply).startswith(UNAVAILABLE_REPLIES) else reply
+            else:
+                self._answered(started)
+            if out.done():
+                return
+            if error is not None:
+                out.set_exception(error)
+            else:
+                out.set_result(f.result())
+
+        def given_up(o: asyncio.Future[Any]) -> None:
+            if o.cancelled():
+                sent.cancel()
+
+        sent.add_done_callback(settle)
+        out.add_done_callback(given_up)
+        return out
 
     def _embedded_script(self, name: str) -> Any:
         self.client  # noqa: B018 - registers the scripts on first use
