@@ -286,14 +286,17 @@ class Adapter:
         return []
 
     def rate_limit_headers(self, requests: RateState | None, tokens: RateState | None) -> list[tuple[bytes, bytes]]:
-        """IETF RateLimit-Policy / RateLimit (draft-11) for the most constraining scope; families add theirs."""
-        policies, states = [], []
+        """IETF RateLimit-Policy / RateLimit (draft-11) for the most constraining scope; families add theirs.
+        Bytes formatting throughout: this runs on every limited response."""
+        if requests and tokens:
+            return [(b"ratelimit-policy", b'"requests";q=%d;w=60, "tokens";q=%d;w=60;llmgw-unit="tokens"'
+                     % (requests[0], tokens[0])),
+                    (b"ratelimit", b'"requests";r=%d;t=%d, "tokens";r=%d;t=%d'
+                     % (requests[1], -(-requests[2] // 1000), tokens[1], -(-tokens[2] // 1000)))]
         if requests:
-            policies.append(f'"requests";q={requests[0]};w=60')
-            states.append(f'"requests";r={requests[1]};t={math.ceil(requests[2] / 1000)}')
+            return [(b"ratelimit-policy", b'"requests";q=%d;w=60' % requests[0]),
+                    (b"ratelimit", b'"requests";r=%d;t=%d' % (requests[1], -(-requests[2] // 1000)))]
         if tokens:
-            policies.append(f'"tokens";q={tokens[0]};w=60;llmgw-unit="tokens"')
-            states.append(f'"tokens";r={tokens[1]};t={math.ceil(tokens[2] / 1000)}')
-        if not policies:
-            return []
-        return [(b"ratelimit-policy", ", ".join(policies).encode()), (b"ratelimit", ", ".join(states).encode())]
+            return [(b"ratelimit-policy", b'"tokens";q=%d;w=60;llmgw-unit="tokens"' % tokens[0]),
+                    (b"ratelimit", b'"tokens";r=%d;t=%d' % (tokens[1], -(-tokens[2] // 1000)))]
+        return []

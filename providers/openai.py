@@ -220,11 +220,14 @@ class OpenAIAdapter(Adapter):
 
     def rate_limit_headers(self, requests: RateState | None, tokens: RateState | None) -> list[tuple[bytes, bytes]]:
         out = super().rate_limit_headers(requests, tokens)
-        for kind, state in (("requests", requests), ("tokens", tokens)):
-            if state:
-                out += [(f"x-ratelimit-limit-{kind}".encode(), str(state[0]).encode()),
-                        (f"x-ratelimit-remaining-{kind}".encode(), str(state[1]).encode()),
-                        (f"x-ratelimit-reset-{kind}".encode(), go_duration(state[2]).encode())]
+        if requests:
+            out += [(b"x-ratelimit-limit-requests", b"%d" % requests[0]),
+                    (b"x-ratelimit-remaining-requests", b"%d" % requests[1]),
+                    (b"x-ratelimit-reset-requests", go_duration(requests[2]).encode())]
+        if tokens:
+            out += [(b"x-ratelimit-limit-tokens", b"%d" % tokens[0]),
+                    (b"x-ratelimit-remaining-tokens", b"%d" % tokens[1]),
+                    (b"x-ratelimit-reset-tokens", go_duration(tokens[2]).encode())]
         return out
 
 

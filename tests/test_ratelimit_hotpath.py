@@ -131,3 +131,23 @@ def test_a_finished_request_leaves_no_reference_cycle(url: str) -> None:
             gc.enable()
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_rate_limit_headers_are_formatted_exactly() -> None:
+    """Every limited response carries these: IETF draft-11 fields plus the family's own, byte for byte
+    (requests only, tokens only, both; a reset in ms rounds up to whole seconds for `t`)."""
+    from providers import build_adapters
+
+    openai = build_adapters()["openai"]
+    req, tok = (50, 48, 1500, "key:team"), (1000, 750, 60000, "global")
+    assert openai.rate_limit_headers(req, None) == [
+        (b"ratelimit-policy", b'"requests";q=50;w=60'), (b"ratelimit", b'"requests";r=48;t=2'),
+        (b"x-ratelimit-limit-requests", b"50"), (b"x-ratelimit-remaining-requests", b"48"),
+        (b"x-ratelimit-reset-requests", b"1.5s")]
+    assert openai.rate_limit_headers(None, tok)[:2] == [
+        (b"ratelimit-policy", b'"tokens";q=1000;w=60;llmgw-unit="tokens"'), (b"ratelimit", b'"tokens";r=750;t=60')]
+    both = dict(openai.rate_limit_headers(req, tok))
+    assert both[b"ratelimit-policy"] == b'"requests";q=50;w=60, "tokens";q=1000;w=60;llmgw-unit="tokens"'
+    assert both[b"ratelimit"] == b'"requests";r=48;t=2, "tokens";r=750;t=60'
+    assert both[b"x-ratelimit-reset-tokens"] == b"1m0s" and both[b"x-ratelimit-limit-tokens"] == b"1000"
+    assert openai.rate_limit_headers(None, None) == []
