@@ -1,9 +1,11 @@
-"""Distributed rate limiting: one atomic Redis script per request, reconciled off the critical path.
+"""Distributed rate limiting: one atomic Redis script call per request, reconciled off the critical path.
 
 Contract:
 - Scopes: `global`, `key:<id>`, `model:<name>` must all admit the request; among the router's
   candidate deployments (`provider:<name>`), the first that admits it is reserved and becomes
-  `ctx.deployment`. One script call does all of it (all or nothing); Redis TIME is the clock.
+  `ctx.deployment`. One script call does all of it (all or nothing); Redis TIME is the clock. The
+  requests of one event-loop turn share that call (`middlewares/ratelimit_batch.py`), each still
+  all or nothing and seeing the ones before it; settlements go as one call per 5 ms.
   Limits come from config, overridden live by the hashes in Redis (read inside the script, so a
   change applies on the next request, on every replica, without resetting counters).
 - Requests: a 60 s sliding log (exact: never more than the limit in any 60 s window). Tokens: GCRA
