@@ -5,7 +5,7 @@ Contract:
   candidate deployments (`provider:<name>`), the first that admits it is reserved and becomes
   `ctx.deployment`. One script call does all of it (all or nothing); Redis TIME is the clock. The
   requests of one event-loop turn share that call (`middlewares/ratelimit_batch.py`), each still
-  all or nothing and seeing the ones before it; settlements go as one call per 5 ms.
+  all or nothing and seeing the ones before it; settlements go as one call per 5 ms (`middlewares/ratelimit_settle.py`).
   Limits come from config, overridden live by the hashes in Redis (read inside the script, so a
   change applies on the next request, on every replica, without resetting counters).
 - Requests: a 60 s sliding log (exact: never more than the limit in any 60 s window). Tokens: GCRA
@@ -22,7 +22,6 @@ Contract:
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
 import math
 import os
@@ -33,16 +32,15 @@ import structlog
 from config.models import Config, Deployment
 from middlewares.ratelimit_batch import Block, ReserveBatcher
 from middlewares.ratelimit_plan import Plan, encode, limit_arg, settle_keys
+from middlewares.ratelimit_settle import SettleBlock, Settlements
 from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError
 from proxy.local_limits import LocalLimiter
 from proxy.runtime import Runtime
 from proxy.health import PROBE_LOCK_MS
-from proxy.state import StoreUnavailable, done_key
+from proxy.state import StoreUnavailable
 
 log = structlog.get_logger("llm_gateway.ratelimit")
-SETTLE_EVERY = 0.005
-SETTLE_BATCH = 500  # settlements per reconcile.lua call
 _STAT = 7
 _MAX_PLANS = 4096
 
@@ -69,11 +67,11 @@ class RateLimitMiddleware:
         # random prefix per process, then a counter (after the request id, for operators).
         self.member_prefix = os.urandom(6).hex()
         self.member_seq = itertools.count()
-        # Settlements are batched (process-wide, like a pool): one pipelined round trip per
-        # SETTLE_EVERY seconds instead of one per request.
-        self.settlements: list[tuple[list[Any], list[Any]]] = []
+        # Settlements are batched (process-wide, like a pool): one round trip per few milliseconds
+        # instead of one per request.
+        self.settlements = Settlements(deps, {name: SettleBlock(list(settle_keys(f"provider:{name}")), [limit_arg(tpm)])
+                                              for name, (_, tpm) in self.providers.items()})
         self.batcher = ReserveBatcher(deps)  # process-wide too: reservations of one loop turn share a call
-        self.flusher: asyncio.Task[None] | None = None
 
     def plan(self, ctx: RequestContext) -> Plan:
         p, names = ctx.principal, tuple([d.name for d in ctx.candidates])
@@ -243,42 +241,9 @@ class RateLimitMiddleware:
             if failed:
                 self.local.settle([(f"provider:{d}", self._tpm(d)) for d in failed], -est, member, None, estimate=est)
             return
-        self._queue(member, member, plan.conc_key, delta, plan.settle_keys, plan.settle_limits, [final] if final else [], est)
+        self.settlements.add(member, member, plan.conc_key, delta, plan.settle, [final] if final else [], est)
         if failed:  # refunded under their own marker, so each part settles once
-            self._queue(f"{member}:failed", member, None, -est, [], [], failed, est)
-        if self.flusher is None or self.flusher.done():
-            self.flusher = asyncio.ensure_future(self._flush())
+            self.settlements.add(f"{member}:failed", member, None, -est, None, failed, est)
 
     def _tpm(self, deployment: str) -> int | None:
         return self.providers.get(deployment, (None, None))[1]
-
-    def _queue(self, tag: str, member: str, conc_key: str | None, amount: int, keys: list[bytes], limits: list[int],
-               deployments: list[str], est: int) -> None:
-        """One reconcile.lua record (see its header) for the next batch."""
-        done = done_key(tag)
-        keys = [done, conc_key or done, *keys]
-        args: list[Any] = [member, amount, *limits]
-        for name in deployments:
-            keys.extend(settle_keys(f"provider:{name}"))
-            args.append(limit_arg(self._tpm(name)))
-        args.append(est)  # last: each scope is settled against the min(estimate, tpm) it was charged
-        self.settlements.append((keys, [len(args) + 2, len(keys), *args]))
-
-    async def _flush(self) -> None:
-        """Every SETTLE_EVERY seconds while requests finish: all their settlements in one reconcile.lua
-        call. What finishes during a round trip waits for the next tick, so a slow Redis means bigger
-        batches, never more round trips."""
-        while True:
-            await asyncio.sleep(SETTLE_EVERY)
-            queued, self.settlements = self.settlements, []
-            if not queued:
-                return
-            for start in range(0, len(queued), SETTLE_BATCH):
-                batch = queued[start:start + SETTLE_BATCH]
-                try:
-                    await self.runtime.store.script("reconcile", [k for keys, _ in batch for k in keys],
-                                                    [a for _, record in batch for a in record])
-                except StoreUnavailable:
-                    log.warning("reconcile_skipped", count=len(batch), reason="store unavailable")
-                except Exception:  # noqa: BLE001 - reconciling must never hurt a finished request
-                    log.exception("reconcile_failed", count=len(batch))

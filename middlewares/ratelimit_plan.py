@@ -10,7 +10,8 @@ Contract:
   reserved. It holds reserve.lua's KEYS and constant ARGV tail as a `ratelimit_batch.Block`
   (`block`: values and RESP, made once; a batch sends a plan's keys once), the scope
   names by reply position (`names`), the key's concurrency cap and key, and reconcile.lua's keys
-  and token limits for the common scopes (`settle_keys`, `settle_limits`). A plan is never mutated.
+  and token limits for the common scopes (`settle`, a `ratelimit_settle.SettleBlock`). A plan is
+  never mutated.
 - `encode(common, candidates, conc_key)`: reserve.lua's KEYS and per-scope ARGV tail in the layout
   its header documents (per scope: request log, token TAT, live-limit hash, and for a candidate its
   health and probe keys; with a concurrency cap, its key last). `settle_keys(scope)`: what reconcile.lua
@@ -23,6 +24,7 @@ from typing import Any
 
 from proxy.context import Principal
 from middlewares.ratelimit_batch import Block
+from middlewares.ratelimit_settle import SettleBlock
 from proxy.health import PROBE_LOCK_MS, health_key, probe_key
 from proxy.state import concurrency_key, counter_keys, limits_key
 
@@ -62,7 +64,7 @@ class Plan:
     """A request's scopes (all common ones must admit; the first admitting candidate is reserved) and
     everything derived from them. Built once per (key policy, model, candidate set), then shared."""
 
-    __slots__ = ("common", "candidates", "names", "block", "conc", "conc_key", "settle_keys", "settle_limits")
+    __slots__ = ("common", "candidates", "names", "block", "conc", "conc_key", "settle")
 
     def __init__(self, global_limits: tuple[int | None, int | None], providers: dict[str, Any],
                  p: Principal | None, model: str | None, deployments: tuple[str, ...], lease_ms: int = 60000) -> None:
@@ -79,5 +81,5 @@ class Plan:
         # reserve.lua's KEYS and constant ARGV tail for this plan (common scopes, concurrency cap and
         # lease, probe lock, default limits), packed once
         self.block = Block(tuple(keys), [len(self.common), self.conc or 0, lease_ms, PROBE_LOCK_MS, *limits])
-        self.settle_keys = [k for name, _, _ in self.common for k in settle_keys(name)]
-        self.settle_limits = [limit_arg(tpm) for _, _, tpm in self.common]
+        self.settle = SettleBlock([k for name, _, _ in self.common for k in settle_keys(name)],
+                                  [limit_arg(tpm) for _, _, tpm in self.common])

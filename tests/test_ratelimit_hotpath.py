@@ -67,8 +67,7 @@ class Harness:
         return ctx, sent
 
     async def aclose(self) -> None:
-        if self.middleware.flusher is not None:
-            await self.middleware.flusher
+        await self.middleware.settlements.drain()
         await self.runtime.store.aclose()
 
 

@@ -1,0 +1,142 @@
+"""Settlements: every finished reservation reconciled with its real usage, batched off the request path.
+
+Contract:
+- `Settlements(runtime, deployments)` (`SettleBlock` per deployment name);
+  `add(tag, member, conc_key, delta, common, deployments, estimate)` queues one reconcile.lua
+  record (see the script's header): `tag` names its done marker (each record settles once),
+  `conc_key` frees a concurrency slot, `common` is the plan's `SettleBlock` (or None) and
+  `deployments` the names of the deployment scopes to settle too.
+- The first record queued arms a timer; SETTLE_EVERY seconds later everything queued goes as one
+  reconcile.lua call per SETTLE_BATCH records. The next timer is armed only when that call has
+  answered, so a slow Redis means bigger batches, never more round trips in flight.
+- On Redis the call is packed from pieces made once per plan and per deployment: per record only
+  the done marker, the member and two numbers are new. The embedded store gets the same call as
+  values. A failed call is logged (`reconcile_skipped` when the store is unavailable) and dropped:
+  settling never reaches a request.
+- `drain()` sends what is queued now and waits for it (tests, shutdown).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+from proxy.redis_wire import Packed, bulk, bulks
+from proxy.runtime import Runtime
+from proxy.state import StoreUnavailable, TAG
+
+log = structlog.get_logger("llm_gateway.ratelimit")
+SETTLE_EVERY = 0.005
+SETTLE_BATCH = 500  # records per reconcile.lua call
+_DONE = f"llmgw:{TAG}:settled:"  # proxy.state.done_key, as a prefix
+
+
+class SettleBlock:
+    """A fixed group of scopes as reconcile.lua takes them: token TAT and live-limit keys, default tpm."""
+
+    __slots__ = ("keys", "limits", "packed_keys", "packed_limits")
+
+    def __init__(self, keys: list[bytes], limits: list[int]) -> None:
+        self.keys, self.limits = keys, limits
+        self.packed_keys = bulks(keys) if keys else b""
+        self.packed_limits = bulks(limits) if limits else b""
+
+
+_NONE = SettleBlock([], [])
+Record = tuple[str, str, "str | None", int, SettleBlock, list[SettleBlock], int]
+
+
+class Settlements:
+    def __init__(self, runtime: Runtime, deployments: dict[str, SettleBlock]) -> None:
+        self.runtime = runtime
+        self.deployments = deployments
+        self.queue: list[Record] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.in_flight: list[asyncio.Future[Any]] = []
+
+    def deployment(self, name: str) -> SettleBlock:
+        return self.deployments.get(name) or _NONE
+
+    def add(self, tag: str, member: str, conc_key: str | None, delta: int, common: SettleBlock | None,
+            deployments: list[str], estimate: int) -> None:
+        self.queue.append((tag, member, conc_key, delta, common or _NONE,
+                           [self.deployment(d) for d in deployments], estimate))
+        if self.timer is None and not self.in_flight:
+            self.timer = asyncio.get_running_loop().call_later(SETTLE_EVERY, self._flush)
+
+    def _flush(self) -> None:
+        self.timer = None
+        queued, self.queue = self.queue, []
+        store = self.runtime.store
+        for start in range(0, len(queued), SETTLE_BATCH):
+            batch = queued[start:start + SETTLE_BATCH]
+            try:
+                if store.embedded:
+                    sent: asyncio.Future[Any] = asyncio.ensure_future(store.script("reconcile", *_lists(batch)))
+                else:
+                    sent = store.script_soon("reconcile", _packed(batch), [])
+            except StoreUnavailable:  # the breaker is open
+                log.warning("reconcile_skipped", count=len(batch), reason="store unavailable")
+                continue
+            self.in_flight.append(sent)
+            sent.add_done_callback(lambda f, n=len(batch): self._answered(f, n))
+        if not store.embedded:
+            store.wire.flush()
+
+    def _answered(self, done: "asyncio.Future[Any]", count: int) -> None:
+        self.in_flight.remove(done)
+        if done.cancelled():
+            log.warning("reconcile_skipped", count=count, reason="cancelled")
+        elif isinstance(done.exception(), StoreUnavailable):
+            log.warning("reconcile_skipped", count=count, reason="store unavailable")
+        elif done.exception() is not None:
+            log.error("reconcile_failed", count=count, error=repr(done.exception()))
+        if self.queue and self.timer is None and not self.in_flight:
+            self.timer = asyncio.get_running_loop().call_later(SETTLE_EVERY, self._flush)
+
+    async def drain(self) -> None:
+        """Send what is queued now and wait until every call has answered."""
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.queue:
+            self._flush()
+        while self.in_flight:
+            await asyncio.gather(*self.in_flight, return_exceptions=True)
+
+
+def _lists(batch: list[Record]) -> tuple[list[Any], list[Any]]:
+    """KEYS and ARGV as values (the embedded store)."""
+    keys: list[Any] = []
+    args: list[Any] = []
+    for tag, member, conc_key, delta, common, deployments, estimate in batch:
+        done = (_DONE + tag).encode()
+        record_keys = [done, conc_key.encode() if conc_key else done, *common.keys]
+        limits = [*common.limits]
+        for d in deployments:
+            record_keys += d.keys
+            limits += d.limits
+        keys += record_keys
+        args += [len(limits) + 5, len(record_keys), member, delta, *limits, estimate]
+    return keys, args
+
+
+def _packed(batch: list[Record]) -> Packed:
+    """The same call as `_lists`, joined from packed pieces."""
+    key_parts: list[bytes] = []
+    arg_parts: list[bytes] = []
+    nkeys = nargs = 0
+    for tag, member, conc_key, delta, common, deployments, estimate in batch:
+        done = bulk((_DONE + tag).encode())
+        scopes = len(common.limits)
+        key_parts += (done, bulk(conc_key.encode()) if conc_key else done, common.packed_keys)
+        tail = common.packed_limits
+        for d in deployments:
+            key_parts.append(d.packed_keys)
+            tail += d.packed_limits
+            scopes += len(d.limits)
+        arg_parts.append(b"%b%b%b%b%b%b" % (bulk(b"%d" % (scopes + 5)), bulk(b"%d" % (2 + 2 * scopes)),
+                                            bulk(member.encode()), bulk(b"%d" % delta), tail, bulk(b"%d" % estimate)))
+        nkeys += 2 + 2 * scopes
+        nargs += scopes + 5
+    return Packed(1 + nkeys + nargs, b"".join((bulk(b"%d" % nkeys), *key_parts, *arg_parts)))
