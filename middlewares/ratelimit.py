@@ -71,6 +71,7 @@ class RateLimitMiddleware:
         # instead of one per request.
         self.settlements = Settlements(deps, {name: SettleBlock(list(settle_keys(f"provider:{name}")), [limit_arg(tpm)])
                                               for name, (_, tpm) in self.providers.items()})
+        deps.drains.append(self.settlements.drain)  # settle what is queued before the store closes
         self.batcher = ReserveBatcher(deps)  # process-wide too: reservations of one loop turn share a call
 
     def plan(self, ctx: RequestContext) -> Plan:

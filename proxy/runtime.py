@@ -2,7 +2,7 @@
 
 Contract: `Runtime` is built once per app from the config and handed to every middleware as `deps`.
 Resources open on first use (a Starlette `Mount` forwards no lifespan events) and close in
-`aclose()`. It holds no per-request state.
+`aclose()`, after the `drains` (queued work that still needs them) have run. It holds no per-request state.
 The upstream client is always an `httpx.AsyncClient`; its wire transport is chosen by the
 `transport` argument, else `gateway.upstream_transport`: `httptools` (the default, chosen by
 measurement: `proxy.wire.WireTransport`), `aiohttp` (`proxy.transport.AiohttpTransport`) or `httpx`
@@ -55,6 +55,7 @@ class Runtime:
         self._health: SharedHealth | None = None
         self._lock = asyncio.Lock()
         self.closers: list[Any] = []
+        self.drains: list[Any] = []  # run first on close, while the store is still open (queued settlements)
         self.observer: Observer = Observer()  # replaced by the telemetry layer when enabled
 
     @property
@@ -102,6 +103,11 @@ class Runtime:
         return self._health
 
     async def aclose(self) -> None:
+        for drain in self.drains:
+            try:  # bounded: a dead Redis fails these calls within its deadline
+                await asyncio.wait_for(drain(), self.config.state.redis_timeout * 4 + 1)
+            except Exception:  # noqa: BLE001 - closing goes on whatever the store says
+                pass
         health, self._health = self._health, None
         if health is not None:
             await health.aclose()

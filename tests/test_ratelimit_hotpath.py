@@ -150,3 +150,24 @@ def test_rate_limit_headers_are_formatted_exactly() -> None:
     assert both[b"ratelimit"] == b'"requests";r=48;t=2, "tokens";r=750;t=60'
     assert both[b"x-ratelimit-reset-tokens"] == b"1m0s" and both[b"x-ratelimit-limit-tokens"] == b"1000"
     assert openai.rate_limit_headers(None, None) == []
+
+
+def test_settlements_queued_at_shutdown_are_sent_before_the_store_closes(redis_server: dict[str, Any]) -> None:
+    """Closing the runtime drains the settlement queue first: a request that finished just before
+    shutdown still has its reservation reconciled (and its concurrency slot freed) in Redis."""
+    import redis
+
+    async def scenario() -> list[str]:
+        h = Harness(redis_server["url"])
+        members = []
+        for i in range(5):
+            ctx, _ = await h.request(i, Principal(key_id="bye", max_concurrent=10))
+            members.append(ctx.reservation["member"])
+        assert h.middleware.settlements.queue, "settled on a timer, not yet sent"
+        await h.runtime.aclose()  # no explicit drain: shutdown does it
+        return members
+
+    members = asyncio.run(scenario())
+    r = redis.Redis.from_url(redis_server["url"])
+    assert all(r.exists(f"llmgw:{{llmgw}}:settled:{m}") for m in members)
+    assert r.zcard(concurrency_key("bye")) == 0, "every concurrency slot was freed"
