@@ -62,6 +62,7 @@ class RateLimitMiddleware:
         self.nothing_configured = g.is_empty() and all(d.rate_limit.is_empty() for d in config.providers) \
             and all(k.rate_limit.is_empty() and not k.max_concurrent for k in config.auth.keys)
         self.seen_limits: dict[str, tuple[int, int]] = {}  # scope -> effective limits last seen (for change logs)
+        self.last_limits: dict[int, Any] = {}  # id(plan.names) -> the limits in its last reply (plans are kept)
         self.plans: dict[tuple[Any, ...], Plan] = {}
         # Member ids, unique per reservation across replicas without a random draw per request: a
         # random prefix per process, then a counter (after the request id, for operators).
@@ -81,6 +82,7 @@ class RateLimitMiddleware:
         if plan is None:
             if len(self.plans) >= _MAX_PLANS:  # many managed keys or models: start over, never grow unbounded
                 self.plans.clear()
+                self.last_limits.clear()  # keyed by the plans' ids
             plan = self.plans[key] = Plan(self.global_limits, self.providers, p, ctx.model, names, self.lease_ms)
         return plan
 
@@ -205,10 +207,27 @@ class RateLimitMiddleware:
 
     def _headers(self, ctx: RequestContext, reply: list[Any], names: list[str]) -> list[tuple[bytes, bytes]]:
         """The most constraining scope's figures from the reply's stats rows (7 numbers per checked scope)."""
+        rows = reply[6:]
+        # The effective limits only change when someone changes them: compare them all at once
+        # (C-level slices) with the last reply of this scope set, and look closer only on a change.
+        signature = (rows[0::_STAT], rows[1::_STAT], rows[4::_STAT])
+        if self.last_limits.get(id(names)) != signature:
+            self._note_limits(rows, names)
+            self.last_limits[id(names)] = signature
         best_req = best_tok = None
+        req_limit = req_left = tok_limit = tok_left = 0
+        for index, rpm, rem_r, reset_r, tpm, rem_t, reset_t in zip(*[iter(rows)] * _STAT):  # Lua numbers: ints
+            # lowest remaining share first (cross-multiplied: no division)
+            if rpm > 0 and (best_req is None or rem_r * req_limit < req_left * rpm):
+                best_req, req_limit, req_left = (rpm, rem_r, reset_r, names[index - 1]), rpm, rem_r
+            if tpm > 0 and (best_tok is None or rem_t * tok_limit < tok_left * tpm):
+                best_tok, tok_limit, tok_left = (tpm, rem_t, reset_t, names[index - 1]), tpm, rem_t
+        return ctx.adapter.rate_limit_headers(best_req, best_tok)
+
+    def _note_limits(self, rows: list[Any], names: list[str]) -> None:
+        """Log each scope whose effective limits differ from what this replica saw before (a live change)."""
         seen_limits = self.seen_limits
-        for i in range(6, len(reply) - _STAT + 1, _STAT):
-            index, rpm, rem_r, reset_r, tpm, rem_t, reset_t = reply[i:i + _STAT]  # Lua numbers: ints
+        for index, rpm, _, _, tpm, _, _ in zip(*[iter(rows)] * _STAT):
             name = names[index - 1]
             seen = seen_limits.get(name)
             if seen is None or seen[0] != rpm or seen[1] != tpm:
@@ -216,11 +235,6 @@ class RateLimitMiddleware:
                 if seen is not None:  # a live change (CLI, admin API or redis-cli) reached this replica
                     log.info("limit_applied", scope=name, requests_per_minute=rpm, tokens_per_minute=tpm,
                              previous_requests_per_minute=seen[0], previous_tokens_per_minute=seen[1])
-            if rpm > 0 and (best_req is None or rem_r / rpm < best_req[1] / best_req[0]):
-                best_req = (rpm, rem_r, reset_r, name)
-            if tpm > 0 and (best_tok is None or rem_t / tpm < best_tok[1] / best_tok[0]):
-                best_tok = (tpm, rem_t, reset_t, name)
-        return ctx.adapter.rate_limit_headers(best_req, best_tok)
 
     def _settle(self, ctx: RequestContext, plan: Plan, member: str) -> None:
         res = ctx.reservation

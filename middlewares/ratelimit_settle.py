@@ -122,21 +122,27 @@ def _lists(batch: list[Record]) -> tuple[list[Any], list[Any]]:
 
 
 def _packed(batch: list[Record]) -> Packed:
-    """The same call as `_lists`, joined from packed pieces."""
+    """The same call as `_lists`, joined from packed pieces (one format per record for what is new)."""
     key_parts: list[bytes] = []
     arg_parts: list[bytes] = []
     nkeys = nargs = 0
     for tag, member, conc_key, delta, common, deployments, estimate in batch:
-        done = bulk((_DONE + tag).encode())
+        done = (_DONE + tag).encode()
+        conc = conc_key.encode() if conc_key else done
         scopes = len(common.limits)
-        key_parts += (done, bulk(conc_key.encode()) if conc_key else done, common.packed_keys)
         tail = common.packed_limits
+        dep_keys = b""
         for d in deployments:
-            key_parts.append(d.packed_keys)
+            dep_keys += d.packed_keys
             tail += d.packed_limits
             scopes += len(d.limits)
-        arg_parts.append(b"%b%b%b%b%b%b" % (bulk(b"%d" % (scopes + 5)), bulk(b"%d" % (2 + 2 * scopes)),
-                                            bulk(member.encode()), bulk(b"%d" % delta), tail, bulk(b"%d" % estimate)))
+        key_parts.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b" % (len(done), done, len(conc), conc, common.packed_keys,
+                                                                dep_keys))
+        member_b, numbers = member.encode(), (b"%d" % (scopes + 5), b"%d" % (2 + 2 * scopes), b"%d" % delta,
+                                               b"%d" % estimate)
+        arg_parts.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (
+            len(numbers[0]), numbers[0], len(numbers[1]), numbers[1], len(member_b), member_b,
+            len(numbers[2]), numbers[2], tail, len(numbers[3]), numbers[3]))
         nkeys += 2 + 2 * scopes
         nargs += scopes + 5
     return Packed(1 + nkeys + nargs, b"".join((bulk(b"%d" % nkeys), *key_parts, *arg_parts)))

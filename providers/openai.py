@@ -223,23 +223,24 @@ class OpenAIAdapter(Adapter):
         if requests:
             out += [(b"x-ratelimit-limit-requests", b"%d" % requests[0]),
                     (b"x-ratelimit-remaining-requests", b"%d" % requests[1]),
-                    (b"x-ratelimit-reset-requests", go_duration(requests[2]).encode())]
+                    (b"x-ratelimit-reset-requests", go_duration(requests[2]))]
         if tokens:
             out += [(b"x-ratelimit-limit-tokens", b"%d" % tokens[0]),
                     (b"x-ratelimit-remaining-tokens", b"%d" % tokens[1]),
-                    (b"x-ratelimit-reset-tokens", go_duration(tokens[2]).encode())]
+                    (b"x-ratelimit-reset-tokens", go_duration(tokens[2]))]
         return out
 
 
-def go_duration(ms: int) -> str:
-    """OpenAI's reset format: a Go duration such as `120ms`, `1.5s`, `6m0s`."""
+def go_duration(ms: int) -> bytes:
+    """OpenAI's reset format: a Go duration such as `120ms`, `1.5s`, `6m0s` (integer arithmetic: exact)."""
     if ms < 1000:
-        return f"{max(ms, 0)}ms"
-    seconds = ms / 1000
-    if seconds < 60:
-        return f"{seconds:g}s"
-    minutes, rest = divmod(seconds, 60)
-    return f"{int(minutes)}m{rest:g}s"
+        return b"%dms" % max(ms, 0)
+    minutes, rest = divmod(ms, 60000)
+    seconds, frac = divmod(rest, 1000)
+    text = b"%d.%03d" % (seconds, frac) if frac else b"%d" % seconds
+    if frac:
+        text = text.rstrip(b"0")
+    return b"%dm%bs" % (minutes, text) if minutes else text + b"s"
 
 
 def _inject_include_usage(raw: bytes, body: dict) -> bytes:

@@ -133,3 +133,22 @@ def test_the_packed_call_is_the_call_hiredis_would_pack() -> None:
         assert (got.count, got.body) == (expected.count, expected.body)
     finally:
         loop.close()
+
+
+def test_settlement_batches_pack_exactly_like_their_values() -> None:
+    """The packed reconcile.lua call (per-plan pieces joined per record) is byte for byte the call
+    made from values, with and without common scopes, deployments and a concurrency key."""
+    from middlewares.ratelimit_settle import SettleBlock, _lists, _packed
+    from proxy.redis_wire import Packed
+
+    common = SettleBlock([b"llmgw:{llmgw}:rl:global:tok", b"llmgw:{llmgw}:limits:global"] * 3, [1000, -1, 7])
+    dep = SettleBlock([b"llmgw:{llmgw}:rl:provider:a:tok", b"llmgw:{llmgw}:limits:provider:a"], [500])
+    none = SettleBlock([], [])
+    batch = [("r1:m1", "r1:m1", None, 17, common, [dep], 1040),
+             ("r2:m2:failed", "r2:m2", None, -30, none, [dep, dep], 30),
+             ("r3:m3", "r3:m3", "llmgw:{llmgw}:inflight:k", 0, common, [], 5)]
+    packed, from_values = _packed(batch), Packed.of(*_lists(batch))
+    assert (packed.count, packed.body) == (from_values.count, from_values.body)
+    keys, args = _lists(batch[2:])
+    assert keys[:2] == [b"llmgw:{llmgw}:settled:r3:m3", b"llmgw:{llmgw}:inflight:k"]
+    assert args == [8, 8, "r3:m3", 0, 1000, -1, 7, 5]  # length, keys, member, delta, tpm per scope, estimate

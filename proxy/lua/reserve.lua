@@ -67,101 +67,123 @@ local function conc_of(name)
   return g
 end
 
--- One request. r: koff, member, tokens, C, max_conc, lease, probe_ms, p (its first limit arg), n.
-local function reserve(r)
-  local C, n = r.C, r.n
-  local function base(i)
-    if i <= C then return r.koff + 3 * (i - 1) end
-    return r.koff + 3 * C + 5 * (i - C - 1)
-  end
-  local seen = {}
+-- What the records of one block share (one key offset, one constant tail), parsed once per batch:
+-- C, n scopes, max concurrent, lease, probe lock, each scope's first key and default limits.
+local plans = {}
 
-  local function check(i)
-    local b = base(i)
-    local rpm = tonumber(ARGV[r.p + 2 * (i - 1)])
-    local tpm = tonumber(ARGV[r.p + 2 * i - 1])
-    local l = live(KEYS[b + 3])
-    if l[1] then rpm = l[1] end
-    if l[2] then tpm = l[2] end
-    seen[i] = {rpm, tpm}
-    local ok, retry = true, 0
-    local stats = {i, -1, -1, 0, -1, -1, 0}
-    if rpm >= 0 then
-      local g = log_of(KEYS[b + 1])
-      local count = g.stored + #g.added
-      local reset = WINDOW
-      if count > 0 then reset = (g.oldest or now) + WINDOW - now end
-      if count >= rpm then
-        ok = false
-        if rpm == 0 then
-          retry = WINDOW
-        else  -- the entry whose leaving frees a slot: stored, or one of this batch's (at now)
-          local idx = count - rpm
-          local at = now
-          if idx < g.stored then
-            at = tonumber(redis.call('ZRANGE', KEYS[b + 1], idx, idx, 'WITHSCORES')[2])
-          end
-          retry = math.max(retry, at + WINDOW - now)
+local function plan_of(p, len)
+  local koff = tonumber(ARGV[p + 1])
+  local pl = plans[koff]
+  if not pl then
+    local C, n = tonumber(ARGV[p + 4]), (len - 8) / 2
+    pl = {C = C, n = n, max_conc = tonumber(ARGV[p + 5]), lease = tonumber(ARGV[p + 6]),
+          probe_ms = tonumber(ARGV[p + 7]), lims = {}, bases = {}, state = {},
+          conc_key = koff + 3 * C + 5 * (n - C) + 1}
+    for j = 1, 2 * n do pl.lims[j] = tonumber(ARGV[p + 7 + j]) end
+    for i = 1, n do
+      if i <= C then pl.bases[i] = koff + 3 * (i - 1) else pl.bases[i] = koff + 3 * C + 5 * (i - C - 1) end
+    end
+    plans[koff] = pl
+  end
+  return pl
+end
+
+-- Scope i's effective limits: the live ones where set, else the defaults.
+local function limits(pl, i)
+  local l = live(KEYS[pl.bases[i] + 3])
+  return l[1] or pl.lims[2 * i - 1], l[2] or pl.lims[2 * i]
+end
+
+-- Check scope i for a request of `tokens`: ok and retry ms; its 7 stats are appended to `out`.
+local function check(pl, i, tokens, out)
+  local b = pl.bases[i]
+  local rpm, tpm = limits(pl, i)
+  local ok, retry = true, 0
+  local s_rpm, s_rem, s_reset, s_tpm, s_trem, s_treset = -1, -1, 0, -1, -1, 0
+  if rpm >= 0 then
+    local g = log_of(KEYS[b + 1])
+    local count = g.stored + #g.added
+    local reset = WINDOW
+    if count > 0 then reset = (g.oldest or now) + WINDOW - now end
+    if count >= rpm then
+      ok = false
+      if rpm == 0 then
+        retry = WINDOW
+      else  -- the entry whose leaving frees a slot: stored, or one of this batch's (at now)
+        local idx = count - rpm
+        local at = now
+        if idx < g.stored then
+          at = tonumber(redis.call('ZRANGE', KEYS[b + 1], idx, idx, 'WITHSCORES')[2])
         end
+        retry = math.max(retry, at + WINDOW - now)
       end
-      stats[2], stats[3], stats[4] = rpm, math.max(0, rpm - count - 1), reset
     end
-    if tpm >= 0 then
-      local tat = tat_of(KEYS[b + 2])
-      if tat < now then tat = now end
-      local new_tat = tat
-      if tpm > 0 then new_tat = tat + math.min(r.tokens, tpm) * WINDOW / tpm end
-      if tpm == 0 or new_tat - now > WINDOW then
-        ok = false
-        retry = math.max(retry, tpm == 0 and WINDOW or math.ceil(new_tat - now - WINDOW))
-      end
-      local used = (tpm > 0) and math.floor((new_tat - now) * tpm / WINDOW) or 0
-      stats[5], stats[6], stats[7] = tpm, math.max(0, tpm - used), math.ceil(new_tat - now)
-    end
-    return ok, retry, stats
+    s_rpm, s_rem, s_reset = rpm, math.max(0, rpm - count - 1), reset
   end
-
-  local function apply(i)
-    local rpm, tpm = seen[i][1], seen[i][2]
-    local b = base(i)
-    if rpm >= 0 then
-      local g = log_of(KEYS[b + 1])
-      g.added[#g.added + 1] = r.member
+  if tpm >= 0 then
+    local tat = tat_of(KEYS[b + 2])
+    if tat < now then tat = now end
+    local new_tat = tat
+    if tpm > 0 then new_tat = tat + math.min(tokens, tpm) * WINDOW / tpm end
+    if tpm == 0 or new_tat - now > WINDOW then
+      ok = false
+      retry = math.max(retry, tpm == 0 and WINDOW or math.ceil(new_tat - now - WINDOW))
     end
-    if tpm > 0 then
-      local name = KEYS[b + 2]
-      local tat = tats[name]
-      if tat < now then tat = now end
-      tats[name] = tat + math.min(r.tokens, tpm) * WINDOW / tpm
-      tat_dirty[name] = true
-    end
+    local used = (tpm > 0) and math.floor((new_tat - now) * tpm / WINDOW) or 0
+    s_tpm, s_trem, s_treset = tpm, math.max(0, tpm - used), math.ceil(new_tat - now)
   end
+  local k = #out
+  out[k + 1], out[k + 2], out[k + 3], out[k + 4], out[k + 5], out[k + 6], out[k + 7] =
+    i, s_rpm, s_rem, s_reset, s_tpm, s_trem, s_treset
+  return ok, retry
+end
 
-  local result = {}
+-- Reserve scope i (checked and admitted): a log entry and the token charge, in memory.
+local function apply(pl, i, member, tokens)
+  local rpm, tpm = limits(pl, i)
+  local b = pl.bases[i]
+  if rpm >= 0 then
+    local g = log_of(KEYS[b + 1])
+    g.added[#g.added + 1] = member
+  end
+  if tpm > 0 then
+    local name = KEYS[b + 2]
+    local tat = tats[name]
+    if tat < now then tat = now end
+    tats[name] = tat + math.min(tokens, tpm) * WINDOW / tpm
+    tat_dirty[name] = true
+  end
+end
+
+-- One request: its reply, built in place (no per-request closures or copies).
+local function reserve(pl, member, tokens)
+  local out = {0, 0, 0, now, 0, 0}
+  local C, n = pl.C, pl.n
   local retry = 0
   for i = 1, C do
-    local ok, rr, stats = check(i)
-    for _, v in ipairs(stats) do result[#result + 1] = v end
+    local ok, rr = check(pl, i, tokens, out)
     if not ok then retry = math.max(retry, rr) end
   end
   local conc = nil
-  if r.max_conc > 0 then
-    conc = conc_of(KEYS[base(n + 1) + 1])
-    if conc.stored + #conc.added >= r.max_conc then
-      return {0, 0, math.max(retry, 1000), now, -2, 0, unpack(result)}
+  if pl.max_conc > 0 then
+    conc = conc_of(KEYS[pl.conc_key])
+    if conc.stored + #conc.added >= pl.max_conc then
+      out[3], out[5] = math.max(retry, 1000), -2
+      return out
     end
   end
   if retry > 0 then
-    return {0, 0, retry, now, 0, 0, unpack(result)}
+    out[3] = retry
+    return out
   end
 
   -- Deployment choice: circuit state first (0 open, 1 closed, 2 half-open), then own limits.
   local chosen, probe = 0, 0
   local D = n - C
   if D > 0 then
-    local state, unhealthy = {}, 0
+    local state, unhealthy = pl.state, 0
     for i = C + 1, n do
-      local hk = KEYS[base(i) + 4]
+      local hk = KEYS[pl.bases[i] + 4]
       local open_until = opens[hk]
       if open_until == nil then
         open_until = tonumber(redis.call('HGET', hk, 'open_until') or '0')
@@ -176,43 +198,42 @@ local function reserve(r)
     local best = -1
     for i = C + 1, n do
       if ignore or state[i] ~= 0 then
-        local ok, rr, stats = check(i)
+        local mark = #out
+        local ok, rr = check(pl, i, tokens, out)
         if ok and state[i] == 2 and not ignore then
-          ok = redis.call('SET', KEYS[base(i) + 5], r.member, 'NX', 'PX', r.probe_ms) ~= false
+          ok = redis.call('SET', KEYS[pl.bases[i] + 5], member, 'NX', 'PX', pl.probe_ms) ~= false
           if ok then probe = 1 end
         end
         if ok then
           chosen = i
-          for _, v in ipairs(stats) do result[#result + 1] = v end
           break
         end
+        for k = #out, mark + 1, -1 do out[k] = nil end  -- only the chosen candidate's stats are reported
         if rr > 0 and (best < 0 or rr < best) then best = rr end
       end
     end
     if chosen == 0 then
       -- -3: every candidate is at its own limit; -4: none may serve now (circuit or probe lock)
-      if best > 0 then return {0, 0, best, now, -3, 0, unpack(result)} end
-      return {0, 0, 1000, now, -4, 0, unpack(result)}
+      if best > 0 then out[3], out[5] = best, -3 else out[3], out[5] = 1000, -4 end
+      return out
     end
   end
-  for i = 1, C do apply(i) end
-  if chosen > 0 then apply(chosen) end
+  for i = 1, C do apply(pl, i, member, tokens) end
+  if chosen > 0 then apply(pl, chosen, member, tokens) end
   if conc then
-    conc.added[#conc.added + 1] = r.member
-    conc.added[#conc.added + 1] = now + r.lease
-    conc.lease = math.max(conc.lease, r.lease)
+    conc.added[#conc.added + 1] = member
+    conc.added[#conc.added + 1] = now + pl.lease
+    conc.lease = math.max(conc.lease, pl.lease)
   end
-  return {1, chosen > 0 and (chosen - C) or 0, 0, now, 0, probe, unpack(result)}
+  out[1], out[2], out[6] = 1, chosen > 0 and (chosen - C) or 0, probe
+  return out
 end
 
 local replies = {}
-local p = 1
-while p <= #ARGV do
+local p, nargs = 1, #ARGV
+while p <= nargs do
   local len = tonumber(ARGV[p])
-  local r = {koff = tonumber(ARGV[p + 1]), member = ARGV[p + 2], tokens = tonumber(ARGV[p + 3]),
-             C = tonumber(ARGV[p + 4]), max_conc = tonumber(ARGV[p + 5]), lease = tonumber(ARGV[p + 6]),
-             probe_ms = tonumber(ARGV[p + 7]), p = p + 8, n = (len - 8) / 2}
-  replies[#replies + 1] = reserve(r)
+  replies[#replies + 1] = reserve(plan_of(p, len), ARGV[p + 2], tonumber(ARGV[p + 3]))
   p = p + len
 end
 
