@@ -100,7 +100,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = get_context(scope)
-        if ctx.model_list or self._unlimited(ctx):
+        if ctx.model_list or (self.nothing_configured and self._unlimited(ctx)):
             await self.app(scope, receive, send)
             return
         plan = self.plan(ctx)
@@ -122,7 +122,7 @@ class RateLimitMiddleware:
             reply = await self.batcher.reserve(plan.block, member, ctx.estimated_tokens)
         except StoreUnavailable:
             return self._fallback(ctx, common, candidates, member, plan.conc, plan.conc_key)
-        admitted, chosen, retry_ms, marker = int(reply[0]), int(reply[1]), int(reply[2]), int(reply[4])
+        admitted, chosen, retry_ms, marker = reply[0], reply[1], reply[2], reply[4]  # Lua numbers: ints
         headers = self._headers(ctx, reply, plan.names)
         if not admitted and marker == -4:
             raise GatewayError("upstream_unavailable", "no deployment for this model can serve right now",
