@@ -206,23 +206,18 @@ class RateLimitMiddleware:
                             headers=extra, retry_after=retry, detail="requests")
 
     def _headers(self, ctx: RequestContext, reply: list[Any], names: list[str]) -> list[tuple[bytes, bytes]]:
-        """The most constraining scope's figures from the reply's stats rows (7 numbers per checked scope)."""
-        rows = reply[6:]
+        """The most constraining scope's figures (reserve.lua picks its stats rows; 7 numbers a row)."""
+        rows = reply[8:]
         # The effective limits only change when someone changes them: compare them all at once
         # (C-level slices) with the last reply of this scope set, and look closer only on a change.
         signature = (rows[0::_STAT], rows[1::_STAT], rows[4::_STAT])
         if self.last_limits.get(id(names)) != signature:
             self._note_limits(rows, names)
             self.last_limits[id(names)] = signature
-        best_req = best_tok = None
-        req_limit = req_left = tok_limit = tok_left = 0
-        for index, rpm, rem_r, reset_r, tpm, rem_t, reset_t in zip(*[iter(rows)] * _STAT):  # Lua numbers: ints
-            # lowest remaining share first (cross-multiplied: no division)
-            if rpm > 0 and (best_req is None or rem_r * req_limit < req_left * rpm):
-                best_req, req_limit, req_left = (rpm, rem_r, reset_r, names[index - 1]), rpm, rem_r
-            if tpm > 0 and (best_tok is None or rem_t * tok_limit < tok_left * tpm):
-                best_tok, tok_limit, tok_left = (tpm, rem_t, reset_t, names[index - 1]), tpm, rem_t
-        return ctx.adapter.rate_limit_headers(best_req, best_tok)
+        r, t = reply[6] * _STAT, reply[7] * _STAT
+        return ctx.adapter.rate_limit_headers(
+            (rows[r + 1], rows[r + 2], rows[r + 3], names[rows[r] - 1]) if r >= 0 else None,
+            (rows[t + 4], rows[t + 5], rows[t + 6], names[rows[t] - 1]) if t >= 0 else None)
 
     def _note_limits(self, rows: list[Any], names: list[str]) -> None:
         """Log each scope whose effective limits differ from what this replica saw before (a live change)."""

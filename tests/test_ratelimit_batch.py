@@ -60,7 +60,7 @@ def test_one_turn_is_one_call_and_exact(url: str) -> None:
     admitted = [int(r[0]) for r in replies]
     assert admitted == [1] * 9 + [0] * 31, "the warm-up took 1 of 10; then arrival order, exactly"
     # each reply is its own: the remaining count falls one by one, the refused ones say when to retry
-    assert [int(r[8]) for r in replies[:9]] == list(range(8, -1, -1))
+    assert [int(r[10]) for r in replies[:9]] == list(range(8, -1, -1))
     assert all(int(r[2]) > 0 for r in replies[9:])
 
 
@@ -98,6 +98,34 @@ def test_a_refused_request_reserves_nothing(url: str) -> None:
         return replies
 
     assert [int(r[0]) for r in asyncio.run(scenario())] == [1, 0, 1]
+
+
+def test_the_reply_names_the_most_constraining_scope_per_dimension(url: str) -> None:
+    """reserve.lua picks the stats rows the rate-limit headers report: for requests and for tokens
+    separately, the scope with the lowest remaining share of a limit above 0 (the first on a tie);
+    -1 when no checked scope limits that dimension."""
+    store = store_for(url)
+    batcher = ReserveBatcher(SimpleNamespace(store=store))  # type: ignore[arg-type]
+    # global: 1000 rpm, 100 tpm; key: 10 rpm, 100000 tpm; model: unlimited
+    tight = Plan((1000, 100), {}, Principal("tight", rpm=10, tpm=100000), "m", ())
+    loose = Plan((None, None), {}, None, "m", ())
+    # after the first (the second sets no global rpm, so it is not logged there), a global 2 rpm
+    # leaves 0 of 2 and the key's 1 rpm 0 of 1: a tie, and the first scope wins
+    even = Plan((2, None), {}, Principal("even", rpm=1), None, ())
+
+    async def scenario() -> list[Any]:
+        replies = [await batcher.reserve(tight.block, "t", 50), await batcher.reserve(loose.block, "l", 1),
+                   await batcher.reserve(even.block, "e", 1)]
+        await store.aclose()
+        return replies
+
+    tight_reply, loose_reply, even_reply = asyncio.run(scenario())
+    rows = [[int(v) for v in tight_reply[8 + 7 * k:15 + 7 * k]] for k in range(3)]
+    assert [row[0] for row in rows] == [1, 2, 3]  # global, key, model
+    assert (int(tight_reply[6]), int(tight_reply[7])) == (1, 0), "9/10 requests left on the key; 50/100 tokens globally"
+    assert rows[1][1:3] == [10, 9] and rows[0][4:6] == [100, 50]
+    assert (int(loose_reply[6]), int(loose_reply[7])) == (-1, -1)
+    assert (int(even_reply[6]), int(even_reply[7])) == (0, -1)
 
 
 def test_no_reply_reaches_every_waiter() -> None:

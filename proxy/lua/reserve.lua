@@ -14,10 +14,12 @@
 --       candidate j (1..D): 5 keys at 3C+5(j-1): request log, token TAT, live-limit HASH,
 --       health HASH, probe lock. Then, when max concurrent > 0, one concurrency ZSET.
 -- Returns one reply per record, in order: {admitted, chosen candidate (1-based, 0 = none),
---          retry_after_ms, now_ms, marker, probe, stats...}; marker 0 ok/limited, -2 concurrency,
---          -3 every candidate at its limit, -4 no candidate may serve now (open circuit / probe
---          in progress); stats per checked scope = {scope index, rpm, rpm remaining, rpm reset
---          ms, tpm, tpm remaining, tpm reset ms}.
+--          retry_after_ms, now_ms, marker, probe, req row, tok row, stats...}; marker 0
+--          ok/limited, -2 concurrency, -3 every candidate at its limit, -4 no candidate may serve
+--          now (open circuit / probe in progress); stats per checked scope = {scope index, rpm,
+--          rpm remaining, rpm reset ms, tpm, tpm remaining, tpm reset ms}; req / tok row: the
+--          0-based stats row of the most constraining scope for requests / tokens (the lowest
+--          remaining share of a limit above 0, the first on a tie), -1 when none applies.
 local WINDOW = 60000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -155,9 +157,23 @@ local function apply(pl, i, member, tokens)
   end
 end
 
+-- The most constraining stats rows (the rate-limit headers report them), into out[7] and out[8].
+local function finish(out)
+  local br, bt, br_share, bt_share = -1, -1, 0, 0
+  local row = 0
+  for k = 9, #out, 7 do
+    local rpm, tpm = out[k + 1], out[k + 4]
+    if rpm > 0 and (br < 0 or out[k + 2] / rpm < br_share) then br, br_share = row, out[k + 2] / rpm end
+    if tpm > 0 and (bt < 0 or out[k + 5] / tpm < bt_share) then bt, bt_share = row, out[k + 5] / tpm end
+    row = row + 1
+  end
+  out[7], out[8] = br, bt
+  return out
+end
+
 -- One request: its reply, built in place (no per-request closures or copies).
 local function reserve(pl, member, tokens)
-  local out = {0, 0, 0, now, 0, 0}
+  local out = {0, 0, 0, now, 0, 0, -1, -1}
   local C, n = pl.C, pl.n
   local retry = 0
   for i = 1, C do
@@ -169,12 +185,12 @@ local function reserve(pl, member, tokens)
     conc = conc_of(KEYS[pl.conc_key])
     if conc.stored + #conc.added >= pl.max_conc then
       out[3], out[5] = math.max(retry, 1000), -2
-      return out
+      return finish(out)
     end
   end
   if retry > 0 then
     out[3] = retry
-    return out
+    return finish(out)
   end
 
   -- Deployment choice: circuit state first (0 open, 1 closed, 2 half-open), then own limits.
@@ -215,7 +231,7 @@ local function reserve(pl, member, tokens)
     if chosen == 0 then
       -- -3: every candidate is at its own limit; -4: none may serve now (circuit or probe lock)
       if best > 0 then out[3], out[5] = best, -3 else out[3], out[5] = 1000, -4 end
-      return out
+      return finish(out)
     end
   end
   for i = 1, C do apply(pl, i, member, tokens) end
@@ -226,7 +242,7 @@ local function reserve(pl, member, tokens)
     conc.lease = math.max(conc.lease, pl.lease)
   end
   out[1], out[2], out[6] = 1, chosen > 0 and (chosen - C) or 0, probe
-  return out
+  return finish(out)
 end
 
 local replies = {}
