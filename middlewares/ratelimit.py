@@ -41,7 +41,6 @@ from proxy.health import PROBE_LOCK_MS
 from proxy.state import StoreUnavailable
 
 log = structlog.get_logger("llm_gateway.ratelimit")
-_STAT = 7
 _MAX_PLANS = 4096
 
 
@@ -62,7 +61,7 @@ class RateLimitMiddleware:
         self.nothing_configured = g.is_empty() and all(d.rate_limit.is_empty() for d in config.providers) \
             and all(k.rate_limit.is_empty() and not k.max_concurrent for k in config.auth.keys)
         self.seen_limits: dict[str, tuple[int, int]] = {}  # scope -> effective limits last seen (for change logs)
-        self.last_limits: dict[int, Any] = {}  # id(plan.names) -> the limits in its last reply (plans are kept)
+        self.last_limits: dict[int, Any] = {}  # id(plan) -> its last reply's live limits (plans are kept)
         self.plans: dict[tuple[Any, ...], Plan] = {}
         # Member ids, unique per reservation across replicas without a random draw per request: a
         # random prefix per process, then a counter (after the request id, for operators).
@@ -123,7 +122,7 @@ class RateLimitMiddleware:
         except StoreUnavailable:
             return self._fallback(ctx, common, candidates, member, plan.conc, plan.conc_key)
         admitted, chosen, retry_ms, marker = reply[0], reply[1], reply[2], reply[4]  # Lua numbers: ints
-        headers = self._headers(ctx, reply, plan.names)
+        headers = self._headers(ctx, reply, plan)
         if not admitted and marker == -4:
             raise GatewayError("upstream_unavailable", "no deployment for this model can serve right now",
                                retry_after=retry_ms / 1000.0, headers={"retry-after": str(max(1, math.ceil(retry_ms / 1000)))})
@@ -205,25 +204,29 @@ class RateLimitMiddleware:
                             f"Rate limit exceeded: {reason}. Retry after {seconds}s.",
                             headers=extra, retry_after=retry, detail="requests")
 
-    def _headers(self, ctx: RequestContext, reply: list[Any], names: list[str]) -> list[tuple[bytes, bytes]]:
-        """The most constraining scope's figures (reserve.lua picks its stats rows; 7 numbers a row)."""
-        rows = reply[8:]
-        # The effective limits only change when someone changes them: compare them all at once
-        # (C-level slices) with the last reply of this scope set, and look closer only on a change.
-        signature = (rows[0::_STAT], rows[1::_STAT], rows[4::_STAT])
-        if self.last_limits.get(id(names)) != signature:
-            self._note_limits(rows, names)
-            self.last_limits[id(names)] = signature
-        r, t = reply[6] * _STAT, reply[7] * _STAT
-        return ctx.adapter.rate_limit_headers(
-            (rows[r + 1], rows[r + 2], rows[r + 3], names[rows[r] - 1]) if r >= 0 else None,
-            (rows[t + 4], rows[t + 5], rows[t + 6], names[rows[t] - 1]) if t >= 0 else None)
+    def _headers(self, ctx: RequestContext, reply: list[Any], plan: Plan) -> list[tuple[bytes, bytes]]:
+        """The rate-limit headers of the most constraining scope per dimension (reserve.lua picks it)."""
+        # The effective limits only change when someone changes them live: the reply lists the live
+        # ones of the checked scopes, compared here as a whole with this plan's last reply.
+        live = reply[14:]
+        if self.last_limits.get(id(plan)) != (reply[1], live):
+            self._note_limits(reply, plan)
+            self.last_limits[id(plan)] = (reply[1], live)
+        names = plan.names
+        r, t = reply[6], reply[10]
+        return ctx.adapter.rate_limit_headers((reply[7], reply[8], reply[9], names[r - 1]) if r else None,
+                                              (reply[11], reply[12], reply[13], names[t - 1]) if t else None)
 
-    def _note_limits(self, rows: list[Any], names: list[str]) -> None:
-        """Log each scope whose effective limits differ from what this replica saw before (a live change)."""
+    def _note_limits(self, reply: list[Any], plan: Plan) -> None:
+        """Log each checked scope whose effective limits differ from what this replica saw before."""
+        live = {reply[k]: (reply[k + 1], reply[k + 2]) for k in range(14, len(reply) - 2, 3)}
+        checked = list(range(len(plan.common)))
+        if reply[1] > 0:
+            checked.append(len(plan.common) + reply[1] - 1)
         seen_limits = self.seen_limits
-        for index, rpm, _, _, tpm, _, _ in zip(*[iter(rows)] * _STAT):
-            name = names[index - 1]
+        for position in checked:
+            name = plan.names[position]
+            rpm, tpm = live.get(position + 1, plan.defaults[position])
             seen = seen_limits.get(name)
             if seen is None or seen[0] != rpm or seen[1] != tpm:
                 seen_limits[name] = (rpm, tpm)

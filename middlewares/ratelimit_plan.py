@@ -9,7 +9,7 @@ Contract:
   candidate scopes (`provider:<name>`, in routing order), of which the first that admits it is
   reserved. It holds reserve.lua's KEYS and constant ARGV tail as a `ratelimit_batch.Block`
   (`block`: values and RESP, made once; a batch sends a plan's keys once), the scope
-  names by reply position (`names`), the key's concurrency cap and key, and reconcile.lua's keys
+  names and default limits (-1: none) by reply position (`names`, `defaults`), the key's concurrency cap and key, and reconcile.lua's keys
   and token limits for the common scopes (`settle`, a `ratelimit_settle.SettleBlock`). A plan is
   never mutated.
 - `encode(common, candidates, conc_key)`: reserve.lua's KEYS and per-scope ARGV tail in the layout
@@ -64,7 +64,7 @@ class Plan:
     """A request's scopes (all common ones must admit; the first admitting candidate is reserved) and
     everything derived from them. Built once per (key policy, model, candidate set), then shared."""
 
-    __slots__ = ("common", "candidates", "names", "block", "conc", "conc_key", "settle")
+    __slots__ = ("common", "candidates", "names", "defaults", "block", "conc", "conc_key", "settle")
 
     def __init__(self, global_limits: tuple[int | None, int | None], providers: dict[str, Any],
                  p: Principal | None, model: str | None, deployments: tuple[str, ...], lease_ms: int = 60000) -> None:
@@ -76,7 +76,8 @@ class Plan:
         self.candidates: list[Scope] = [(f"provider:{d}", *providers.get(d, (None, None))) for d in deployments]
         self.conc = p.max_concurrent if p is not None else None
         self.conc_key = concurrency_key(p.key_id) if self.conc and p is not None else None
-        self.names = [name for name, _, _ in self.common + self.candidates]  # reply rows name scopes by position
+        self.names = [name for name, _, _ in self.common + self.candidates]  # replies name scopes by position
+        self.defaults = [(limit_arg(rpm), limit_arg(tpm)) for _, rpm, tpm in self.common + self.candidates]
         keys, limits = encode(self.common, self.candidates, self.conc_key)
         # reserve.lua's KEYS and constant ARGV tail for this plan (common scopes, concurrency cap and
         # lease, probe lock, default limits), packed once

@@ -21,7 +21,7 @@ from config import parse_config
 from middlewares.ratelimit_batch import ReserveBatcher
 from middlewares.ratelimit_plan import Plan
 from proxy.context import Principal
-from proxy.state import Store, StoreUnavailable, counter_keys
+from proxy.state import Store, StoreUnavailable, counter_keys, limits_key
 from tests.servers import free_port
 
 
@@ -60,7 +60,7 @@ def test_one_turn_is_one_call_and_exact(url: str) -> None:
     admitted = [int(r[0]) for r in replies]
     assert admitted == [1] * 9 + [0] * 31, "the warm-up took 1 of 10; then arrival order, exactly"
     # each reply is its own: the remaining count falls one by one, the refused ones say when to retry
-    assert [int(r[10]) for r in replies[:9]] == list(range(8, -1, -1))
+    assert [int(r[8]) for r in replies[:9]] == list(range(8, -1, -1))
     assert all(int(r[2]) > 0 for r in replies[9:])
 
 
@@ -101,9 +101,10 @@ def test_a_refused_request_reserves_nothing(url: str) -> None:
 
 
 def test_the_reply_names_the_most_constraining_scope_per_dimension(url: str) -> None:
-    """reserve.lua picks the stats rows the rate-limit headers report: for requests and for tokens
-    separately, the scope with the lowest remaining share of a limit above 0 (the first on a tie);
-    -1 when no checked scope limits that dimension."""
+    """reserve.lua reports the figures the rate-limit headers need: for requests and for tokens
+    separately, the checked scope with the lowest remaining share of a limit above 0 (the first on a
+    tie; scope 0 when none applies), then the effective limits of the checked scopes that have a
+    live limit set (and only those: the defaults are the caller's own)."""
     store = store_for(url)
     batcher = ReserveBatcher(SimpleNamespace(store=store))  # type: ignore[arg-type]
     # global: 1000 rpm, 100 tpm; key: 10 rpm, 100000 tpm; model: unlimited
@@ -116,16 +117,19 @@ def test_the_reply_names_the_most_constraining_scope_per_dimension(url: str) -> 
     async def scenario() -> list[Any]:
         replies = [await batcher.reserve(tight.block, "t", 50), await batcher.reserve(loose.block, "l", 1),
                    await batcher.reserve(even.block, "e", 1)]
+        await store.call(lambda c: c.hset(limits_key("model:m"), "tokens_per_minute", 5000))
+        replies.append(await batcher.reserve(loose.block, "l2", 1))
         await store.aclose()
         return replies
 
-    tight_reply, loose_reply, even_reply = asyncio.run(scenario())
-    rows = [[int(v) for v in tight_reply[8 + 7 * k:15 + 7 * k]] for k in range(3)]
-    assert [row[0] for row in rows] == [1, 2, 3]  # global, key, model
-    assert (int(tight_reply[6]), int(tight_reply[7])) == (1, 0), "9/10 requests left on the key; 50/100 tokens globally"
-    assert rows[1][1:3] == [10, 9] and rows[0][4:6] == [100, 50]
-    assert (int(loose_reply[6]), int(loose_reply[7])) == (-1, -1)
-    assert (int(even_reply[6]), int(even_reply[7])) == (0, -1)
+    tight_reply, loose_reply, even_reply, live_reply = [[int(v) for v in r] for r in asyncio.run(scenario())]
+    assert tight_reply[6:10] == [2, 10, 9, 60000], "requests: the key's 10 rpm, 9 left, a full window to reset"
+    assert tight_reply[10:13] == [1, 100, 50], "tokens: the global 100 tpm, 50 left"
+    assert len(tight_reply) == 14, "no live limits: nothing more"
+    assert loose_reply[6] == 0 and loose_reply[10] == 0
+    assert even_reply[6:9] == [1, 2, 0] and even_reply[10] == 0
+    assert live_reply[10:13] == [2, 5000, 4999] and live_reply[14:] == [2, -1, 5000], \
+        "the model (scope 2 here: no key) has a live 5000 tpm: its figures, and its effective limits"
 
 
 def test_no_reply_reaches_every_waiter() -> None:

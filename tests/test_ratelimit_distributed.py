@@ -428,11 +428,10 @@ def test_cancelled_limit_checks_corrupt_no_later_reply(redis_server: dict[str, A
                 except Exception as exc:  # noqa: BLE001
                     errors.append(repr(exc))
                     continue
-                # {admitted, chosen, retry ms, now, marker, probe, req row, tok row, scope 1, rpm, remaining,
-                #  reset, tpm, ...}
+                # {admitted, chosen, retry ms, now, marker, probe, scope, rpm, remaining, reset, scope, tpm, ...}
                 reply = [int(v) for v in reply[0]]  # the batch of one's only reply
-                if (len(reply) < 15 or reply[0] != 1 or reply[4] != 0 or reply[8] != 1
-                        or reply[9] != 10_000_000 + i or reply[12] != 20_000_000 + i):
+                if (len(reply) < 14 or reply[0] != 1 or reply[4] != 0 or reply[6] != 1
+                        or reply[7] != 10_000_000 + i or reply[11] != 20_000_000 + i):
                     wrong.append((i, reply))
                 else:
                     known.add(member)
@@ -449,7 +448,7 @@ def test_cancelled_limit_checks_corrupt_no_later_reply(redis_server: dict[str, A
         sequence = []
         for j in range(7):
             reply = [int(v) for v in (await store.script("reserve", fresh_keys, args(f"n{j}", 5, -1)))[0]]
-            sequence.append((reply[0], reply[10] if reply[0] else reply[2] > 0))  # remaining, or a retry time
+            sequence.append((reply[0], reply[8] if reply[0] else reply[2] > 0))  # remaining, or a retry time
         # and plain commands interleaved concurrently get their own replies
         async def echo(k: int) -> bool:
             await store.call(lambda c: c.set(f"llmgw:{{llmgw}}:echo:{k}", k, px=10000))

@@ -171,3 +171,34 @@ def test_settlements_queued_at_shutdown_are_sent_before_the_store_closes(redis_s
     r = redis.Redis.from_url(redis_server["url"])
     assert all(r.exists(f"llmgw:{{llmgw}}:settled:{m}") for m in members)
     assert r.zcard(concurrency_key("bye")) == 0, "every concurrency slot was freed"
+
+
+def test_a_live_limit_change_is_logged_once_by_each_replica(url: str) -> None:
+    """A replica logs `limit_applied` when a request first sees a scope's effective limits change
+    (set live through the store, as the CLI, the admin API or redis-cli do), once per change, with
+    the old and new values; an unchanged limit logs nothing. Clearing a live limit is a change too
+    (back to the configured default)."""
+    from structlog.testing import capture_logs
+
+    from proxy.live_limits import clear_limit, set_limit
+
+    async def scenario() -> list[dict[str, Any]]:
+        h = Harness(url)
+        key = Principal(key_id="live", rpm=50)
+        with capture_logs() as logs:
+            await h.request(1, key)  # first sight of every scope: nothing to compare with
+            await h.request(2, key)
+            await set_limit(h.runtime.store, "key:live", 20, None)
+            await h.request(3, key)
+            await h.request(4, key)  # same limits: no second line
+            await set_limit(h.runtime.store, "model:gpt-4o", None, 900)
+            await h.request(5, key)
+            await clear_limit(h.runtime.store, "key:live")
+            await h.request(6, key)
+        await h.aclose()
+        return [e for e in logs if e["event"] == "limit_applied"]
+
+    lines = asyncio.run(scenario())
+    assert [(e["scope"], e["requests_per_minute"], e["tokens_per_minute"], e["previous_requests_per_minute"],
+             e["previous_tokens_per_minute"]) for e in lines] == [
+        ("key:live", 20, -1, 50, -1), ("model:gpt-4o", -1, 900, -1, -1), ("key:live", 50, -1, 20, -1)]

@@ -14,12 +14,14 @@
 --       candidate j (1..D): 5 keys at 3C+5(j-1): request log, token TAT, live-limit HASH,
 --       health HASH, probe lock. Then, when max concurrent > 0, one concurrency ZSET.
 -- Returns one reply per record, in order: {admitted, chosen candidate (1-based, 0 = none),
---          retry_after_ms, now_ms, marker, probe, req row, tok row, stats...}; marker 0
---          ok/limited, -2 concurrency, -3 every candidate at its limit, -4 no candidate may serve
---          now (open circuit / probe in progress); stats per checked scope = {scope index, rpm,
---          rpm remaining, rpm reset ms, tpm, tpm remaining, tpm reset ms}; req / tok row: the
---          0-based stats row of the most constraining scope for requests / tokens (the lowest
---          remaining share of a limit above 0, the first on a tie), -1 when none applies.
+--          retry_after_ms, now_ms, marker, probe, requests: scope index, rpm, remaining, reset ms,
+--          tokens: scope index, tpm, remaining, reset ms, live...}; marker 0 ok/limited, -2
+--          concurrency, -3 every candidate at its limit, -4 no candidate may serve now (open
+--          circuit / probe in progress). The requests and tokens figures are the most constraining
+--          checked scope's (the lowest remaining share of a limit above 0, the first on a tie;
+--          scope index 0 when none applies); the checked scopes are the common ones and the chosen
+--          candidate. live: {scope index, rpm, tpm} (effective limits) for each checked scope with
+--          a live limit set, so the caller can tell a live change without the defaults echoed.
 local WINDOW = 60000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -96,10 +98,16 @@ local function limits(pl, i)
   return l[1] or pl.lims[2 * i - 1], l[2] or pl.lims[2 * i]
 end
 
--- Check scope i for a request of `tokens`: ok and retry ms; its 7 stats are appended to `out`.
-local function check(pl, i, tokens, out)
+-- Check scope i for a request of `tokens`: ok and retry ms; its 7 stats are appended to `rows`,
+-- and its effective limits to `live_rows` when a live limit is set for it.
+local function check(pl, i, tokens, rows, live_rows)
   local b = pl.bases[i]
-  local rpm, tpm = limits(pl, i)
+  local l = live(KEYS[b + 3])
+  local rpm, tpm = l[1] or pl.lims[2 * i - 1], l[2] or pl.lims[2 * i]
+  if l[1] or l[2] then
+    local k = #live_rows
+    live_rows[k + 1], live_rows[k + 2], live_rows[k + 3] = i, rpm, tpm
+  end
   local ok, retry = true, 0
   local s_rpm, s_rem, s_reset, s_tpm, s_trem, s_treset = -1, -1, 0, -1, -1, 0
   if rpm >= 0 then
@@ -134,8 +142,8 @@ local function check(pl, i, tokens, out)
     local used = (tpm > 0) and math.floor((new_tat - now) * tpm / WINDOW) or 0
     s_tpm, s_trem, s_treset = tpm, math.max(0, tpm - used), math.ceil(new_tat - now)
   end
-  local k = #out
-  out[k + 1], out[k + 2], out[k + 3], out[k + 4], out[k + 5], out[k + 6], out[k + 7] =
+  local k = #rows
+  rows[k + 1], rows[k + 2], rows[k + 3], rows[k + 4], rows[k + 5], rows[k + 6], rows[k + 7] =
     i, s_rpm, s_rem, s_reset, s_tpm, s_trem, s_treset
   return ok, retry
 end
@@ -157,27 +165,36 @@ local function apply(pl, i, member, tokens)
   end
 end
 
--- The most constraining stats rows (the rate-limit headers report them), into out[7] and out[8].
-local function finish(out)
-  local br, bt, br_share, bt_share = -1, -1, 0, 0
-  local row = 0
-  for k = 9, #out, 7 do
-    local rpm, tpm = out[k + 1], out[k + 4]
-    if rpm > 0 and (br < 0 or out[k + 2] / rpm < br_share) then br, br_share = row, out[k + 2] / rpm end
-    if tpm > 0 and (bt < 0 or out[k + 5] / tpm < bt_share) then bt, bt_share = row, out[k + 5] / tpm end
-    row = row + 1
+-- The reply's tail: the most constraining checked scope per dimension, then the live rows.
+local function finish(out, rows, live_rows)
+  local br, bt, br_share, bt_share = 0, 0, 0, 0
+  for k = 1, #rows, 7 do
+    local rpm, tpm = rows[k + 1], rows[k + 4]
+    if rpm > 0 and (br == 0 or rows[k + 2] / rpm < br_share) then br, br_share = k, rows[k + 2] / rpm end
+    if tpm > 0 and (bt == 0 or rows[k + 5] / tpm < bt_share) then bt, bt_share = k, rows[k + 5] / tpm end
   end
-  out[7], out[8] = br, bt
+  if br > 0 then
+    out[7], out[8], out[9], out[10] = rows[br], rows[br + 1], rows[br + 2], rows[br + 3]
+  else
+    out[7], out[8], out[9], out[10] = 0, -1, -1, 0
+  end
+  if bt > 0 then
+    out[11], out[12], out[13], out[14] = rows[bt], rows[bt + 4], rows[bt + 5], rows[bt + 6]
+  else
+    out[11], out[12], out[13], out[14] = 0, -1, -1, 0
+  end
+  for k = 1, #live_rows do out[14 + k] = live_rows[k] end
   return out
 end
 
 -- One request: its reply, built in place (no per-request closures or copies).
 local function reserve(pl, member, tokens)
-  local out = {0, 0, 0, now, 0, 0, -1, -1}
+  local out = {0, 0, 0, now, 0, 0}
+  local rows, live_rows = {}, {}
   local C, n = pl.C, pl.n
   local retry = 0
   for i = 1, C do
-    local ok, rr = check(pl, i, tokens, out)
+    local ok, rr = check(pl, i, tokens, rows, live_rows)
     if not ok then retry = math.max(retry, rr) end
   end
   local conc = nil
@@ -185,12 +202,12 @@ local function reserve(pl, member, tokens)
     conc = conc_of(KEYS[pl.conc_key])
     if conc.stored + #conc.added >= pl.max_conc then
       out[3], out[5] = math.max(retry, 1000), -2
-      return finish(out)
+      return finish(out, rows, live_rows)
     end
   end
   if retry > 0 then
     out[3] = retry
-    return finish(out)
+    return finish(out, rows, live_rows)
   end
 
   -- Deployment choice: circuit state first (0 open, 1 closed, 2 half-open), then own limits.
@@ -214,8 +231,8 @@ local function reserve(pl, member, tokens)
     local best = -1
     for i = C + 1, n do
       if ignore or state[i] ~= 0 then
-        local mark = #out
-        local ok, rr = check(pl, i, tokens, out)
+        local mark, live_mark = #rows, #live_rows
+        local ok, rr = check(pl, i, tokens, rows, live_rows)
         if ok and state[i] == 2 and not ignore then
           ok = redis.call('SET', KEYS[pl.bases[i] + 5], member, 'NX', 'PX', pl.probe_ms) ~= false
           if ok then probe = 1 end
@@ -224,14 +241,16 @@ local function reserve(pl, member, tokens)
           chosen = i
           break
         end
-        for k = #out, mark + 1, -1 do out[k] = nil end  -- only the chosen candidate's stats are reported
+        -- only the chosen candidate is reported
+        for k = #rows, mark + 1, -1 do rows[k] = nil end
+        for k = #live_rows, live_mark + 1, -1 do live_rows[k] = nil end
         if rr > 0 and (best < 0 or rr < best) then best = rr end
       end
     end
     if chosen == 0 then
       -- -3: every candidate is at its own limit; -4: none may serve now (circuit or probe lock)
       if best > 0 then out[3], out[5] = best, -3 else out[3], out[5] = 1000, -4 end
-      return finish(out)
+      return finish(out, rows, live_rows)
     end
   end
   for i = 1, C do apply(pl, i, member, tokens) end
@@ -242,7 +261,7 @@ local function reserve(pl, member, tokens)
     conc.lease = math.max(conc.lease, pl.lease)
   end
   out[1], out[2], out[6] = 1, chosen > 0 and (chosen - C) or 0, probe
-  return finish(out)
+  return finish(out, rows, live_rows)
 end
 
 local replies = {}
