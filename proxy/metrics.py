@@ -259,7 +259,8 @@ class GatewayMetrics:
 
     def route(self, deployment: str | None, model: str | None, operation: str) -> Route:
         """The series of a request that reached `deployment` (None: no deployment was called)."""
-        label = self.model(model, deployment is not None)
+        # a configured (or already seen) model is its own label: no call for the common case
+        label = model if model in self.models else self.model(model, deployment is not None)
         key = (deployment, label, operation)
         found = self._routes.get(key)
         if found is None:
