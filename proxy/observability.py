@@ -143,9 +143,9 @@ class GatewayObserver(Observer):
                     error_type_: str | None) -> None:
         ctx.extra["attempt_open"] = False
         try:
-            started, span, kind = handle if isinstance(handle, tuple) else (_perf_counter(), None, None)
+            started, span, kind = handle if handle.__class__ is tuple else (_perf_counter(), None, None)
             seconds = _perf_counter() - started
-            code = error_type(error_type_)
+            code = error_type(error_type_) if error_type_ else ""  # no call for a successful attempt
             if code:
                 ctx.extra["attempt_error"] = code
             m = self.metrics
