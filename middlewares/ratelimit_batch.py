@@ -126,8 +126,9 @@ def _packed(batch: list[Waiter]) -> Packed:
             koff = offsets[id(block)] = bulk(b"%d" % nkeys)
             key_parts.append(block.packed_keys)
             nkeys += len(block.keys)
-        records.append(b"%b%b%b%b%b" % (block.packed_length, koff, bulk(member.encode()), bulk(b"%d" % tokens),
-                                         block.packed_tail))
+        m, t = member.encode(), b"%d" % tokens
+        records.append(b"%b%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (block.packed_length, koff, len(m), m, len(t), t,
+                                                                block.packed_tail))
         nargs += len(block.tail) + 4
     return Packed(1 + nkeys + nargs, b"".join((bulk(b"%d" % nkeys), *key_parts, *records)))
 

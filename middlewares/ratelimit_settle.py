@@ -61,8 +61,9 @@ class Settlements:
 
     def add(self, tag: str, member: str, conc_key: str | None, delta: int, common: SettleBlock | None,
             deployments: list[str], estimate: int) -> None:
-        self.queue.append((tag, member, conc_key, delta, common or _NONE,
-                           [self.deployment(d) for d in deployments], estimate))
+        blocks = [self.deployments.get(deployments[0]) or _NONE] if len(deployments) == 1 else \
+            [self.deployment(d) for d in deployments]
+        self.queue.append((tag, member, conc_key, delta, common or _NONE, blocks, estimate))
         if self.timer is None and not self.in_flight:
             self.timer = asyncio.get_running_loop().call_later(SETTLE_EVERY, self._flush)
 

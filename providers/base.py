@@ -12,6 +12,7 @@ Adapters never import middlewares; they import only the kernel's context and err
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import zlib
@@ -289,8 +290,7 @@ class Adapter:
         """IETF RateLimit-Policy / RateLimit (draft-11) for the most constraining scope; families add theirs.
         Bytes formatting throughout: this runs on every limited response."""
         if requests and tokens:
-            return [(b"ratelimit-policy", b'"requests";q=%d;w=60, "tokens";q=%d;w=60;llmgw-unit="tokens"'
-                     % (requests[0], tokens[0])),
+            return [(b"ratelimit-policy", _both_policy(requests[0], tokens[0])),
                     (b"ratelimit", b'"requests";r=%d;t=%d, "tokens";r=%d;t=%d'
                      % (requests[1], -(-requests[2] // 1000), tokens[1], -(-tokens[2] // 1000)))]
         if requests:
@@ -300,3 +300,9 @@ class Adapter:
             return [(b"ratelimit-policy", b'"tokens";q=%d;w=60;llmgw-unit="tokens"' % tokens[0]),
                     (b"ratelimit", b'"tokens";r=%d;t=%d' % (tokens[1], -(-tokens[2] // 1000)))]
         return []
+
+
+@functools.lru_cache(maxsize=1024)
+def _both_policy(rpm: int, tpm: int) -> bytes:
+    """RateLimit-Policy for requests and tokens: it changes only with the limits, so it is made once."""
+    return b'"requests";q=%d;w=60, "tokens";q=%d;w=60;llmgw-unit="tokens"' % (rpm, tpm)
