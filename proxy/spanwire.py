@@ -9,8 +9,9 @@ Contract:
   the rest of the gateway's telemetry together. Here a record's name, kind and shared `static`
   attributes are encoded once per `static` dict (checked against the record's name and kind),
   repeating attribute pairs (status, attempt, token counts) come from a cache, and one-off values
-  (request id, overhead) get a ready head per key (and string length) and only their own bytes. Every cache is bounded
-  (`_CACHE_LIMIT` entries, cleared when full); bools and ints never share a cache entry.
+  (request id, overhead) get a ready head per key (and string length) and only their own bytes.
+  Every cache is bounded (`_CACHE_LIMIT` entries, cleared when full); bools and ints never share a
+  cache entry. A batch's request is assembled by one join (the spans are copied once).
 - One thread at a time per encoder (the span processor's export lock); no I/O.
 """
 from __future__ import annotations
@@ -183,38 +184,20 @@ class SpanEncoder:
 
     def span(self, r: Any) -> bytes:
         """One `ScopeSpans.spans` field: tag, length, then the Span's fields."""
-        # One function for the common case, the attribute loop inlined: a call or an attribute lookup
-        # per span or attribute is a measurable share of the export thread's work.
         trace_id = r.trace_id
-        static = r.static
-        found = self.shared.get(id(static))
-        head = found[3] if found is not None and found[0] is static and found[1] == r.name and found[2] is r.kind \
-            else self._head(r)
         parts = [_IDS_PARENT(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, r.span_id, 0x2208, r.parent_id)
                  if r.parent_id else _IDS(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, r.span_id),
-                 head, _TIMES(0x39, r.start, 0x41, r.end_time)]
-        append = parts.append
+                 self._head(r), _TIMES(0x39, r.start, 0x41, r.end_time)]
         if r.trace_state:  # fields may come in any order; the decoded message is the same
-            append(_ld(b"\x1a", r.trace_state.encode()))
-        cache = self.cache
-        for key, value in r.attributes.items():  # this span's own values (as `_attributes`)
-            entry = cache.get(key)
-            if entry is None:
-                append(self._miss(key, value))
-            elif entry.__class__ is _OneOff:
-                append(entry.encode(value))  # type: ignore[union-attr]
-            else:
-                cls = value.__class__
-                encoded = entry.get(value) if cls is str or cls is int else None  # type: ignore[union-attr]
-                append(encoded if encoded is not None else self._miss(key, value))
-        if r.events:  # Span.events = 11: time 1 (fixed64), name 2, attributes 3
-            for event, attrs, ts in r.events:
-                append(_ld(b"\x5a", b"\x09" + _pack_q(ts) + _ld(b"\x12", event.encode()) + _key_values(b"\x1a", attrs)))
+            parts.append(_ld(b"\x1a", r.trace_state.encode()))
+        self._attributes(r.attributes, parts)  # this span's own values
+        for event, attrs, ts in r.events or ():  # Span.events = 11: time 1 (fixed64), name 2, attributes 3
+            parts.append(_ld(b"\x5a", b"\x09" + _pack_q(ts) + _ld(b"\x12", event.encode()) + _key_values(b"\x1a", attrs)))
         if r.error is not None:  # Status = 15: message 2, code 3 (2 = ERROR)
-            append(_ld(b"\x7a", _ld(b"\x12", r.error.encode()) + b"\x18\x02"))
-            append(_FLAGS[r.remote])
+            parts.append(_ld(b"\x7a", _ld(b"\x12", r.error.encode()) + b"\x18\x02"))
+            parts.append(_FLAGS[r.remote])
         else:
-            append(_OK_TAIL[r.remote])
+            parts.append(_OK_TAIL[r.remote])
         body = b"".join(parts)
         n = len(body)
         return b"\x12%c%c%b" % ((n & 0x7F) | 0x80, n >> 7, body) if 0x80 <= n < 0x4000 else b"\x12" + _varint(n) + body
