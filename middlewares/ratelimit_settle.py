@@ -81,6 +81,9 @@ class Settlements:
             except StoreUnavailable:  # the breaker is open
                 log.warning("reconcile_skipped", count=len(batch), reason="store unavailable")
                 continue
+            except Exception as exc:  # noqa: BLE001 - a timer callback: nothing above it would log this
+                log.error("reconcile_failed", count=len(batch), error=repr(exc))
+                continue
             self.in_flight.append(sent)
             sent.add_done_callback(lambda f, n=len(batch): self._answered(f, n))
         # No explicit flush: the connection writes at the end of this loop turn, in one write with

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -202,3 +203,46 @@ def test_a_live_limit_change_is_logged_once_by_each_replica(url: str) -> None:
     assert [(e["scope"], e["requests_per_minute"], e["tokens_per_minute"], e["previous_requests_per_minute"],
              e["previous_tokens_per_minute"]) for e in lines] == [
         ("key:live", 20, -1, 50, -1), ("model:gpt-4o", -1, 900, -1, -1), ("key:live", 50, -1, 20, -1)]
+
+
+def test_a_failed_settlement_batch_is_logged_and_the_queue_keeps_working(redis_server: dict[str, Any]) -> None:
+    """Settling never reaches a request: with Redis unreachable a batch is logged as skipped, an
+    error reply is logged as failed, and in both cases later batches still go out (the timer is
+    re-armed, nothing stays in flight)."""
+    import redis
+    from structlog.testing import capture_logs
+
+    from middlewares.ratelimit_settle import SettleBlock, Settlements
+    from proxy.state import Store, done_key
+    from tests.servers import free_port
+
+    def settlements(url: str) -> tuple[Store, Settlements]:
+        store = Store(parse_config(f'state: {{redis_url: "{url}", redis_timeout: 1s}}\n', "s.yaml", {}))
+        return store, Settlements(SimpleNamespace(store=store), {})  # type: ignore[arg-type]
+
+    def block(name: str) -> SettleBlock:  # one scope: token TAT key, live-limit hash, 1000 tpm
+        return SettleBlock([counter_keys(name)[1].encode(), limits_key(name).encode()], [1000])
+
+    # a token TAT that is not a number makes reconcile.lua fail: an error reply
+    redis.Redis.from_url(redis_server["url"]).set(counter_keys("key:spoiled")[1], "garbage")
+
+    async def scenario() -> tuple[list[dict[str, Any]], int, int]:
+        with capture_logs() as logs:
+            store, queue = settlements(f"redis://127.0.0.1:{free_port()}/0")  # nobody listens there
+            for i in range(3):
+                queue.add(f"down{i}", f"down{i}", None, 5, block("global"), [], 10)
+            await queue.drain()
+            await store.aclose()
+            store, queue = settlements(redis_server["url"])
+            queue.add("bad", "bad", None, 5, block("key:spoiled"), [], 10)
+            await queue.drain()
+            queue.add("good", "good", None, 5, block("global"), [], 10)
+            await asyncio.sleep(0.05)  # on its timer, not drained
+            queued, in_flight = len(queue.queue), len(queue.in_flight)
+            await store.aclose()
+        return [e for e in logs if e["event"].startswith("reconcile_")], queued, in_flight
+
+    events, queued, in_flight = asyncio.run(scenario())
+    assert [(e["event"], e["count"]) for e in events] == [("reconcile_skipped", 3), ("reconcile_failed", 1)]
+    assert queued == 0 and in_flight == 0
+    assert redis.Redis.from_url(redis_server["url"]).exists(done_key("good")) == 1
