@@ -14,7 +14,8 @@ Contract:
   refresh (not per request); a success reaches Redis only when it changes the breaker; `snapshot()` is the local
   copy (refreshed every `REFRESH` s off the request path, this replica's own attempts counted at
   once) that strategies read without I/O.
-- Recording happens off the critical path (tasks kept referenced until done).
+- Recording happens off the critical path (tasks kept referenced until done). `aclose()` stops the
+  refresher and waits a bounded time for those writes; the store must still be open then.
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ class SharedHealth:
         self._pending_ttfb: dict[str, float] = {}
         self._refresher: asyncio.Task[None] | None = None
         self.state_changes = 0
+        self.closed = False
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -183,7 +185,7 @@ class SharedHealth:
 
     def snapshot(self) -> dict[str, DeploymentStats]:
         """Shared figures where known (refreshed in the background), local ones otherwise."""
-        if self._refresher is None or self._refresher.done():
+        if (self._refresher is None or self._refresher.done()) and not self.closed:
             try:
                 self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
             except RuntimeError:
@@ -191,7 +193,7 @@ class SharedHealth:
         return self.shared if not self.store.degraded else self.local
 
     async def _refresh_loop(self) -> None:
-        while True:
+        while not self.closed:
             try:
                 await self._flush()
                 await self.refresh()
@@ -218,7 +220,13 @@ class SharedHealth:
         return self.shared
 
     async def aclose(self) -> None:
+        """Stop the refresher and give pending breaker writes a bounded moment, before the store closes."""
+        self.closed = True
+        pending = set(self.tasks)
         if self._refresher is not None:
             self._refresher.cancel()
-        for task in list(self.tasks):
-            task.cancel()
+            pending.add(self._refresher)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=self.store.timeout + 1)
+            for task in late:
+                task.cancel()

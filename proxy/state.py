@@ -167,7 +167,7 @@ class Store:
     async def call(self, op: Any, *, deadline: float | None = None) -> Any:
         """Run one redis-py operation under the deadline and the breaker (everything but the scripts)."""
         if self.embedded:  # in process: nothing to wait for, nothing that can hang
-            return await op(self.client)
+            return await _keep_cancel(op(self.client))
         self._enter()
         task = asyncio.ensure_future(op(self.client))
         loop = asyncio.get_running_loop()
@@ -215,7 +215,7 @@ class Store:
             if isinstance(keys, Packed):
                 raise TypeError("the embedded store takes keys and arguments, not a packed call")
             script = self._embedded_script(name)
-            return await script(keys=keys, args=args, client=self.client)
+            return await _keep_cancel(script(keys=keys, args=args, client=self.client))
         return await self.script_soon(name, keys, args)
 
     def script_soon(self, name: str, keys: list[Any] | Packed, args: list[Any]) -> "asyncio.Future[Any]":
@@ -287,6 +287,18 @@ class Store:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+
+
+async def _keep_cancel(call: Any) -> Any:
+    """Await an embedded-store call without losing a cancel: fakeredis waits for its reply with
+    `asyncio.wait_for`, which on Python 3.11 returns the reply and drops a cancel that lands with it.
+    A dropped cancel left the health refresher running forever, and shutdown waiting on it."""
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    result = await call
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError
+    return result
 
 
 @functools.lru_cache(maxsize=1)
