@@ -30,9 +30,10 @@ def url(request: pytest.FixtureRequest) -> str:
 
 
 def config_for(url: str) -> Any:
+    # figures, not deadlines: on a loaded machine a first call (connect, script load) may outlast 250 ms
     return parse_config(f"""
 gateway: {{timeout: 30s, rate_limit: {{requests_per_minute: 100000, tokens_per_minute: 100000000}}}}
-state: {{redis_url: "{url}"}}
+state: {{redis_url: "{url}", redis_timeout: 2s}}
 providers:
   a: {{type: openai, base_url: "http://127.0.0.1:9/v1", api_key: k, rate_limit: {{requests_per_minute: 7000}}}}
   b: {{type: openai, base_url: "http://127.0.0.1:9/v1", api_key: k}}
