@@ -36,16 +36,21 @@ _DONE = f"llmgw:{TAG}:settled:"  # proxy.state.done_key, as a prefix
 class SettleBlock:
     """A fixed group of scopes as reconcile.lua takes them: token TAT and live-limit keys, default tpm."""
 
-    __slots__ = ("keys", "limits", "packed_keys", "packed_limits")
+    __slots__ = ("keys", "limits", "packed_keys", "packed_limits", "shapes")
 
     def __init__(self, keys: list[bytes], limits: list[int]) -> None:
         self.keys, self.limits = keys, limits
         self.packed_keys = bulks(keys) if keys else b""
         self.packed_limits = bulks(limits) if limits else b""
+        self.shapes: dict[Any, Shape] = {}  # the deployments' ids -> `_shape` of this block with them
 
 
 _NONE = SettleBlock([], [])
+_SHAPES_LIMIT = 256
 Record = tuple[str, str, "str | None", int, SettleBlock, list[SettleBlock], int]
+# A record's repeating part: its scope keys, its first two ARGV bulks, its limits, its KEYS and ARGV counts,
+# and the deployments' blocks (held, so the ids keying it stay theirs)
+Shape = tuple[bytes, bytes, bytes, int, int, list[SettleBlock]]
 
 
 class Settlements:
@@ -126,28 +131,35 @@ def _lists(batch: list[Record]) -> tuple[list[Any], list[Any]]:
     return keys, args
 
 
+def _shape(common: SettleBlock, deployments: list[SettleBlock]) -> Shape:
+    """What every record of this plan settling these deployments repeats, packed once."""
+    key = id(deployments[0]) if len(deployments) == 1 else tuple(map(id, deployments))
+    found = common.shapes.get(key)
+    if found is None:
+        scopes = len(common.limits) + sum(len(d.limits) for d in deployments)
+        found = (common.packed_keys + b"".join(d.packed_keys for d in deployments),
+                 bulks([scopes + 5, 2 + 2 * scopes]),
+                 common.packed_limits + b"".join(d.packed_limits for d in deployments),
+                 2 + 2 * scopes, scopes + 5, deployments)
+        if len(common.shapes) < _SHAPES_LIMIT:
+            common.shapes[key] = found
+    return found
+
+
 def _packed(batch: list[Record]) -> Packed:
-    """The same call as `_lists`, joined from packed pieces (one format per record for what is new)."""
+    """The same call as `_lists`, joined from packed pieces: per record only the done marker, the
+    concurrency key, the member and two numbers are packed."""
     key_parts: list[bytes] = []
     arg_parts: list[bytes] = []
     nkeys = nargs = 0
     for tag, member, conc_key, delta, common, deployments, estimate in batch:
+        keys, counts, limits, record_keys, record_args, _ = _shape(common, deployments)
         done = (_DONE + tag).encode()
         conc = conc_key.encode() if conc_key else done
-        scopes = len(common.limits)
-        tail = common.packed_limits
-        dep_keys = b""
-        for d in deployments:
-            dep_keys += d.packed_keys
-            tail += d.packed_limits
-            scopes += len(d.limits)
-        key_parts.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b%b" % (len(done), done, len(conc), conc, common.packed_keys,
-                                                                dep_keys))
-        member_b, numbers = member.encode(), (b"%d" % (scopes + 5), b"%d" % (2 + 2 * scopes), b"%d" % delta,
-                                               b"%d" % estimate)
-        arg_parts.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (
-            len(numbers[0]), numbers[0], len(numbers[1]), numbers[1], len(member_b), member_b,
-            len(numbers[2]), numbers[2], tail, len(numbers[3]), numbers[3]))
-        nkeys += 2 + 2 * scopes
-        nargs += scopes + 5
+        key_parts.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (len(done), done, len(conc), conc, keys))
+        m, d, e = member.encode(), b"%d" % delta, b"%d" % estimate
+        arg_parts.append(b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (counts, len(m), m, len(d), d, limits,
+                                                                          len(e), e))
+        nkeys += record_keys
+        nargs += record_args
     return Packed(1 + nkeys + nargs, b"".join((bulk(b"%d" % nkeys), *key_parts, *arg_parts)))

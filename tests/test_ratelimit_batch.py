@@ -175,12 +175,16 @@ def test_settlement_batches_pack_exactly_like_their_values() -> None:
 
     common = SettleBlock([b"llmgw:{llmgw}:rl:global:tok", b"llmgw:{llmgw}:limits:global"] * 3, [1000, -1, 7])
     dep = SettleBlock([b"llmgw:{llmgw}:rl:provider:a:tok", b"llmgw:{llmgw}:limits:provider:a"], [500])
+    other = SettleBlock([b"llmgw:{llmgw}:rl:provider:b:tok", b"llmgw:{llmgw}:limits:provider:b"], [-1])
     none = SettleBlock([], [])
     batch = [("r1:m1", "r1:m1", None, 17, common, [dep], 1040),
              ("r2:m2:failed", "r2:m2", None, -30, none, [dep, dep], 30),
-             ("r3:m3", "r3:m3", "llmgw:{llmgw}:inflight:k", 0, common, [], 5)]
+             ("r3:m3", "r3:m3", "llmgw:{llmgw}:inflight:k", 0, common, [], 5),
+             ("r4:m4", "r4:m4", None, 3, common, [other], 9)]  # same plan, another deployment: its own shape
     packed, from_values = _packed(batch), Packed.of(*_lists(batch))
     assert (packed.count, packed.body) == (from_values.count, from_values.body)
-    keys, args = _lists(batch[2:])
+    again = _packed(batch[::-1])  # every shape now comes from the plans' caches
+    assert (again.count, again.body) == (Packed.of(*_lists(batch[::-1])).count, Packed.of(*_lists(batch[::-1])).body)
+    keys, args = _lists(batch[2:3])
     assert keys[:2] == [b"llmgw:{llmgw}:settled:r3:m3", b"llmgw:{llmgw}:inflight:k"]
     assert args == [8, 8, "r3:m3", 0, 1000, -1, 7, 5]  # length, keys, member, delta, tpm per scope, estimate
