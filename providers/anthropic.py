@@ -175,6 +175,9 @@ class AnthropicAdapter(Adapter):
         data = orjson.loads(body).get("data") or []
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
+    # every anthropic-ratelimit-* header: the upstream's input/output-token ones would describe another account
+    rate_limit_prefixes = (b"ratelimit", b"anthropic-ratelimit-")
+
     def rate_limit_headers(self, requests: RateState | None, tokens: RateState | None) -> list[tuple[bytes, bytes]]:
         out = super().rate_limit_headers(requests, tokens)
         now = datetime.now(timezone.utc)

@@ -104,11 +104,16 @@ def _dropped_response_header(name: bytes) -> bool:
     return name in _RESPONSE_DROP or (name.startswith(_RESPONSE_DROP_PREFIXES) and name not in _RESPONSE_KEEP)
 
 
-def forward_response_headers(headers: list[tuple[bytes, bytes]], *, drop_length: bool) -> list[tuple[bytes, bytes]]:
+def forward_response_headers(headers: list[tuple[bytes, bytes]], *, drop_length: bool,
+                             replaced: tuple[bytes, ...] = ()) -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers a client may see. `replaced`: name prefixes the gateway writes
+    itself on this response (its rate-limit headers): the upstream's own are dropped, so a client
+    never reads two `x-ratelimit-remaining-requests` (httpx would join them into "9, 41")."""
     listed = connection_listed(headers)
     return [
         (k, v) for k, v in headers
         if not _dropped_response_header(k) and k not in listed and not (drop_length and k == b"content-length")
+        and not (replaced and k.startswith(replaced))
     ]
 
 
@@ -219,6 +224,8 @@ class Adapter:
 
     family: str = ""
     operations: dict[str, str] = {}
+    # Name prefixes of the rate-limit headers `rate_limit_headers` writes (IETF `RateLimit*` here).
+    rate_limit_prefixes: tuple[bytes, ...] = (b"ratelimit",)
 
     def credential(self, ctx: RequestContext) -> str | None:
         return bearer(ctx)

@@ -218,6 +218,8 @@ class OpenAIAdapter(Adapter):
         data = orjson.loads(body).get("data") or []
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
+    rate_limit_prefixes = (b"ratelimit", b"x-ratelimit-")
+
     def rate_limit_headers(self, requests: RateState | None, tokens: RateState | None) -> list[tuple[bytes, bytes]]:
         out = super().rate_limit_headers(requests, tokens)
         if requests:

@@ -41,10 +41,13 @@ async def relay(ctx: RequestContext, response: httpx.Response, send: Any, observ
     status = response.status_code
     ctx.status = status
     held = b""
+    # The rate limiter's headers replace the upstream's own (the error layer adds them to the response).
+    replaced = adapter.rate_limit_prefixes if ctx.response_headers else ()
     if status >= 400:
         body = await _read_bounded(response, ERROR_BODY_LIMIT)
         kind = adapter.classify(status, raw_headers, body)
-        native = adapter.error_response(ctx, status, forward_response_headers(raw_headers, drop_length=True), body)
+        native = adapter.error_response(ctx, status, forward_response_headers(raw_headers, drop_length=True,
+                                                                              replaced=replaced), body)
         # A billing quota may be failed over to another account, never retried on this one.
         if ctx.may_retry and (kind in ("transient", "rate_limited")
                               or (kind == "quota" and len(ctx.candidates) > len(set(ctx.tried)))):
@@ -66,7 +69,8 @@ async def relay(ctx: RequestContext, response: httpx.Response, send: Any, observ
     held = b""
     if streaming and ctx.hold_stream:
         held = await _hold(ctx, chunks, tap, flt)
-    headers = adapter.response_headers(ctx, forward_response_headers(raw_headers, drop_length=flt is not None), streaming)
+    headers = adapter.response_headers(ctx, forward_response_headers(raw_headers, drop_length=flt is not None,
+                                                                               replaced=replaced), streaming)
     headers += [(b"x-gateway-request-id", ctx.request_id.encode()),
                 (b"x-gateway-provider", ctx.deployment.name.encode()),  # type: ignore[union-attr]
                 (b"x-gateway-attempts", str(ctx.attempts).encode())]

@@ -450,6 +450,40 @@ def test_admin_is_404_without_admin_key(mock_upstream: str, make_gateway: Callab
 
 
 # --- native headers of every family --------------------------------------------------------------
+def test_gateway_rate_limit_headers_replace_the_upstream_accounts(mock_upstream: str,
+                                                                  make_gateway: Callable[..., str]) -> None:
+    """The simulated provider sends its account's rate-limit headers, as api.openai.com and
+    api.anthropic.com do. With limits on, the client gets the gateway's alone (one of each name: two
+    would be joined by httpx into "29999, 4"); with no limit, the upstream's pass unchanged."""
+    from proxy.mock.anthropic import ACCOUNT_HEADERS as ANTHROPIC_ACCOUNT
+    from proxy.mock.openai import ACCOUNT_HEADERS as OPENAI_ACCOUNT
+
+    limited = make_gateway(gateway_yaml(mock_upstream, rpm=5, tpm=100000))
+    open_ = make_gateway(gateway_yaml(mock_upstream))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    claude = {"model": "claude-x", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(timeout=30) as http:
+        r = http.post(f"{limited}/v1/chat/completions", json=body, headers=AUTH)
+        assert r.status_code == 200
+        for name, _ in OPENAI_ACCOUNT:
+            assert len(r.headers.get_list(name.decode())) == 1, name
+        check_openai_headers(r.headers, limit=5, remaining=4)
+        assert len(r.headers.get_list("ratelimit")) == len(r.headers.get_list("ratelimit-policy")) == 1
+        r = http.post(f"{limited}/v1/messages", json=claude,
+                      headers={"x-api-key": GATEWAY_KEY, "anthropic-version": "2023-06-01"})
+        assert r.status_code == 200
+        assert r.headers.get_list("anthropic-ratelimit-requests-limit") == ["5"]
+        assert r.headers.get_list("anthropic-ratelimit-requests-remaining") == ["3"]
+        assert "anthropic-ratelimit-input-tokens-limit" not in r.headers  # another account's figure: dropped
+        r = http.post(f"{open_}/v1/chat/completions", json=body, headers=AUTH)
+        assert r.status_code == 200 and "ratelimit" not in r.headers
+        assert [(k.encode(), v.encode()) for k, v in r.headers.items() if k.startswith("x-ratelimit-")] == OPENAI_ACCOUNT
+        r = http.post(f"{open_}/v1/messages", json=claude,
+                      headers={"x-api-key": GATEWAY_KEY, "anthropic-version": "2023-06-01"})
+        assert [(k.encode(), v.encode()) for k, v in r.headers.items()
+                if k.startswith("anthropic-ratelimit-")] == ANTHROPIC_ACCOUNT
+
+
 def test_anthropic_native_rate_limit_headers(mock_upstream: str, make_gateway: Callable[..., str]) -> None:
     base = make_gateway(gateway_yaml(mock_upstream, rpm=2, tpm=50000))
     client = anthropic.Anthropic(base_url=base, api_key=GATEWAY_KEY, max_retries=0)

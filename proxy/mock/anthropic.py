@@ -19,6 +19,16 @@ if TYPE_CHECKING:
     from proxy.mock.app import Exchange
 
 REQUEST_ID_HEADER = b"request-id"
+# The provider account's own limits, on every response as api.anthropic.com sends them.
+ACCOUNT_HEADERS = [(b"anthropic-ratelimit-requests-limit", b"4000"),
+                   (b"anthropic-ratelimit-requests-remaining", b"3999"),
+                   (b"anthropic-ratelimit-requests-reset", b"2026-01-01T00:00:00Z"),
+                   (b"anthropic-ratelimit-tokens-limit", b"2000000"),
+                   (b"anthropic-ratelimit-tokens-remaining", b"1999990"),
+                   (b"anthropic-ratelimit-tokens-reset", b"2026-01-01T00:00:00Z"),
+                   (b"anthropic-ratelimit-input-tokens-limit", b"1600000"),
+                   (b"anthropic-ratelimit-input-tokens-remaining", b"1599990"),
+                   (b"anthropic-ratelimit-input-tokens-reset", b"2026-01-01T00:00:00Z")]
 SSE = b"text/event-stream; charset=utf-8"
 DEFAULT_MODELS = ["claude-sonnet-4-5", "claude-3-5-haiku-20241022", "claude-3-sonnet-20240229"]
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",

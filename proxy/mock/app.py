@@ -5,7 +5,8 @@ Contract:
   request with a header `x-mock-<option>` (dashes or underscores), and the header wins.
 - `MockApp(options)` is a pure ASGI callable. Requests are routed on `scope["raw_path"]` to one
   protocol module (`openai`, `anthropic`, `bedrock`, `ollama`); each exposes
-  `REQUEST_ID_HEADER`, `error(status, message, kind=None) -> (body, headers)` and
+  `REQUEST_ID_HEADER`, optionally `ACCOUNT_HEADERS` (the account's rate-limit headers, sent on
+  every response of that family), `error(status, message, kind=None) -> (body, headers)` and
   `handle(ex, path) -> bool` (False = no such route, answered 404 in the family's shape).
 - Order per request: read body, record, latency/stall, auth, fault injection, handler. A body that
   is not a JSON object (ValueError raised by `Exchange.json_body`) is answered 400 natively.
@@ -99,13 +100,14 @@ class Exchange:
     """One request: parsed bits plus helpers to answer it with raw ASGI messages."""
 
     __slots__ = ("send", "method", "raw_path", "query", "headers", "body", "opts", "rid_header",
-                 "request_id", "started_ns")
+                 "account_headers", "request_id", "started_ns")
 
     def __init__(self, send: Send, method: str, raw_path: str, query: str,
                  headers: dict[str, str], body: bytes, opts: MockOptions) -> None:
         self.send, self.method, self.raw_path, self.query = send, method, raw_path, query
         self.headers, self.body, self.opts = headers, body, opts
         self.rid_header: bytes | None = None
+        self.account_headers: Headers = []
         self.request_id = f"req_{_rid_prefix}{next(_rid_counter):016x}"
         self.started_ns = time.perf_counter_ns()
 
@@ -136,6 +138,7 @@ class Exchange:
         headers: Headers = [(b"content-type", content_type)]
         if self.rid_header:
             headers.append((self.rid_header, self.request_id.encode()))
+        headers += self.account_headers
         if extra:
             headers.extend(extra)
         return {"type": "http.response.start", "status": status, "headers": headers}
@@ -236,6 +239,7 @@ class MockApp:
         family = _FAMILIES[family_name := _family(path, headers, opts.protocols)]
         ex = Exchange(send, method, path, scope.get("query_string", b"").decode("latin-1"), headers, body, opts)
         ex.rid_header = family.REQUEST_ID_HEADER
+        ex.account_headers = getattr(family, "ACCOUNT_HEADERS", [])
         try:
             ex.opts = opts = _override(opts, overrides)
         except ValueError as exc:

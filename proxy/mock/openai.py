@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from proxy.mock.app import Exchange
 
 REQUEST_ID_HEADER = b"x-request-id"
+# The provider account's own limits, on every response as api.openai.com sends them (a gateway
+# enforcing its own limits must replace these, never send both).
+ACCOUNT_HEADERS = [(b"x-ratelimit-limit-requests", b"30000"), (b"x-ratelimit-limit-tokens", b"150000000"),
+                   (b"x-ratelimit-remaining-requests", b"29999"), (b"x-ratelimit-remaining-tokens", b"149999970"),
+                   (b"x-ratelimit-reset-requests", b"2ms"), (b"x-ratelimit-reset-tokens", b"0s")]
 SSE = b"text/event-stream; charset=utf-8"
 DEFAULT_MODELS = ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "text-embedding-3-small"]
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
