@@ -212,23 +212,34 @@ def test_metric_routes_are_resolved_once_and_series_made_on_use() -> None:
 
 
 def test_http_exporter_reads_the_environment_once(monkeypatch: Any, tmp_path: Any) -> None:
-    """Proxies, CA bundle and netrc are resolved when the exporter is made, as requests would per POST."""
+    """Proxies, CA bundle and netrc are resolved when the exporter is made, as requests would per POST;
+    a plain http collector that needs none of them gets the SDK's urllib3 transport."""
     netrc = tmp_path / "netrc"
-    netrc.write_text("machine collector.example login user password secret\n")
+    netrc.write_text("machine collector.example login user password secret\n"
+                     "machine signed.example login user2 password secret2\n")
     netrc.chmod(0o600)
     monkeypatch.setenv("NETRC", str(netrc))
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
-    monkeypatch.setenv("NO_PROXY", "bypassed.example")
+    monkeypatch.setenv("NO_PROXY", "bypassed.example,signed.example")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "ca.pem"))
-    for host, proxied in (("collector.example", True), ("bypassed.example", False)):
+    for host, proxied, auth in (("collector.example", True, ("user", "secret")),
+                                ("signed.example", False, ("user2", "secret2"))):
         exporter = fast_span_exporter(OtelSettings(endpoint=f"http://{host}:4318", protocol="http/protobuf"), resource())
         session = exporter._client._transport._session
         url = f"http://{host}:4318/v1/traces"
         assert session.trust_env is False
         assert session.proxies.get("http") == ("http://proxy.example:3128" if proxied else None)
         assert session.verify == str(tmp_path / "ca.pem")
-        assert session.auth == (("user", "secret") if host == "collector.example" else None)
+        assert session.auth == auth
         prepared = session.prepare_request(requests.Request("POST", url, data=b"x"))
         assert session.merge_environment_settings(url, {}, None, None, None)["proxies"] == session.proxies
-        assert ("Authorization" in prepared.headers) is (host == "collector.example")
+        assert "Authorization" in prepared.headers
         exporter.shutdown()
+    exporter = fast_span_exporter(OtelSettings(endpoint="http://bypassed.example:4318", protocol="http/protobuf"),
+                                  resource())
+    assert type(exporter._client._transport).__name__ == "Urllib3HTTPTransport"
+    exporter.shutdown()
+    exporter = fast_span_exporter(OtelSettings(endpoint="https://bypassed.example:4318", protocol="http/protobuf"),
+                                  resource())
+    assert exporter._client._transport._session.verify == str(tmp_path / "ca.pem")  # TLS: requests, as before
+    exporter.shutdown()
