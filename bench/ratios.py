@@ -6,7 +6,8 @@
 One wrk run after another, round by round, over: bare-aiohttp (the fastest third-party bare
 pass-through), the gateway (httptools transport, limits off) and the gateway with limits on every
 scope against a bench-owned redis-server (as `bench/run.py --limits`). Drift then hits every target
-alike; each round's ratio compares runs seconds apart, and the median of those ratios gives:
+alike (odd rounds run the targets in reverse order, so a drift within a round favours none); each
+round's ratio compares runs seconds apart, and the median of those ratios gives:
 - gateway / bare-aiohttp   (issue #2: >= 0.80)
 - limits on / limits off   (issue #3: >= 0.85)
 It also prints each round's ratios and the gateway's own mean Redis round trip (from /metrics).
@@ -57,8 +58,9 @@ def main() -> int:
             for server in targets.values():
                 bench.run_wrk(server, script, args.concurrency, 1)  # warm-up
             runs: dict[str, list[dict]] = {name: [] for name in targets}
-            for _ in range(args.rounds):
-                for name, server in targets.items():
+            for i in range(args.rounds):
+                # ABBA order: a drift within a round favours no target
+                for name, server in (list(targets.items()) if i % 2 == 0 else reversed(targets.items())):
                     runs[name].append(bench.run_wrk(server, script, args.concurrency, args.duration))
             redis_ms = redis_mean_ms(targets["gateway+limits"])
         finally:

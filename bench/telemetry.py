@@ -10,8 +10,9 @@
               default http/protobuf) to a local sink that accepts every export and discards it
 - black-hole: as `on`, but the OTLP endpoint accepts TCP and never answers (collector hung)
 Upstream: nginx answering a static chat completion (else the simulated provider). Servers on CPU 0,
-wrk and the sink on CPU 1 (as bench/run.py). Each round runs every target once, in turn, so drift
-hits all of them alike; the table shows medians. Target: on >= 90% of off's throughput. On a noisy
+wrk and the sink on CPU 1 (as bench/run.py). Each round runs every target once, in turn (odd rounds
+in reverse order), so drift hits all of them alike; the table shows medians, and each target's
+ratio to `off` is also given per round (runs seconds apart) with the median of those ratios. Target: on >= 90% of off's throughput. On a noisy
 machine the CPU time per request (`off CPU / CPU`: the throughput ratio a CPU-bound gateway would
 see) is the steadier figure.
 
@@ -107,7 +108,8 @@ def main() -> int:
                 bench.run_wrk(server, script, args.concurrency, min(2.0, args.duration))  # warm-up
             rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
             for i in range(args.rounds):
-                for name, server in targets.items():
+                # ABBA order: a drift within a round favours no target
+                for name, server in (list(targets.items()) if i % 2 == 0 else reversed(targets.items())):
                     r = bench.run_wrk(server, script, args.concurrency, args.duration)
                     r.pop("raw")
                     rounds[name].append(r)
@@ -135,13 +137,18 @@ def main() -> int:
                      f"{cpu[name]:.0f} | {sum(r['errors'] for r in rs)} | "
                      f"{median[name] / median['off']:.2f} | {cpu['off'] / cpu[name]:.2f} |")
     table = "\n".join(lines)
+    per_round = {name: [r["rps"] / o["rps"] for r, o in zip(rs, rounds["off"]) if o["rps"]]
+                 for name, rs in rounds.items() if name != "off"}
+    paired = "\n".join(f"- {name} / off, median of the rounds' ratios: {statistics.median(v):.2f} "
+                       f"(per round {', '.join(f'{x:.2f}' for x in v)})" for name, v in per_round.items())
     print(f"\n## Telemetry cost (wrk c={args.concurrency}, {args.duration:g}s x {args.rounds} rounds, "
-          f"transport {args.transport}, OTLP {args.protocol})\n\n{table}\n")
+          f"transport {args.transport}, OTLP {args.protocol})\n\n{table}\n\n{paired}\n")
     print("`on` gateway telemetry counters: " + ("; ".join(dropped) or "-"))
     out = bench.BENCH / "results" / f"telemetry-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"versions": bench.versions(), "args": vars(args), "rounds": rounds,
-                               "table": table, "telemetry_counters": dropped}, indent=2, default=str))
+                               "table": table, "per_round_ratios": per_round, "telemetry_counters": dropped},
+                              indent=2, default=str))
     print(f"results: {out.relative_to(bench.ROOT)}")
     return 0
 
