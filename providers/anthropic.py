@@ -11,7 +11,7 @@ Contract:
 """
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+import time
 from urllib.parse import unquote
 
 import orjson
@@ -83,6 +83,12 @@ class _Tap:
             if "input_tokens" in obj and obj.get("type") != "message":  # count_tokens answer
                 return
             read_usage(obj.get("usage"), self.ctx)
+
+
+_REQUESTS_HEADERS = (b"anthropic-ratelimit-requests-limit", b"anthropic-ratelimit-requests-remaining",
+                     b"anthropic-ratelimit-requests-reset")
+_TOKENS_HEADERS = (b"anthropic-ratelimit-tokens-limit", b"anthropic-ratelimit-tokens-remaining",
+                   b"anthropic-ratelimit-tokens-reset")
 
 
 class AnthropicAdapter(Adapter):
@@ -180,11 +186,11 @@ class AnthropicAdapter(Adapter):
 
     def rate_limit_headers(self, requests: RateState | None, tokens: RateState | None) -> list[tuple[bytes, bytes]]:
         out = super().rate_limit_headers(requests, tokens)
-        now = datetime.now(timezone.utc)
-        for kind, state in (("requests", requests), ("tokens", tokens)):
+        now = time.time()
+        for names, state in ((_REQUESTS_HEADERS, requests), (_TOKENS_HEADERS, tokens)):
             if state:
-                reset = (now + timedelta(milliseconds=state[2])).replace(microsecond=0)
-                out += [(f"anthropic-ratelimit-{kind}-limit".encode(), str(state[0]).encode()),
-                        (f"anthropic-ratelimit-{kind}-remaining".encode(), str(state[1]).encode()),
-                        (f"anthropic-ratelimit-{kind}-reset".encode(), reset.isoformat().replace("+00:00", "Z").encode())]
+                # RFC 3339 in UTC, whole seconds (truncated, as the API writes them)
+                reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + state[2] / 1000)).encode()
+                out += [(names[0], b"%d" % state[0]), (names[1], b"%d" % state[1]), (names[2], reset)]
         return out
+
