@@ -27,12 +27,10 @@ from opentelemetry.sdk.metrics.export import (AggregationTemporality, Gauge, His
                                               ScopeMetrics, Sum)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from config.models import OtelSettings
 from proxy.spanwire import SpanEncoder
-
-SCOPE = InstrumentationScope("llm-gateway")
+from proxy.tracing import SCOPE  # one instrumentation scope for spans and metrics
 
 
 def _url(otel: OtelSettings, signal: str) -> str:
