@@ -475,6 +475,11 @@ def test_gateway_rate_limit_headers_replace_the_upstream_accounts(mock_upstream:
         assert r.headers.get_list("anthropic-ratelimit-requests-limit") == ["5"]
         assert r.headers.get_list("anthropic-ratelimit-requests-remaining") == ["3"]
         assert "anthropic-ratelimit-input-tokens-limit" not in r.headers  # another account's figure: dropped
+        # an upstream error relayed natively: the same replacement
+        r = http.post(f"{limited}/v1/chat/completions", json=body, headers={**AUTH, "x-mock-fault-status": "400"})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "simulated 400 fault"
+        assert r.headers.get_list("x-ratelimit-limit-requests") == ["5"]
+        assert len(r.headers.get_list("x-ratelimit-remaining-tokens")) == 1
         r = http.post(f"{open_}/v1/chat/completions", json=body, headers=AUTH)
         assert r.status_code == 200 and "ratelimit" not in r.headers
         assert [(k.encode(), v.encode()) for k, v in r.headers.items() if k.startswith("x-ratelimit-")] == OPENAI_ACCOUNT
