@@ -193,4 +193,3 @@ class AnthropicAdapter(Adapter):
                 reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + state[2] / 1000)).encode()
                 out += [(names[0], b"%d" % state[0]), (names[1], b"%d" % state[1]), (names[2], reset)]
         return out
-
