@@ -6,8 +6,8 @@ Contract:
   and gets `/v1/traces` or `/v1/metrics` appended. Everything else (headers, timeout, compression,
   certificates) comes from the standard `OTEL_EXPORTER_OTLP_*` variables, read by the SDK itself.
 - `fast_span_exporter(otel, resource)`: the SDK's OTLP span exporter (transport, retries, settings)
-  fed with span records, which it encodes itself with `proxy.spanwire.SpanEncoder`; on an SDK whose
-  internals differ, the SDK's own exporter and encoder.
+  fed with spans it encoded itself from span records (`encode_records`, `proxy.spanwire.SpanEncoder`);
+  on an SDK whose internals differ, the SDK's own exporter and encoder.
 - `settle_environment(exporter, url)`: over http/protobuf the exporter's `requests` session gets
   its proxies, CA bundle and netrc credentials from the environment once, at start, instead of
   on every POST (where that look-up was ~30% of a batch's HTTP cost). Then, for a plain `http://`
@@ -166,26 +166,30 @@ def _lean(exporter: Any, cls: Any, url: str) -> Any:
 def fast_span_exporter(otel: OtelSettings, resource: Resource) -> SpanExporter:
     """The SDK's OTLP exporter (transport, retries, env settings), fed by `SpanEncoder`.
 
-    Its `export` takes span records (`takes_records`) and encodes them in the exporting thread. On an
+    `encode_records(records)` encodes span records (in the exporting thread) and `export` takes what it
+    returns. On an
     SDK whose internals differ, the SDK's own exporter (and encoder) is returned instead."""
     base = type(span_exporter(otel))
     encoder = SpanEncoder(resource, SCOPE)
 
     class FastExporter(base):  # type: ignore[valid-type, misc]
-        takes_records = True
+        @staticmethod
+        def encode_records(records: Any) -> list[bytes]:
+            """Span records -> encoded spans, which `export` then takes."""
+            return [encoder.span(r) for r in records]
 
         def _translate_data(self, data: Any) -> Any:  # gRPC: the stub serializes the request again (in C)
             from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-            return ExportTraceServiceRequest.FromString(encoder.request([encoder.span(r) for r in data]))
+            return ExportTraceServiceRequest.FromString(encoder.request(data))
 
-        def export(self, records: Any) -> SpanExportResult:
+        def export(self, spans: Any) -> SpanExportResult:
             if otel.protocol == "grpc":
-                return self._export(records)  # the SDK's retries and checks, with `_translate_data` above
+                return self._export(spans)  # the SDK's retries and checks, with `_translate_data` above
             if getattr(self, "_shutdown", False):
                 return SpanExportResult.FAILURE
-            data = encoder.request([encoder.span(r) for r in records])
-            return SpanExportResult.SUCCESS if self._client.export(data).success else SpanExportResult.FAILURE
+            return SpanExportResult.SUCCESS if self._client.export(encoder.request(spans)).success \
+                else SpanExportResult.FAILURE
 
     exporter = FastExporter(endpoint=_url(otel, "traces"))
     if otel.protocol != "grpc":
