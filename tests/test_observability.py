@@ -404,6 +404,44 @@ def test_span_queue_is_bounded_and_drops_are_counted() -> None:
     assert not processor.queue and sum(failed) >= 1
 
 
+def test_span_records_are_prepared_young_and_sent_in_batches_or_when_due() -> None:
+    """Records are prepared every `chunk` spans (none waits in the queue for a whole batch, so none
+    lives long enough to burden the garbage collector), batches go out full, and a partial batch
+    goes out once its oldest span has waited `delay`, with no flush."""
+    prepared: list[int] = []
+    sent: list[list[Any]] = []
+
+    class Recording:
+        def encode_records(self, records: list[SpanRecord]) -> list[bytes]:
+            prepared.append(len(records))
+            return [r.name.encode() for r in records]
+
+        def export(self, spans: list[Any]) -> SpanExportResult:
+            sent.append(spans)
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+    processor = BoundedSpanProcessor(Recording(), None, on_drop=lambda n: None, on_fail=lambda n: None,  # type: ignore[arg-type]
+                                     batch=32, chunk=8, delay=0.5)
+    tracer = Tracer(1.0, processor)
+    try:
+        for i in range(40):
+            tracer.end(tracer.start_server(f"s{i}", None, None, {}))
+        deadline = time.monotonic() + 5
+        while sum(prepared) < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sum(prepared) == 40 and max(prepared) <= 8  # prepared in chunks, not held for a batch
+        assert [len(b) for b in sent] == [32] and sent[0][0] == b"s0"  # one full batch, in order
+        while len(sent) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [len(b) for b in sent] == [32, 8] and sent[1][-1] == b"s39"  # the rest, once due
+        assert not processor.queue and not processor.pending
+    finally:
+        processor.shutdown()
+
+
 def test_sampling_is_parent_based_trace_id_ratio() -> None:
     exporter = InMemorySpanExporter()
     processor = BoundedSpanProcessor(exporter, None, on_drop=lambda n: None, on_fail=lambda n: None)  # type: ignore[arg-type]
