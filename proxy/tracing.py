@@ -12,7 +12,7 @@ Contract:
   otherwise the low 64 bits of the trace id against the ratio (the SDK's TraceIdRatioBased rule).
   Unsampled records still carry ids (for `traceparent` and logs) but are never queued.
 - `BoundedSpanProcessor` queues sampled records (4096; a full queue drops the new one and counts it,
-  no log line per span). One daemon thread, woken every 64 spans, prepares them while they are
+  no log line per span). One daemon thread, woken every 128 spans, prepares them while they are
   young: wire bytes from the gateway's own OTLP exporter (`encode_records` of
   `proxy.otlp.fast_span_exporter`), or SDK `ReadableSpan`s for any other SDK `SpanExporter` (an
   in-memory one in tests). It exports them in batches of 1024, or whatever waits once the oldest has
@@ -126,7 +126,7 @@ class Tracer:
 
 class BoundedSpanProcessor:
     def __init__(self, exporter: SpanExporter, resource: Resource, *, on_drop: Callable[[int], None],
-                 on_fail: Callable[[int], None], max_queue: int = 4096, batch: int = 1024, chunk: int = 64,
+                 on_fail: Callable[[int], None], max_queue: int = 4096, batch: int = 1024, chunk: int = 128,
                  delay: float = 1.0) -> None:
         self.exporter, self.resource, self.on_drop, self.on_fail = exporter, resource, on_drop, on_fail
         # Our OTLP exporter encodes the records itself (`encode_records`), in this processor's thread: the
@@ -163,7 +163,8 @@ class BoundedSpanProcessor:
         while not self.stopped:
             # Woken every `chunk` spans: records are prepared while young. Held until a whole batch was sent,
             # they outlived several garbage collections and reached the oldest generation, ~2 objects a
-            # request: measured, GC then cost more than all the span encoding.
+            # request: measured, GC then cost more than all the span encoding. 128: fewer wake-ups than
+            # 64 (~1% less CPU with telemetry on), and GC stays as with telemetry off (at 512 it did not).
             due = self.since + self.delay - time.monotonic() if self.pending else self.delay
             woken = self.wake.wait(max(0.0, due))
             self.wake.clear()
