@@ -1,20 +1,27 @@
-"""This process's own metric values: counters, gauges and histograms kept without locks.
+"""This process's own metric values: counters, gauges and histograms recorded without locks.
 
 Contract:
 - `LocalMetric(kind, name, doc, labelnames, buckets)` stands in for a prometheus_client `Counter`,
   `Gauge` or `Histogram` (`kind`) with the calls the gateway makes (`labels(*values)`, `inc`, `set`,
   `observe`). A series is a plain slotted object made on first use and kept; recording is a dict
-  lookup plus an addition, with no lock: every writer runs on the event loop thread.
+  lookup plus an addition or an append, with no lock: every writer runs on the event loop thread.
 - A histogram counts a value in the first bucket whose bound is >= it (Prometheus' `le`) and adds
-  it to the sum. `family()` renders the metric as a prometheus_client family: cumulative buckets up
-  to `+Inf`, and a counter's name without `_total` (as prometheus_client names it).
+  it to the sum. Its `observe` is the bound `append` of a list of values not counted yet: no Python
+  frame on the request path (~25 bytecodes a value less, five values a request). `fold()` sorts
+  them and counts each bucket with one bisection, under the metric's lock: before every read,
+  and every `FOLD_EVERY` requests (`proxy.metrics.GatewayMetrics.fold`), so the list stays short.
+  A fold may run in another thread (the OTLP push); it takes the values there when it starts, and
+  values appended meanwhile wait for the next one.
+- `family()` renders the metric as a prometheus_client family: cumulative buckets up to `+Inf`, and
+  a counter's name without `_total` (as prometheus_client names it).
 - `LocalCollector(metrics)` exposes a list of them to a `CollectorRegistry`, so `generate_latest` and
   the OTLP bridge read them like any other metric. With several workers they are not used:
   `proxy.metrics` makes prometheus_client's multiprocess metrics instead.
 """
 from __future__ import annotations
 
-from bisect import bisect_left
+import threading
+from bisect import bisect_right
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -36,14 +43,28 @@ class _Value:
 
 
 class _Buckets:
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "sum", "values", "observe")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
+        self.values: list[float] = []
+        self.observe = self.values.append  # counted by `fold`
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # bucket i counts value <= bounds[i]
-        self.sum += value
+    def fold(self) -> None:
+        values = self.values
+        n = len(values)
+        if not n:
+            return
+        taken = values[:n]
+        del values[:n]  # what another thread appended meanwhile stays for the next fold
+        taken.sort()  # then one bisection a bucket, not one a value: ~4x fewer instructions
+        counts, below = self.counts, 0
+        for i, bound in enumerate(self.bounds):
+            upto = bisect_right(taken, bound)  # bucket i counts bounds[i-1] < value <= bounds[i]
+            counts[i] += upto - below
+            below = upto
+        counts[-1] += n - below
+        self.sum += sum(taken)
 
 
 class LocalMetric:
@@ -56,6 +77,7 @@ class LocalMetric:
         self.kind, self.doc, self.labelnames, self.bounds = kind, doc, labelnames, tuple(buckets)
         self._name = name[:-6] if kind is Counter and name.endswith("_total") else name
         self.series: dict[tuple[str, ...], Any] = {}
+        self.lock = threading.Lock()  # one fold at a time (the event loop, a scrape, the OTLP push)
         if not labelnames:
             self.labels()
 
@@ -74,17 +96,26 @@ class LocalMetric:
     def observe(self, value: float) -> None:
         self.labels().observe(value)
 
+    def fold(self) -> None:
+        if self.kind is Histogram:
+            with self.lock:
+                for series in list(self.series.values()):
+                    series.fold()
+
     def family(self) -> Any:
         family = self._FAMILIES[self.kind](self._name, self.doc, labels=self.labelnames)
-        for labels, series in list(self.series.items()):
-            if self.kind is Histogram:
+        if self.kind is not Histogram:
+            for labels, series in list(self.series.items()):
+                family.add_metric(labels, series.value)
+            return family
+        with self.lock:  # counts and sum of one fold: a concurrent fold never shows half done
+            for labels, series in list(self.series.items()):
+                series.fold()
                 cumulative, total = [], 0
                 for bound, count in zip((*self.bounds, float("inf")), series.counts):
                     total += count
                     cumulative.append((floatToGoString(bound), total))
                 family.add_metric(labels, cumulative, series.sum)
-            else:
-                family.add_metric(labels, series.value)
         return family
 
 

@@ -14,6 +14,8 @@ Contract:
 - Labels are bounded: `provider` is a configured deployment name (or `none`), `model` a configured
   model, a model some deployment really served (at most `DYNAMIC_MODELS` of those), `none` or
   `other`; `status` an HTTP status; `error_type` the closed error vocabulary.
+- Histogram values wait in a list until folded (`proxy.local_metrics`); the observer calls `fold()`
+  every `FOLD_EVERY` requests, so that list stays short whether or not anything reads the metrics.
 - The request path resolves labels once per (provider, model label, operation): `route()` returns a
   `Route` holding that combination's series, so a request costs one tuple lookup plus a few
   increments, not one label lookup per metric (the set of routes is bounded by the labels);
@@ -38,6 +40,7 @@ from proxy.errors import CODES
 from proxy.local_metrics import LocalCollector, LocalMetric
 
 DYNAMIC_MODELS = 50
+FOLD_EVERY = 1024  # requests between folds of the histograms' pending values (`proxy.local_metrics`)
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -169,6 +172,7 @@ class GatewayMetrics:
         self._routes: dict[tuple[str | None, str, str], Route] = {}
         self._local: list[LocalMetric] = []
         self.registry.register(LocalCollector(self._local))
+        self.until_fold = FOLD_EVERY  # counted down by the observer, once a request
         self.upstreams = {d.name: Upstream(d) for d in config.providers}
         self.models: set[str] = {m for d in config.providers for m in (*d.models, *d.deployment_map)}
         self.model_cap = len(self.models) + DYNAMIC_MODELS
@@ -246,6 +250,12 @@ class GatewayMetrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def fold(self) -> None:
+        """Count the histograms' pending values now (they are counted before any read anyway)."""
+        self.until_fold = FOLD_EVERY
+        for metric in self._local:
+            metric.fold()
 
     def model(self, model: str | None, served: bool) -> str:
         if model is None:

@@ -92,6 +92,9 @@ class GatewayObserver(Observer):
                 self.overhead.observe(max(0.0, total - ctx.upstream_seconds))  # type: ignore[union-attr]
                 if code:
                     route.error(code).inc()
+                m.until_fold -= 1
+                if not m.until_fold:
+                    m.fold()
             span = handle
             if span is not None:
                 if span.sampled:

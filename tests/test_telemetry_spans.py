@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import requests
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -188,6 +189,56 @@ def test_route_finish_records_status_duration_and_non_zero_tokens() -> None:
     assert 'llm_request_duration_seconds_count{model="gpt-4o-mini",provider="openai-good"} 3.0' in text
     assert 'token_type="input"} 12.0' in text and 'token_type="output"} 4.0' in text
     assert text.count("gen_ai_client_token_usage_count") == 2
+
+
+def test_histogram_values_are_counted_at_every_read_and_every_fold_every_requests() -> None:
+    """A histogram's observe only appends; every read (/metrics, OTLP) counts what waits, in the right
+    `le` buckets (a value on a bound belongs to it), and the observer folds every FOLD_EVERY requests."""
+    import threading
+
+    from prometheus_client import Histogram
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from proxy.local_metrics import LocalMetric
+    from proxy.metrics import FOLD_EVERY
+
+    h = LocalMetric(Histogram, "t_seconds", "t", ("a",), (0.1, 1.0))
+    series = h.labels("x")
+    for v in (0.05, 0.1, 0.5, 1.0, 2.0, 0.1):
+        series.observe(v)
+    assert series.counts == [0, 0, 0] and len(series.values) == 6  # nothing counted yet
+    family = h.family()
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    assert buckets == {"0.1": 3, "1.0": 5, "+Inf": 6} and series.values == []
+    assert [s.value for s in family.samples if s.name.endswith("_sum")] == [pytest.approx(3.75)]
+
+    # a fold in another thread while the loop thread appends: every value counted exactly once
+    stop = threading.Event()
+
+    def fold() -> None:
+        while not stop.is_set():
+            h.fold()
+
+    folder = threading.Thread(target=fold)
+    folder.start()
+    for _ in range(50_000):
+        series.observe(0.5)
+    stop.set()
+    folder.join()
+    h.fold()
+    assert sum(series.counts) == 50_006 and series.counts[1] == 50_002 and series.values == []
+
+    obs, _ = observer()
+    assert obs.metrics is not None
+    for _ in range(FOLD_EVERY - 1):
+        request(obs, tokens=False)
+    duration = obs.metrics.route(DEP.name, "gpt-4o-mini", "chat").duration()
+    assert len(duration.values) == FOLD_EVERY - 1
+    request(obs, tokens=False)
+    assert duration.values == [] and sum(duration.counts) == FOLD_EVERY  # folded without any read
+    text = obs.render_metrics().decode()  # type: ignore[union-attr]
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "llm_gateway_llm_request_duration_seconds"]
+    assert [s.value for s in family.samples if s.name.endswith("_count")] == [FOLD_EVERY]
 
 
 def test_metric_routes_are_resolved_once_and_series_made_on_use() -> None:
