@@ -156,7 +156,7 @@ class BoundedSpanProcessor:
             self.on_drop(1)
             return
         queue.append(record)
-        if queued >= self.chunk - 1 and not self.wake.is_set():
+        if queued == self.chunk - 1:  # the queue grows one at a time: this is each crossing, once
             self.wake.set()
 
     def _run(self) -> None:
