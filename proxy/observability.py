@@ -15,8 +15,8 @@ Contract:
   `ctx.extra["attempt_open"]` so the app can compute the overhead header mid-attempt, and
   `ctx.extra["trace_id"]` for the access log.
 - Cost (a few microseconds a request): metrics go through one `Route` per (deployment, model,
-  operation); a span sets only its own values (request id, overhead, attempt, status, tokens) and
-  takes the rest from a shared, cached "shape" (`proxy.span_shapes`: name and attribute dict per
+  operation); a span sets only its own values (request id, overhead, tokens) and takes the rest
+  (attempt number, status and error type included) from a shared, cached "shape" (`proxy.span_shapes`: name and attribute dict per
   request or attempt kind), which the exporter also encodes once.
 """
 from __future__ import annotations
@@ -130,8 +130,8 @@ class GatewayObserver(Observer):
             if parent is None:
                 return (started, None, kind)
             if parent.sampled:
-                span = self.tracer.start_child(parent, kind[0], _CLIENT,  # type: ignore[union-attr]
-                                               {"gateway.attempt": ctx.attempts + 1}, kind[1])
+                # the attempt number, status and error join the shared shape at the end (`attempt_final`)
+                span = self.tracer.start_child(parent, kind[0], _CLIENT, {}, kind[1])  # type: ignore[union-attr]
             else:  # ids only, for the upstream's traceparent
                 span = self.tracer.start_child(parent, "", _CLIENT, {})  # type: ignore[union-attr]
             if ctx.extra.get("client_traceparent"):
@@ -159,11 +159,12 @@ class GatewayObserver(Observer):
                     m.child(m.rate_limit_hits, dep.name, route.model, code).inc()
             if span is not None:
                 if span.sampled:
-                    attrs = span.attributes
-                    if status:
-                        attrs["http.response.status_code"] = status
+                    if kind is not None:  # the forwarder counted this attempt in ctx.attempts after its start
+                        final = (status, ctx.attempts, code)
+                        span.static = kind[3].get(final) or self.shapes.attempt_final(kind, final)
                     if code:
-                        attrs["error.type"] = span.error = code
+                        span.error = code
+                    attrs = span.attributes
                     u = ctx.usage
                     if ctx.committed:
                         if u.input_tokens is not None:

@@ -8,8 +8,10 @@ Contract:
   `server(key)` gives a request's span name (`{method} {family} {operation}`) and shared
   attributes, for key (method, path, family, operation, status, attempts, model, key id, error
   type); `attempt(key, dep)` gives an attempt's span name (`{operation} {model}`, or the operation
-  alone), shared GenAI and server attributes and metrics `Route` (None without metrics), for key
-  (deployment, operation, model): one lookup per attempt serves spans and metrics.
+  alone), shared GenAI and server attributes, metrics `Route` (None without metrics) and its final
+  shapes, for key (deployment, operation, model): one lookup per attempt serves spans and metrics.
+  `attempt_final(kind, (status, attempt number, error type))` gives an ended attempt's shared
+  attributes: the shape's plus those three, made once per combination.
 - The request path looks in `servers` / `attempts` first and calls those only on a miss. Each
   cache holds at most `SHAPES_LIMIT` shapes and is cleared when full: many key ids or paths only
   make it miss more, never grow without bound.
@@ -22,6 +24,7 @@ from config.models import Deployment
 from proxy.metrics import GatewayMetrics, Route, Upstream
 
 SHAPES_LIMIT = 2048
+FINALS_LIMIT = 64  # per attempt shape: (status, attempt number, error type) combinations
 
 
 class SpanShapes:
@@ -30,7 +33,7 @@ class SpanShapes:
         # per-deployment label values: the metrics' own when there are metrics, else made here
         self.upstreams = metrics.upstreams if metrics else {d.name: Upstream(d) for d in deployments}
         self.servers: dict[tuple[Any, ...], tuple[str, dict[str, Any]]] = {}
-        self.attempts: dict[tuple[Any, ...], tuple[str, dict[str, Any], Route | None]] = {}
+        self.attempts: dict[tuple[Any, ...], tuple[str, dict[str, Any], Route | None, dict[Any, Any]]] = {}
 
     def server(self, key: tuple[Any, ...]) -> tuple[str, dict[str, Any]]:
         """A request's span name and shared attributes, once its outcome is known."""
@@ -48,7 +51,7 @@ class SpanShapes:
         found = self.servers[key] = (f"{method} {family} {operation}", attrs)
         return found
 
-    def attempt(self, key: tuple[Any, ...], dep: Deployment) -> tuple[str, dict[str, Any], Route | None]:
+    def attempt(self, key: tuple[Any, ...], dep: Deployment) -> tuple[str, dict[str, Any], Route | None, dict[Any, Any]]:
         """An attempt's span name and shared attributes, and its metrics route: one lookup per attempt."""
         _, operation, model = key
         up = self.upstreams.get(dep.name) or Upstream(dep)
@@ -60,5 +63,23 @@ class SpanShapes:
         route = self.metrics.route(dep.name, model, operation) if self.metrics is not None else None
         if len(self.attempts) >= SHAPES_LIMIT:
             self.attempts.clear()
-        found = self.attempts[key] = (f"{operation} {model}" if model else operation, attrs, route)
+        found = self.attempts[key] = (f"{operation} {model}" if model else operation, attrs, route, {})
         return found
+
+    @staticmethod
+    def attempt_final(kind: tuple[Any, ...], final: tuple[int | None, int, str]) -> dict[str, Any]:
+        """An ended attempt's shared attributes: its shape's, then (attempt number, status, error type).
+
+        Kept in the shape (`kind[3]`, at most `FINALS_LIMIT`): statuses, attempt numbers and error types
+        repeat, so the exporter encodes each combination once instead of three attributes a span."""
+        status, attempt, code = final
+        attrs = {**kind[1], "gateway.attempt": attempt}
+        if status:
+            attrs["http.response.status_code"] = status
+        if code:
+            attrs["error.type"] = code
+        finals = kind[3]
+        if len(finals) >= FINALS_LIMIT:
+            finals.clear()
+        finals[final] = attrs
+        return attrs

@@ -92,6 +92,8 @@ def test_spans_keep_their_names_and_share_their_shape() -> None:
         "gen_ai.usage.input_tokens": 19, "gen_ai.usage.output_tokens": 8}
     a, b = first.extra["otel.span"], second.extra["otel.span"]
     assert a.static is b.static and a.trace_hex == first.extra["trace_id"] != second.extra["trace_id"]
+    (kind,) = obs.shapes.attempts.values()  # both attempts ended alike: one final shape, shared
+    assert list(kind[3]) == [(200, 1, "")] and kind[3][(200, 1, "")]["gateway.attempt"] == 1
 
 
 def test_a_failed_attempt_and_a_continued_trace() -> None:
