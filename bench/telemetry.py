@@ -20,8 +20,9 @@ see) is the steadier figure.
 scheduler shares that CPU between them, so each serves in proportion to how little CPU a request
 costs it, and whatever else the machine does in that second hits every target alike. On a VM
 whose speed drifts from one second to the next, these ratios vary far less from round to round
-(measured here: spread 0.02 against 0.10), at the price of every target running slower (three
-processes taking turns on one core, with colder caches).
+(measured: per-round on/off ratios with a standard deviation of 0.03, against 0.10 one target at
+a time), at the price of every target running slower (three processes taking turns on one core,
+with colder caches).
 
 `--inprocess` (bench/telemetry_inprocess.py) measures the telemetry alone, in this process: the
 CPU microseconds a request of the observer's hooks with metrics, tracing (with span export) or both,
