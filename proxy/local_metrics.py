@@ -9,7 +9,8 @@ Contract:
   it to the sum. Its `observe` is the bound `append` of a list of values not counted yet: no Python
   frame on the request path (~25 bytecodes a value less, five values a request). `fold()` sorts
   them and counts each bucket with one bisection, under the metric's lock: before every read,
-  and every `FOLD_EVERY` requests (`proxy.metrics.GatewayMetrics.fold`), so the list stays short.
+  and every `FOLD_EVERY` requests (`proxy.metrics.GatewayMetrics.fold`, skipped while a read holds
+  the lock: the event loop never waits), so the list stays short.
   A fold may run in another thread (the OTLP push); it takes the values there when it starts, and
   values appended meanwhile wait for the next one.
 - `family()` renders the metric as a prometheus_client family: cumulative buckets up to `+Inf`, and
@@ -97,10 +98,13 @@ class LocalMetric:
         self.labels().observe(value)
 
     def fold(self) -> None:
-        if self.kind is Histogram:
-            with self.lock:
+        """Count what waits, unless a read holds the lock (the event loop never waits for one)."""
+        if self.kind is Histogram and self.lock.acquire(blocking=False):
+            try:
                 for series in list(self.series.values()):
                     series.fold()
+            finally:
+                self.lock.release()
 
     def family(self) -> Any:
         family = self._FAMILIES[self.kind](self._name, self.doc, labels=self.labelnames)
