@@ -58,14 +58,19 @@ class _Buckets:
             return
         taken = values[:n]
         del values[:n]  # what another thread appended meanwhile stays for the next fold
-        taken.sort()  # then one bisection a bucket, not one a value: ~4x fewer instructions
+        total = sum(taken)
         counts, below = self.counts, 0
+        if total != total:  # a NaN compares false to every bound: +Inf (as before), and kept out of the sort
+            kept = [v for v in taken if v == v]
+            counts[-1] += n - len(kept)
+            taken, n = kept, len(kept)
+        taken.sort()  # then one bisection a bucket, not one a value: ~4x fewer instructions
         for i, bound in enumerate(self.bounds):
             upto = bisect_right(taken, bound)  # bucket i counts bounds[i-1] < value <= bounds[i]
             counts[i] += upto - below
             below = upto
         counts[-1] += n - below
-        self.sum += sum(taken)
+        self.sum += total
 
 
 class LocalMetric:

@@ -214,6 +214,13 @@ def test_histogram_values_are_counted_at_every_read_and_every_fold_every_request
     assert buckets == {"0.1": 3, "1.0": 5, "+Inf": 6} and series.values == []
     assert [s.value for s in family.samples if s.name.endswith("_sum")] == [pytest.approx(3.75)]
 
+    # a NaN goes to +Inf alone (as a per-value bisection put it) and leaves the other buckets right
+    nan_series = h.labels("nan")
+    for v in (0.5, float("nan"), 0.05, 2.0):
+        nan_series.observe(v)
+    h.fold()
+    assert nan_series.counts == [1, 1, 2]
+
     # a fold in another thread while the loop thread appends: every value counted exactly once
     stop = threading.Event()
 
