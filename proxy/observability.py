@@ -16,8 +16,9 @@ Contract:
   `ctx.extra["trace_id"]` for the access log.
 - Cost (a few microseconds a request): metrics go through one `Route` per (deployment, model,
   operation); a span sets only its own values (request id, overhead, tokens) and takes the rest
-  (attempt number, status and error type included) from a shared, cached "shape" (`proxy.span_shapes`: name and attribute dict per
-  request or attempt kind), which the exporter also encodes once.
+  (an attempt's number, status and error type included) from a shared, cached "shape"
+  (`proxy.span_shapes`: name and attribute dict per request or attempt kind), which the exporter
+  also encodes once.
 """
 from __future__ import annotations
 

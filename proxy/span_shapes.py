@@ -51,7 +51,8 @@ class SpanShapes:
         found = self.servers[key] = (f"{method} {family} {operation}", attrs)
         return found
 
-    def attempt(self, key: tuple[Any, ...], dep: Deployment) -> tuple[str, dict[str, Any], Route | None, dict[Any, Any]]:
+    def attempt(self, key: tuple[Any, ...],
+                dep: Deployment) -> tuple[str, dict[str, Any], Route | None, dict[Any, Any]]:
         """An attempt's span name and shared attributes, and its metrics route: one lookup per attempt."""
         _, operation, model = key
         up = self.upstreams.get(dep.name) or Upstream(dep)

@@ -2,17 +2,18 @@
 
 Contract:
 - `SpanEncoder(resource, scope)`: `span(record)` encodes one `proxy.tracing.SpanRecord` as a
-  `ScopeSpans.spans` field (`spans(records)`: a list of them, in one loop), `request(spans)` wraps such fields in an `ExportTraceServiceRequest`
-  with the resource and the instrumentation scope. The decoded message equals what the SDK's
-  encoder makes of the same spans as `ReadableSpan`s (tests/test_telemetry_spans.py checks it).
+  `ScopeSpans.spans` field (`spans(records)`: a list of them, in one loop); `request(spans)` wraps
+  such fields in an `ExportTraceServiceRequest` with the resource and the instrumentation scope.
+  The decoded message equals what the SDK's encoder makes of the same spans as `ReadableSpan`s
+  (tests/test_telemetry_spans.py checks it).
 - Why: the SDK's encoder builds one protobuf object per attribute (~35 us a span here), more than
   the rest of the gateway's telemetry together. Here a record's name, kind and shared `static`
   attributes are encoded once per `static` dict (checked against the record's name and kind),
-  repeating attribute pairs (status, attempt, token counts) come from one cache keyed by (key,
-  value, value's class), and one-off values
-  (request id, overhead) get a ready head per key (and string length) and only their own bytes.
-  Every cache is bounded (`_CACHE_LIMIT` entries, cleared when full); bools and ints never share a
-  cache entry. A batch's request is assembled by one join (the spans are copied once).
+  repeating attribute pairs (token counts, shared values) come from one cache keyed by (key, value,
+  value's class), and one-off values (request id, overhead) get a ready head per key (and string
+  length) and only their own bytes. Every cache is bounded (`_CACHE_LIMIT` entries, cleared when
+  full); bools and ints never share a cache entry. A batch's request is assembled by one join (the
+  spans are copied once).
 - One thread at a time per encoder (the span processor's export lock); no I/O.
 """
 from __future__ import annotations
@@ -201,8 +202,8 @@ class SpanEncoder:
             trace_id, parent = r.trace_id, r.parent_id
             static = r.static
             found = shared.get(id(static))
-            head = found[3] if found is not None and found[0] is static and found[1] is r.name and found[2] is r.kind \
-                else head_of(r)
+            head = found[3] if (found is not None and found[0] is static and found[1] is r.name
+                                and found[2] is r.kind) else head_of(r)
             parts = [_IDS_PARENT(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, r.span_id, 0x2208, parent)
                      if parent else _IDS(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, r.span_id),
                      head, _TIMES(0x39, r.start, 0x41, r.end_time)]
