@@ -8,7 +8,9 @@ Contract:
   TraceIdRatio(`sample_rate`). Rate-limit, failover, retry-budget, disconnect and pool decisions are
   span events; the routing choice is an attempt attribute. Spans are light records on the request
   path (`proxy.tracing`), exported through the SDK's exporters (`proxy.telemetry_export`, which
-  also owns their shutdown); nothing global is touched.
+  also owns their shutdown); nothing global is touched. A request's trace position (`SpanStart`)
+  waits in `ctx.extra["otel.span"]` and its events in `ctx.extra["otel.events"]`; each span is made
+  once, complete, when it ends (an attempt's in `attempt_end`, the request's in `request_end`).
 - Metrics (`monitoring.metrics.enabled`): `proxy.metrics.GatewayMetrics`; pushed over OTLP too
   when an endpoint is configured (`proxy.otlp.PrometheusBridge`).
 - Every hook is guarded: telemetry never raises into traffic. The observer also keeps
@@ -22,6 +24,7 @@ Contract:
 """
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
@@ -39,8 +42,9 @@ from proxy.telemetry_export import Exporters
 from proxy.tracing import parse_traceparent
 
 log = structlog.get_logger("llm_gateway.telemetry")
-_perf_counter = time.perf_counter  # module globals: one lookup, not two, on every hook
-_CLIENT = SpanKind.CLIENT
+_perf_counter, _time_ns = time.perf_counter, time.time_ns  # module globals: one lookup, not two, a hook
+_getrandbits = random.getrandbits
+_SERVER, _CLIENT = SpanKind.SERVER, SpanKind.CLIENT
 
 
 class GatewayObserver(Observer):
@@ -66,13 +70,11 @@ class GatewayObserver(Observer):
                 return None
             if traceparent is not None:
                 ctx.extra["client_traceparent"] = True  # attempts replace it
-            # named and given its shared attributes at the end, once the outcome is known
-            span = self.tracer.start_server("", traceparent,
-                                            ctx.header(b"tracestate") if traceparent else None,
-                                            {"gateway.request_id": ctx.request_id})
-            ctx.extra["otel.span"] = span
-            ctx.extra["trace_id"] = span.trace_hex
-            return span
+            # the span itself is made once, when the request ends: its name and shape depend on the outcome
+            begun = self.tracer.begin(traceparent, ctx.header(b"tracestate") if traceparent else None)
+            ctx.extra["otel.span"] = begun
+            ctx.extra["trace_id"] = begun.trace_hex
+            return begun
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="request_start")
             return None
@@ -96,58 +98,56 @@ class GatewayObserver(Observer):
                 m.until_fold -= 1
                 if not m.until_fold:
                     m.fold()
-            span = handle
-            if span is not None:
-                if span.sampled:
-                    # Usage, deployment and upstream details are on the attempt spans, the family and operation
-                    # in the name, the outcome in error.type. Shared per outcome shape; the span's own values
-                    # are the request id, the overhead and, when there was a choice, the routing.
-                    key = (ctx.method, ctx.path, ctx.family, ctx.operation, status, ctx.attempts, ctx.model,
-                           ctx.principal.key_id if ctx.principal is not None else None, code)
-                    span.name, span.static = self.shapes.servers.get(key) or self.shapes.server(key)
-                    attrs = span.attributes
-                    attrs["gateway.overhead_ms"] = round((total - ctx.upstream_seconds) * 1_000_000) / 1000
-                    if len(ctx.tried) > 1:
-                        attrs["gateway.tried"] = tuple(ctx.tried)
-                    if len(ctx.candidates) > 1:
-                        attrs["gateway.routing.candidates"] = tuple(d.name for d in ctx.candidates)
-                        attrs["gateway.routing.strategy"] = self.overrides.get(ctx.model or "", self.strategy)
-                    if status >= 500 or (code and status < 400):  # a cut stream is an error after a 200
-                        span.error = code or str(status)
-                self.tracer.end(span)  # type: ignore[union-attr]
+            if handle is not None and handle[4]:  # sampled
+                # Usage, deployment and upstream details are on the attempt spans, the family and operation
+                # in the name, the outcome in error.type. Shared per outcome shape; the span's own values
+                # are the request id, the overhead and, when there was a choice, the routing.
+                key = (ctx.method, ctx.path, ctx.family, ctx.operation, status, ctx.attempts, ctx.model,
+                       ctx.principal.key_id if ctx.principal is not None else None, code)
+                name, static = self.shapes.servers.get(key) or self.shapes.server(key)
+                own = {"gateway.request_id": ctx.request_id,
+                       "gateway.overhead_ms": round((total - ctx.upstream_seconds) * 1_000_000) / 1000}
+                if len(ctx.tried) > 1:
+                    own["gateway.tried"] = tuple(ctx.tried)
+                if len(ctx.candidates) > 1:
+                    own["gateway.routing.candidates"] = tuple(d.name for d in ctx.candidates)
+                    own["gateway.routing.strategy"] = self.overrides.get(ctx.model or "", self.strategy)
+                # a cut stream is an error after a 200
+                error = (code or str(status)) if status >= 500 or (code and status < 400) else None
+                trace_id, span_id, parent_id, remote, _, state, _, start = handle
+                self.tracer.end((name, _SERVER, static, trace_id, span_id, parent_id, remote,  # type: ignore[union-attr]
+                                 state, start, _time_ns(), own, ctx.extra.get("otel.events"), error))
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="request_end")
 
     # --- attempts --------------------------------------------------------------------------------
     def attempt_start(self, ctx: RequestContext, dep: Deployment, url: str, headers: list[tuple[str, str]]) -> Any:
+        """Returns (perf counter, the attempt span's id or 0, its shape or None, unix ns)."""
         ctx.extra["attempt_open"] = True
         started = _perf_counter()
         if self.tracer is None and self.metrics is None:
-            return (started, None, None)
+            return (started, 0, None, 0)
         try:
             key = (dep.name, ctx.operation, ctx.model)
             kind = self.shapes.attempts.get(key) or self.shapes.attempt(key, dep)
-            parent = ctx.extra.get("otel.span") if self.tracer is not None else None
-            if parent is None:
-                return (started, None, kind)
-            if parent.sampled:
-                # the attempt number, status and error join the shared shape at the end (`attempt_final`)
-                span = self.tracer.start_child(parent, kind[0], _CLIENT, {}, kind[1])  # type: ignore[union-attr]
-            else:  # ids only, for the upstream's traceparent
-                span = self.tracer.start_child(parent, "", _CLIENT, {})  # type: ignore[union-attr]
+            begun = ctx.extra.get("otel.span") if self.tracer is not None else None
+            if begun is None:
+                return (started, 0, kind, 0)
+            span_id = _getrandbits(64) or 1  # the span is made when the attempt ends (sampled only)
             if ctx.extra.get("client_traceparent"):
                 headers[:] = [(k, v) for k, v in headers if k.lower() != "traceparent"]
-            headers.append(("traceparent", span.traceparent))
-            return (started, span, kind)
+            headers.append(("traceparent", f"00-{begun[6]}-{span_id.to_bytes(8, 'big').hex()}-"
+                                           f"{'01' if begun[4] else '00'}"))
+            return (started, span_id, kind, _time_ns())
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="attempt_start")
-            return (started, None, None)
+            return (started, 0, None, 0)
 
     def attempt_end(self, ctx: RequestContext, dep: Deployment, handle: Any, status: int | None,
                     error_type_: str | None) -> None:
         ctx.extra["attempt_open"] = False
         try:
-            started, span, kind = handle if handle.__class__ is tuple else (_perf_counter(), None, None)
+            started, span_id, kind, start = handle if handle.__class__ is tuple else (_perf_counter(), 0, None, 0)
             seconds = _perf_counter() - started
             code = error_type(error_type_) if error_type_ else ""  # no call for a successful attempt
             if code:
@@ -158,26 +158,27 @@ class GatewayObserver(Observer):
                 route.attempt(code).observe(seconds)
                 if code == "upstream_rate_limited":
                     m.child(m.rate_limit_hits, dep.name, route.model, code).inc()
-            if span is not None:
-                if span.sampled:
-                    if kind is not None:  # the forwarder counted this attempt in ctx.attempts after its start
-                        final = (status, ctx.attempts, code)
-                        span.static = kind[3].get(final) or self.shapes.attempt_final(kind, final)
-                    if code:
-                        span.error = code
-                    attrs = span.attributes
-                    u = ctx.usage
+            if span_id:
+                begun = ctx.extra.get("otel.span")
+                if begun is not None and begun[4] and kind is not None:  # sampled
+                    # the forwarder counted this attempt in ctx.attempts after its start
+                    final = (status, ctx.attempts, code)
+                    own: dict[str, Any] | None = None
                     if ctx.committed:
+                        u = ctx.usage
+                        own = {}
                         if u.input_tokens is not None:
-                            attrs["gen_ai.usage.input_tokens"] = u.input_tokens
+                            own["gen_ai.usage.input_tokens"] = u.input_tokens
                         if u.output_tokens is not None:
-                            attrs["gen_ai.usage.output_tokens"] = u.output_tokens
+                            own["gen_ai.usage.output_tokens"] = u.output_tokens
                         if u.cached_tokens:
-                            attrs["gen_ai.usage.cache_read.input_tokens"] = u.cached_tokens
+                            own["gen_ai.usage.cache_read.input_tokens"] = u.cached_tokens
                         ttfc = ctx.extra.get("ttfc")
                         if ttfc is not None:
-                            attrs["gen_ai.response.time_to_first_chunk"] = ttfc
-                self.tracer.end(span)  # type: ignore[union-attr]
+                            own["gen_ai.response.time_to_first_chunk"] = ttfc
+                    self.tracer.end((kind[0], _CLIENT, kind[3].get(final) or self.shapes.attempt_final(kind, final),  # type: ignore[union-attr]
+                                     begun[0], span_id, begun[1], False, begun[5], start, _time_ns(), own, None,
+                                     code or None))
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="attempt_end")
 
@@ -192,9 +193,13 @@ class GatewayObserver(Observer):
 
     # --- decisions -------------------------------------------------------------------------------
     def _event(self, ctx: RequestContext | None, name: str, attrs: dict[str, Any]) -> None:
-        span = ctx.extra.get("otel.span") if ctx is not None else None
-        if span is not None:
-            span.event(name, attrs)
+        """An event on the request's span (sampled only), made when the request ends."""
+        begun = ctx.extra.get("otel.span") if ctx is not None else None
+        if begun is not None and begun.sampled:
+            events = ctx.extra.get("otel.events")  # type: ignore[union-attr]
+            if events is None:
+                events = ctx.extra["otel.events"] = []  # type: ignore[union-attr]
+            events.append((name, attrs, _time_ns()))
 
     def failover(self, ctx: RequestContext, failed: Deployment, nxt: Deployment, reason: str) -> None:
         try:

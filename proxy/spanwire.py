@@ -170,25 +170,23 @@ class SpanEncoder:
                 encoded = None
             parts.append(encoded if encoded is not None else miss(key, value))
 
-    def _head(self, r: Any) -> bytes:
+    def _head(self, name: str, kind: SpanKind, static: dict[str, Any] | None) -> bytes:
         """Name, kind and shared attributes: one cached piece per `static` dict (checked, not trusted)."""
-        static = r.static
         found = self.shared.get(id(static))
-        if found is not None and found[0] is static and found[1] == r.name and found[2] is r.kind:
+        if found is not None and found[0] is static and found[1] == name and found[2] is kind:
             return found[3]  # an equal name that is another string object
-        name = _ld(b"\x2a", r.name.encode())
-        kind = r.kind
-        parts = [name, b"\x30\x02" if kind is _SERVER else b"\x30\x03" if kind is _CLIENT else b"\x30" + bytes((_KIND[kind],))]
+        parts = [_ld(b"\x2a", name.encode()),
+                 b"\x30\x02" if kind is _SERVER else b"\x30\x03" if kind is _CLIENT else b"\x30" + bytes((_KIND[kind],))]
         if static:
             self._attributes(static, parts)
         encoded = b"".join(parts)
         if static is not None:  # spans without shared attributes are rare (tests): not cached
             if len(self.shared) >= _CACHE_LIMIT:
                 self.shared.clear()
-            self.shared[id(static)] = (static, r.name, kind, encoded)  # holding the dict keeps its id unique
+            self.shared[id(static)] = (static, name, kind, encoded)  # holding the dict keeps its id unique
         return encoded
 
-    def span(self, r: Any) -> bytes:
+    def span(self, r: tuple[Any, ...]) -> bytes:
         """One `ScopeSpans.spans` field: tag, length, then the Span's fields."""
         return self.spans((r,))[0]
 
@@ -198,35 +196,35 @@ class SpanEncoder:
         out: list[bytes] = []
         shared, pairs, miss, head_of = self.shared, self.pairs, self._miss, self._head
         oneoffs, heads = self.oneoffs, self.lengths
-        for r in records:
-            trace_id, parent = r.trace_id, r.parent_id
-            static = r.static
+        for (name, kind, static, trace_id, span_id, parent, remote, trace_state, start, end, attributes, events,
+             error) in records:  # `proxy.tracing.SpanRecord`s, or tuples in their order
             found = shared.get(id(static))
-            head = found[3] if (found is not None and found[0] is static and found[1] is r.name
-                                and found[2] is r.kind) else head_of(r)
-            parts = [_IDS_PARENT(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, r.span_id, 0x2208, parent)
-                     if parent else _IDS(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, r.span_id),
-                     head, _TIMES(0x39, r.start, 0x41, r.end_time)]
-            if r.trace_state:  # fields may come in any order; the decoded message is the same
-                parts.append(_ld(b"\x1a", r.trace_state.encode()))
-            for key, value in r.attributes.items():  # this span's own values
-                try:  # the class is part of the key: True == 1 == 1.0 as dict keys
-                    encoded = pairs.get((key, value, value.__class__))
-                except TypeError:  # an unhashable value (a list)
-                    encoded = None
-                if encoded is None:
-                    oneoff = oneoffs.get(key)
-                    encoded = oneoff.encode(value) if oneoff is not None else miss(key, value)
-                parts.append(encoded)
-            if r.events:  # Span.events = 11: time 1 (fixed64), name 2, attributes 3
-                for event, attrs, ts in r.events:
+            head = found[3] if (found is not None and found[0] is static and found[1] is name
+                                and found[2] is kind) else head_of(name, kind, static)
+            parts = [_IDS_PARENT(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, span_id, 0x2208, parent)
+                     if parent else _IDS(0x0A10, trace_id >> 64, trace_id & _LOW64, 0x1208, span_id),
+                     head, _TIMES(0x39, start, 0x41, end)]
+            if trace_state:  # fields may come in any order; the decoded message is the same
+                parts.append(_ld(b"\x1a", trace_state.encode()))
+            if attributes:
+                for key, value in attributes.items():  # this span's own values
+                    try:  # the class is part of the key: True == 1 == 1.0 as dict keys
+                        encoded = pairs.get((key, value, value.__class__))
+                    except TypeError:  # an unhashable value (a list)
+                        encoded = None
+                    if encoded is None:
+                        oneoff = oneoffs.get(key)
+                        encoded = oneoff.encode(value) if oneoff is not None else miss(key, value)
+                    parts.append(encoded)
+            if events:  # Span.events = 11: time 1 (fixed64), name 2, attributes 3
+                for event, attrs, ts in events:
                     parts.append(_ld(b"\x5a", b"\x09" + _pack_q(ts) + _ld(b"\x12", event.encode())
                                      + _key_values(b"\x1a", attrs)))
-            if r.error is not None:  # Status = 15: message 2, code 3 (2 = ERROR)
-                parts.append(_ld(b"\x7a", _ld(b"\x12", r.error.encode()) + b"\x18\x02"))
-                parts.append(_FLAGS[r.remote])
+            if error is not None:  # Status = 15: message 2, code 3 (2 = ERROR)
+                parts.append(_ld(b"\x7a", _ld(b"\x12", error.encode()) + b"\x18\x02"))
+                parts.append(_FLAGS[remote])
             else:
-                parts.append(_OK_TAIL[r.remote])
+                parts.append(_OK_TAIL[remote])
             body = b"".join(parts)
             n = len(body)
             head = heads.get(n)

@@ -1,18 +1,20 @@
 """Traces with a cheap request path: light span records, exported through the OpenTelemetry SDK.
 
 Contract:
-- `Tracer.start_server/start_child(...)` / `Tracer.end(record)` are what the request path pays: one
-  slotted record, ids from `random.getrandbits` (one draw for a new trace's id and its root span's id),
-  and attributes in two parts: `static`, a dict shared
-  by many spans (the caller caches it per deployment and model, say, and never mutates it; the
-  exporter encodes it once), and `attributes`, this span's own values. No SDK span objects, locks or
-  context objects are made per request (measured: they cost the gateway ~10% of its throughput,
-  half of it in garbage collection of spans that wait in the export queue).
+- What the request path pays: `Tracer.begin(traceparent, tracestate)` when a request starts (a
+  `SpanStart`: ids from `random.getrandbits`, one draw for a new trace's id and its root span's
+  id, and the sampling decision), and, once a sampled span has ended, one tuple in `SpanRecord`'s
+  order handed to `Tracer.end`. A span is made once, complete, never updated: its attributes come
+  in two parts, `static`, a dict shared by many spans (the caller caches it per outcome shape and
+  never mutates it; the exporter encodes it once), and `attributes`, this span's own values. No
+  SDK span objects, locks or context objects are made per request (measured: they cost the
+  gateway ~10% of its throughput, half of it in garbage collection of spans that wait in the
+  export queue).
 - Sampling is ParentBased(TraceIdRatio(`sample_rate`)): a remote parent's sampled flag decides,
   otherwise the low 64 bits of the trace id against the ratio (the SDK's TraceIdRatioBased rule).
-  Unsampled records still carry ids (for `traceparent` and logs) but are never queued.
-- `BoundedSpanProcessor` queues sampled records (4096; a full queue drops the new one and counts it,
-  no log line per span). One daemon thread, woken every 128 spans, prepares them while they are
+  An unsampled request still gets ids (for `traceparent` and logs) but no record.
+- `BoundedSpanProcessor.end(record)` queues a record (4096; a full queue drops the new one and counts
+  it, no log line per span; nothing is queued after shutdown). One daemon thread, woken every 128 spans, prepares them while they are
   young: wire bytes from the gateway's own OTLP exporter (`encode_records` of
   `proxy.otlp.fast_span_exporter`), or SDK `ReadableSpan`s for any other SDK `SpanExporter` (an
   in-memory one in tests). It exports them in batches of 1024, or whatever waits once the oldest has
@@ -24,7 +26,8 @@ import random
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from functools import partial
+from typing import Any, Callable, NamedTuple
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -39,44 +42,48 @@ _getrandbits = random.getrandbits
 _time_ns = time.time_ns
 
 
-class SpanRecord:
-    __slots__ = ("name", "kind", "trace_id", "trace_hex", "span_id", "parent_id", "remote", "sampled",
-                 "trace_state", "start", "end_time", "static", "attributes", "events", "error")
+class SpanRecord(NamedTuple):
+    """One ended span, as queued and exported. The request path builds plain tuples in this order (a
+    NamedTuple's constructor is a Python call, a tuple display is one instruction); the encoder and
+    `readable` take either."""
 
-    def __init__(self, name: str, kind: SpanKind, trace_id: int, trace_hex: str, span_id: int, parent_id: int,
-                 remote: bool, sampled: bool, trace_state: str, attributes: dict[str, Any],
-                 static: dict[str, Any] | None = None) -> None:
-        # one statement a slot: `a, b, c, d = ...` builds and unpacks a tuple (two records a request)
-        self.name = name
-        self.kind = kind
-        self.trace_id = trace_id
-        self.trace_hex = trace_hex
-        self.span_id = span_id
-        self.parent_id = parent_id
-        self.remote = remote
-        self.sampled = sampled
-        self.trace_state = trace_state
-        self.attributes = attributes
-        self.static = static
-        self.start = _time_ns()
-        self.end_time = 0
-        self.events: list[tuple[str, dict[str, Any], int]] | None = None
-        self.error: str | None = None
-
-    @property
-    def traceparent(self) -> str:
-        # bytes.hex() into an f-string of strings only (one allocation): a third of the cost of int formats
-        return f"00-{self.trace_hex}-{self.span_id.to_bytes(8, 'big').hex()}-{'01' if self.sampled else '00'}"
+    name: str
+    kind: SpanKind
+    static: dict[str, Any] | None  # shared by many spans, never mutated
+    trace_id: int
+    span_id: int
+    parent_id: int  # 0: a root span
+    remote: bool  # the parent came in the caller's traceparent
+    trace_state: str
+    start: int  # unix ns
+    end: int
+    attributes: dict[str, Any] | None = None  # this span's own values, which win over `static`
+    events: list[tuple[str, dict[str, Any], int]] | None = None  # (name, attributes, unix ns)
+    error: str | None = None  # status ERROR with this message; None: UNSET
 
     def all_attributes(self) -> dict[str, Any]:
         """`static` then `attributes` (this span's own win), as exported."""
-        return {**self.static, **self.attributes} if self.static else self.attributes
+        return {**(self.static or {}), **(self.attributes or {})}
 
-    def event(self, name: str, attributes: dict[str, Any]) -> None:
-        if self.sampled:
-            if self.events is None:
-                self.events = []
-            self.events.append((name, attributes, _time_ns()))
+
+class SpanStart(NamedTuple):
+    """A request's trace position, from `Tracer.begin`: what its span and its attempts need until they end."""
+
+    trace_id: int
+    span_id: int
+    parent_id: int
+    remote: bool
+    sampled: bool
+    trace_state: str
+    trace_hex: str  # 32 hex digits: access logs and `traceparent`
+    start: int  # unix ns
+
+    def traceparent(self, span_id: int) -> str:
+        """The W3C traceparent of a child span (an attempt) of this one."""
+        return f"00-{self.trace_hex}-{span_id.to_bytes(8, 'big').hex()}-{'01' if self.sampled else '00'}"
+
+
+_new_start = partial(tuple.__new__, SpanStart)  # a C call: no Python frame on the request path
 
 
 def parse_traceparent(value: str | None) -> tuple[int, int, bool] | None:
@@ -101,27 +108,21 @@ class Tracer:
         self.processor = processor
         self.end = processor.end  # `end(record)`: one call a span, not two
 
-    end: Callable[[SpanRecord], None]
+    end: Callable[[tuple[Any, ...]], None]
 
-    def start_server(self, name: str, traceparent: str | None, tracestate: str | None,
-                     attributes: dict[str, Any], static: dict[str, Any] | None = None) -> SpanRecord:
+    def begin(self, traceparent: str | None, tracestate: str | None) -> SpanStart:
+        """A server span's ids and sampling decision: continuing `traceparent` when it is valid."""
         parent = parse_traceparent(traceparent) if traceparent is not None else None
         if parent is not None:
             trace_id, parent_id, sampled = parent
-            return SpanRecord(name, _SERVER, trace_id, f"{trace_id:032x}", _getrandbits(64) or 1, parent_id, True,
-                              sampled, tracestate or "", attributes, static)
+            return _new_start((trace_id, _getrandbits(64) or 1, parent_id, True, sampled, tracestate or "",
+                               f"{trace_id:032x}", _time_ns()))
         ids = _getrandbits(192)  # one draw: the trace id (high 128 bits) and this span's id
         trace_id, span_id = ids >> 64, ids & _LOW64
         if not (trace_id and span_id):  # all zeros are invalid ids (a 2**-64 chance)
             trace_id, span_id = trace_id or 1, span_id or 1
-        return SpanRecord(name, _SERVER, trace_id, trace_id.to_bytes(16, "big").hex(), span_id, 0, False,
-                          (trace_id & _LOW64) < self.bound, "", attributes, static)
-
-    @staticmethod
-    def start_child(parent: SpanRecord, name: str, kind: SpanKind, attributes: dict[str, Any],
-                    static: dict[str, Any] | None = None) -> SpanRecord:
-        return SpanRecord(name, kind, parent.trace_id, parent.trace_hex, _getrandbits(64) or 1, parent.span_id, False,
-                          parent.sampled, parent.trace_state, attributes, static)
+        return _new_start((trace_id, span_id, 0, False, (trace_id & _LOW64) < self.bound, "",
+                           trace_id.to_bytes(16, "big").hex(), _time_ns()))
 
 
 class BoundedSpanProcessor:
@@ -131,10 +132,11 @@ class BoundedSpanProcessor:
         self.exporter, self.resource, self.on_drop, self.on_fail = exporter, resource, on_drop, on_fail
         # Our OTLP exporter encodes the records itself (`encode_records`), in this processor's thread: the
         # same work done span by span on the request path measured 2-3x dearer (cold caches between spans).
-        self.prepare: Callable[[list[SpanRecord]], list[Any]] = getattr(exporter, "encode_records", None) or \
+        self.prepare: Callable[[list[tuple[Any, ...]]], list[Any]] = getattr(exporter, "encode_records", None) or \
             (lambda records: [self.readable(r) for r in records])
         self.max_queue, self.batch, self.chunk, self.delay = max_queue, batch, min(chunk, batch), delay
-        self.queue: deque[SpanRecord] = deque()
+        self.limit = max_queue
+        self.queue: deque[tuple[Any, ...]] = deque()
         self.pending: list[Any] = []  # prepared spans (wire bytes for our exporter) waiting for a full batch
         self.since = 0.0  # monotonic time the oldest pending span was prepared
         self.wake = threading.Event()
@@ -143,17 +145,13 @@ class BoundedSpanProcessor:
         self.thread = threading.Thread(target=self._run, name="llm-gateway-span-export", daemon=True)
         self.thread.start()
 
-    def end(self, record: SpanRecord) -> None:
-        """End a span now and queue it if it is sampled (the first end counts; later ones do nothing)."""
-        if not record.sampled or record.end_time:
-            return
-        record.end_time = _time_ns()
-        if self.stopped:
-            return
+    def end(self, record: tuple[Any, ...]) -> None:
+        """Queue an ended, sampled span (a `SpanRecord` or a tuple in its order); a full queue drops it."""
         queue = self.queue
         queued = len(queue)
-        if queued >= self.max_queue:
-            self.on_drop(1)
+        if queued >= self.limit:  # `limit` is 0 once stopped: nothing is queued (nor counted) after shutdown
+            if not self.stopped:
+                self.on_drop(1)
             return
         queue.append(record)
         if queued == self.chunk - 1:  # the queue grows one at a time: this is each crossing, once
@@ -200,7 +198,8 @@ class BoundedSpanProcessor:
         if not ok:
             self.on_fail(len(spans))
 
-    def readable(self, r: SpanRecord) -> ReadableSpan:
+    def readable(self, record: tuple[Any, ...]) -> ReadableSpan:
+        r = SpanRecord._make(record)
         state = TraceState.from_header([r.trace_state]) if r.trace_state else None
         context = SpanContext(r.trace_id, r.span_id, False, TraceFlags(TraceFlags.SAMPLED), state)
         parent = SpanContext(r.trace_id, r.parent_id, r.remote, TraceFlags(TraceFlags.SAMPLED), state) \
@@ -208,7 +207,7 @@ class BoundedSpanProcessor:
         events = [Event(name, attrs, ts) for name, attrs, ts in r.events or ()]
         status = Status(StatusCode.ERROR, r.error) if r.error is not None else Status(StatusCode.UNSET)
         return ReadableSpan(r.name, context, parent, self.resource, r.all_attributes(), events, (), r.kind, None,
-                            status, r.start, r.end_time, SCOPE)
+                            status, r.start, r.end, SCOPE)
 
     def flush(self) -> None:
         self._drain()
@@ -218,6 +217,7 @@ class BoundedSpanProcessor:
         if self.stopped:
             return
         self.stopped = True
+        self.limit = 0
         self.wake.set()
         self.thread.join()
         self._drain()

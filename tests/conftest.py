@@ -23,6 +23,7 @@ import pytest
 from config import parse_config
 from proxy.app import build_app
 from proxy.mock import MockOptions, build_mock_app
+from proxy.tracing import SpanRecord
 from tests.servers import free_port, serve
 
 GATEWAY_KEY = "gw-test-0123456789abcdef"
@@ -44,6 +45,17 @@ AUTH_YAML = f"""auth:
       aws_access_key_id: {CLIENT_AKID}
       aws_secret_access_key: {CLIENT_AWS_SECRET}
 """
+
+
+def span_record(name: str, attributes: dict[str, Any] | None = None, static: dict[str, Any] | None = None,
+                **fields: Any) -> SpanRecord:
+    """An ended span record as the observer queues it: a root SERVER span unless `fields` say otherwise."""
+    from opentelemetry.trace import SpanKind
+
+    base: dict[str, Any] = {"kind": SpanKind.SERVER, "trace_id": 0x4BF92F3577B34DA6A3CE929D0E0E4736,
+                            "span_id": 0x00F067AA0BA902B7, "parent_id": 0, "remote": False, "trace_state": "",
+                            "start": 1_700_000_000_000_000_000, "end": 1_700_000_000_000_001_000}
+    return SpanRecord(name=name, static=static, attributes=attributes, **{**base, **fields})
 
 
 def standard_config(upstream: str, extra: str = "") -> str:

@@ -29,8 +29,8 @@ from config import parse_config
 from proxy.app import build_app
 from proxy.mock import MockOptions, build_mock_app
 from proxy.observability import GatewayObserver
-from proxy.tracing import BoundedSpanProcessor, SpanRecord, Tracer
-from tests.conftest import GATEWAY_KEY, GATEWAY_KEY_SHA, clear_recorded, recorded
+from proxy.tracing import BoundedSpanProcessor, SpanRecord, SpanStart, Tracer
+from tests.conftest import GATEWAY_KEY, GATEWAY_KEY_SHA, clear_recorded, recorded, span_record
 from tests.procs import Procs, procs  # noqa: F401 - `procs` is a fixture
 from tests.servers import free_port, serve
 
@@ -395,9 +395,8 @@ def test_span_queue_is_bounded_and_drops_are_counted() -> None:
 
     processor = BoundedSpanProcessor(Stuck(), None, on_drop=dropped.append, on_fail=failed.append,  # type: ignore[arg-type]
                                      max_queue=8, batch=4, delay=0.01)
-    tracer = Tracer(1.0, processor)
     for _ in range(100):
-        tracer.end(tracer.start_server("GET x", None, None, {}))
+        processor.end(span_record("GET x"))
     assert len(processor.queue) <= 8 and sum(dropped) >= 100 - 8 - 4
     release.set()
     processor.shutdown()
@@ -425,10 +424,9 @@ def test_span_records_are_prepared_young_and_sent_in_batches_or_when_due() -> No
 
     processor = BoundedSpanProcessor(Recording(), None, on_drop=lambda n: None, on_fail=lambda n: None,  # type: ignore[arg-type]
                                      batch=32, chunk=8, delay=0.5)
-    tracer = Tracer(1.0, processor)
     try:
         for i in range(40):
-            tracer.end(tracer.start_server(f"s{i}", None, None, {}))
+            processor.end(span_record(f"s{i}"))
         deadline = time.monotonic() + 5
         while sum(prepared) < 40 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -446,24 +444,23 @@ def test_sampling_is_parent_based_trace_id_ratio() -> None:
     exporter = InMemorySpanExporter()
     processor = BoundedSpanProcessor(exporter, None, on_drop=lambda n: None, on_fail=lambda n: None)  # type: ignore[arg-type]
     never, always = Tracer(0.0, processor), Tracer(1.0, processor)
-    assert not never.start_server("x", None, None, {}).sampled and always.start_server("x", None, None, {}).sampled
+    assert not never.begin(None, None).sampled and always.begin(None, None).sampled
     unsampled_parent = f"00-{TRACE_ID}-{PARENT_ID}-00"
-    span = always.start_server("x", unsampled_parent, None, {})
-    assert not span.sampled and f"{span.trace_id:032x}" == TRACE_ID
-    child = Tracer.start_child(span, "chat m", SpanKind.CLIENT, {})
-    assert child.traceparent == f"00-{TRACE_ID}-{child.span_id:016x}-00"  # propagated, not recorded
-    sampled = never.start_server("x", f"00-{TRACE_ID}-{PARENT_ID}-01", "vendor=1", {"a": 1})
-    assert sampled.sampled
-    never.end(sampled)
-    never.end(child)
+    span = always.begin(unsampled_parent, None)
+    assert not span.sampled and f"{span.trace_id:032x}" == span.trace_hex == TRACE_ID
+    assert span.traceparent(0xABC) == f"00-{TRACE_ID}-{0xABC:016x}-00"  # propagated, not recorded
+    sampled = never.begin(f"00-{TRACE_ID}-{PARENT_ID}-01", "vendor=1")
+    assert sampled.sampled and sampled.remote and f"{sampled.parent_id:016x}" == PARENT_ID
+    never.end(SpanRecord("x", SpanKind.SERVER, None, sampled.trace_id, sampled.span_id, sampled.parent_id,
+                         sampled.remote, sampled.trace_state, sampled.start, sampled.start + 1, {"a": 1}))
     processor.shutdown()
     (exported,) = exporter.get_finished_spans()
     assert exported.parent.is_remote and f"{exported.parent.span_id:016x}" == PARENT_ID
     assert exported.context.trace_state.get("vendor") == "1" and exported.attributes["a"] == 1
     half = Tracer(0.5, processor)
-    share = sum(half.start_server("x", None, None, {}).sampled for _ in range(4000)) / 4000
+    share = sum(half.begin(None, None).sampled for _ in range(4000)) / 4000
     assert 0.45 < share < 0.55
-    assert isinstance(span, SpanRecord)
+    assert isinstance(span, SpanStart)
 
 
 def test_several_workers_lose_no_counts(procs: Procs, mock_upstream: str) -> None:  # noqa: F811
@@ -550,16 +547,14 @@ def test_fast_span_encoding_matches_the_sdk_encoder() -> None:
 
     res = resource()
     processor = BoundedSpanProcessor(InMemorySpanExporter(), res, on_drop=lambda n: None, on_fail=lambda n: None)
-    tracer = Tracer(1.0, processor)
-    server = tracer.start_server("POST openai chat", f"00-{TRACE_ID}-{PARENT_ID}-01", "vendor=a,other=b",
-                                 {"http.request.method": "POST", "gateway.request_id": "gw-1", "n": 3, "neg": -7,
-                                  "ratio": 0.25, "ok": True, "tried": ("a", "b"), "big": 2**40})
-    server.event("failover", {"gateway.failed": "a", "attempt": 2})
-    server.error = "upstream_error"
-    client = Tracer.start_child(server, "chat gpt-4o-mini", SpanKind.CLIENT, {"gen_ai.provider.name": "openai"})
-    root = tracer.start_server("GET x", None, None, {})
-    for r in (client, server, root):
-        r.end_time = r.start + 1000
+    remote = {"parent_id": int(PARENT_ID, 16), "remote": True, "trace_state": "vendor=a,other=b"}
+    server = span_record("POST openai chat", {"http.request.method": "POST", "gateway.request_id": "gw-1", "n": 3,
+                                              "neg": -7, "ratio": 0.25, "ok": True, "tried": ("a", "b"), "big": 2**40},
+                         events=[("failover", {"gateway.failed": "a", "attempt": 2}, 1_700_000_000_000_000_500)],
+                         error="upstream_error", **remote)
+    client = span_record("chat gpt-4o-mini", {"gen_ai.provider.name": "openai"}, kind=SpanKind.CLIENT,
+                         span_id=7, parent_id=server.span_id, trace_state=server.trace_state)
+    root = span_record("GET x", span_id=9, trace_id=0x1234)
     encoder = SpanEncoder(res, SCOPE)
     for _ in range(2):  # second round from the attribute cache
         ours = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(r) for r in (server, client, root)]))

@@ -27,7 +27,8 @@ from proxy.observability import GatewayObserver
 from proxy.otlp import SCOPE, fast_span_exporter
 from proxy.spanwire import SpanEncoder
 from proxy.telemetry_export import resource
-from proxy.tracing import BoundedSpanProcessor, Tracer
+from proxy.tracing import BoundedSpanProcessor
+from tests.conftest import span_record
 
 CONFIG = """
 auth:
@@ -61,7 +62,7 @@ def request(obs: GatewayObserver, *, status: int = 200, request_id: str = "gw-1"
     handle = obs.request_start(ctx, {})
     upstream_headers = [("traceparent", traceparent)] if traceparent else []
     attempt = obs.attempt_start(ctx, DEP, "http://x", upstream_headers)
-    assert [v for k, v in upstream_headers if k == "traceparent"] == [attempt[1].traceparent]
+    assert [v for k, v in upstream_headers if k == "traceparent"] == [handle.traceparent(attempt[1])]
     ctx.attempts, ctx.committed, ctx.status = 1, True, status
     ctx.tried.append(DEP.name)
     if tokens:
@@ -91,7 +92,9 @@ def test_spans_keep_their_names_and_share_their_shape() -> None:
         "gen_ai.response.model": "gpt-4o-mini", "gateway.attempt": 1, "http.response.status_code": 200,
         "gen_ai.usage.input_tokens": 19, "gen_ai.usage.output_tokens": 8}
     a, b = first.extra["otel.span"], second.extra["otel.span"]
-    assert a.static is b.static and a.trace_hex == first.extra["trace_id"] != second.extra["trace_id"]
+    assert a.trace_hex == first.extra["trace_id"] != second.extra["trace_id"] == b.trace_hex
+    (shape,) = obs.shapes.servers.values()  # both requests ended alike: one shared name and dict
+    assert shape[0] == "POST openai chat" and shape[1]["http.response.status_code"] == 200
     (kind,) = obs.shapes.attempts.values()  # both attempts ended alike: one final shape, shared
     assert list(kind[3]) == [(200, 1, "")] and kind[3][(200, 1, "")]["gateway.attempt"] == 1
 
@@ -112,9 +115,8 @@ def test_a_failed_attempt_and_a_continued_trace() -> None:
 def test_own_values_win_over_the_shared_shape() -> None:
     processor = BoundedSpanProcessor(InMemorySpanExporter(), resource(), on_drop=lambda n: None,
                                      on_fail=lambda n: None)
-    tracer = Tracer(1.0, processor)
     shared = {"a": 1, "b": "shared"}
-    record = tracer.start_server("x", None, None, {"b": "own", "c": 2.5}, shared)
+    record = span_record("x", {"b": "own", "c": 2.5}, shared)
     assert record.all_attributes() == {"a": 1, "b": "own", "c": 2.5} and shared == {"a": 1, "b": "shared"}
     assert processor.readable(record).attributes == {"a": 1, "b": "own", "c": 2.5}
     processor.shutdown()
@@ -133,23 +135,22 @@ def test_shapes_are_bounded(monkeypatch: Any) -> None:
 def test_encoder_writes_what_the_sdk_writes() -> None:
     res = resource()
     processor = BoundedSpanProcessor(InMemorySpanExporter(), res, on_drop=lambda n: None, on_fail=lambda n: None)
-    tracer = Tracer(1.0, processor)
     shared = {"http.request.method": "POST", "gen_ai.request.model": "modèle-ü", "server.port": 443}
     long_text = "x" * 200
     records = []
     for value in (True, 1, False, 0, 7):  # one key: bools and ints must never share a cached encoding
-        records.append(tracer.start_server("POST openai chat", None, None, {"flag": value}, shared))
-    server = tracer.start_server("POST bedrock converse", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-                                 "vendor=a", {"gateway.request_id": "gw-" + long_text, "url.path": "/ü/" + long_text,
-                                              "gateway.overhead_ms": 0.123, "neg": -7, "big": 2**62 + 5,
-                                              "tried": ("a", "b"), "n": 1.0}, shared)
-    server.event("failover", {"gateway.failed": "a", "attempt": 2, "ratio": 0.5})
-    server.error = "upstream_error"
-    client = Tracer.start_child(server, "chat " + long_text, SpanKind.CLIENT, {"gateway.attempt": 2}, {"k" * 130: "v"})
+        records.append(span_record("POST openai chat", {"flag": value}, shared))
+    remote = {"parent_id": 0x00F067AA0BA902B7, "remote": True, "trace_state": "vendor=a"}
+    server = span_record("POST bedrock converse", {"gateway.request_id": "gw-" + long_text, "url.path": "/ü/" + long_text,
+                                                   "gateway.overhead_ms": 0.123, "neg": -7, "big": 2**62 + 5,
+                                                   "tried": ("a", "b"), "n": 1.0}, shared,
+                         events=[("failover", {"gateway.failed": "a", "attempt": 2, "ratio": 0.5}, 1_700_000_000_000_000_100)],
+                         error="upstream_error", **remote)
+    client = span_record("chat " + long_text, {"gateway.attempt": 2}, {"k" * 130: "v"}, kind=SpanKind.CLIENT, span_id=5,
+                         parent_id=server.span_id, trace_state="vendor=a")
     # the same shared dict under another name or kind: encoded with its own, never a cached head
-    records += [server, client, Tracer.start_child(server, "POST openai chat", SpanKind.INTERNAL, {}, shared)]
-    for r in records:
-        r.end_time = r.start + 1000
+    records += [server, client, span_record("POST openai chat", {}, shared, kind=SpanKind.INTERNAL, span_id=6,
+                                            parent_id=server.span_id)]
     encoder = SpanEncoder(res, SCOPE)
     for _ in range(3):  # then from the caches
         ours = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(r) for r in records]))
@@ -164,13 +165,10 @@ def test_one_off_values_encode_like_the_sdk() -> None:
     """Request ids, overheads and first-chunk times take ready heads per key and length: same bytes as the SDK."""
     res = resource()
     processor = BoundedSpanProcessor(InMemorySpanExporter(), res, on_drop=lambda n: None, on_fail=lambda n: None)
-    tracer = Tracer(1.0, processor)
     values: list[Any] = ["gw-0123456789abcdef", "gw-fedcba9876543210", "gw-ü", "", "x" * 90, "x" * 140, 0.0, -2.5,
                          1e300, 3, True, ("a", "b")]
-    records = [tracer.start_server("x", None, None, {"gateway.request_id": v, "gateway.overhead_ms": v,
-                                                     "gen_ai.response.time_to_first_chunk": v}) for v in values]
-    for r in records:
-        r.end_time = r.start + 1
+    records = [span_record("x", {"gateway.request_id": v, "gateway.overhead_ms": v,
+                                 "gen_ai.response.time_to_first_chunk": v}) for v in values]
     encoder = SpanEncoder(res, SCOPE)
     for _ in range(2):  # then with the heads made
         ours = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(r) for r in records]))
