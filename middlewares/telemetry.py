@@ -82,7 +82,7 @@ def _log(log: AccessLogger, ctx: RequestContext, status: int, outcome: str) -> N
     usage = ctx.usage
     fields: dict[str, Any] = {  # a dict, not keyword arguments: those cost ~1 us a line to copy
         "request_id": ctx.request_id,
-        "trace_id": ctx.extra.get("trace_id"),
+        "trace_id": ctx.trace_id,
         "key_id": principal.key_id if principal is not None else None,
         "family": ctx.family,
         "operation": ctx.operation,

@@ -96,6 +96,11 @@ class RequestContext:
     failed_over: bool = False
     # Set by the rate limiter: reserve one of these deployments for a further attempt (None = none).
     admit_deployment: "Callable[[list[Deployment]], Awaitable[Deployment | None]] | None" = None
+    # Telemetry (`proxy.observability`): the trace position (a `proxy.tracing.SpanStart` tuple), its W3C
+    # trace id for the access log, and the metrics series of the last attempt (`proxy.metrics.Route`).
+    trace: Any = None
+    trace_id: str | None = None
+    series: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
     header_map: dict[bytes, bytes] | None = None  # first value per name, built on the first lookup
 

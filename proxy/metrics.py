@@ -128,17 +128,19 @@ class Route:
         return found
 
     def finish(self, status: int, seconds: float, input_tokens: int | None, output_tokens: int | None) -> None:
-        """A request's count by status, its duration and its non-zero token counts: one call, not one a series."""
+        """A request's count by status, its duration and its non-zero token counts: one call, not one a series.
+
+        Counters are this process's `LocalMetric` values, added to in place (no call a counter)."""
         series = self.series
-        (series.get(status) or self.status(status)).inc()
+        (series.get(status) or self.status(status)).value += 1
         (series.get("duration") or self.duration()).observe(seconds)
         if input_tokens:
             counter, histogram = series.get("input") or self.tokens("input")
-            counter.inc(input_tokens)
+            counter.value += input_tokens
             histogram.observe(input_tokens)
         if output_tokens:
             counter, histogram = series.get("output") or self.tokens("output")
-            counter.inc(output_tokens)
+            counter.value += output_tokens
             histogram.observe(output_tokens)
 
     def error(self, code: str) -> Any:
@@ -160,6 +162,22 @@ class Route:
         found = self.series.get("disconnects")
         return found if found is not None else \
             self._make(self.series, "disconnects", self.metrics.disconnects, self.provider, self.model)
+
+
+class SharedRoute(Route):
+    """A `Route` over prometheus_client's multiprocess metrics (several workers): their `inc()`."""
+
+    __slots__ = ()
+
+    def finish(self, status: int, seconds: float, input_tokens: int | None, output_tokens: int | None) -> None:
+        series = self.series
+        (series.get(status) or self.status(status)).inc()
+        (series.get("duration") or self.duration()).observe(seconds)
+        for kind, count in (("input", input_tokens), ("output", output_tokens)):
+            if count:
+                counter, histogram = series.get(kind) or self.tokens(kind)
+                counter.inc(count)
+                histogram.observe(count)
 
 
 class GatewayMetrics:
@@ -275,7 +293,8 @@ class GatewayMetrics:
         found = self._routes.get(key)
         if found is None:
             up = self.upstreams.get(deployment) if deployment is not None else None
-            found = self._routes[key] = Route(self, deployment or "none", up, label, operation)
+            cls = SharedRoute if multiprocess() else Route
+            found = self._routes[key] = cls(self, deployment or "none", up, label, operation)
         return found
 
     def genai(self, operation: str, up: Upstream | None, model: str) -> tuple[str, str, str, str]:

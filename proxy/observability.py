@@ -8,14 +8,14 @@ Contract:
   TraceIdRatio(`sample_rate`). Rate-limit, failover, retry-budget, disconnect and pool decisions are
   span events; the routing choice is an attempt attribute. Spans are light records on the request
   path (`proxy.tracing`), exported through the SDK's exporters (`proxy.telemetry_export`, which
-  also owns their shutdown); nothing global is touched. A request's trace position (`SpanStart`)
-  waits in `ctx.extra["otel.span"]` and its events in `ctx.extra["otel.events"]`; each span is made
+  also owns their shutdown); nothing global is touched. A request's trace position (a `SpanStart`
+  tuple) waits in `ctx.trace` and its events in `ctx.extra["otel.events"]`; each span is made
   once, complete, when it ends (an attempt's in `attempt_end`, the request's in `request_end`).
 - Metrics (`monitoring.metrics.enabled`): `proxy.metrics.GatewayMetrics`; pushed over OTLP too
   when an endpoint is configured (`proxy.otlp.PrometheusBridge`).
 - Every hook is guarded: telemetry never raises into traffic. The observer also keeps
   `ctx.extra["attempt_open"]` so the app can compute the overhead header mid-attempt, and
-  `ctx.extra["trace_id"]` for the access log.
+  `ctx.trace_id` for the access log.
 - Cost (a few microseconds a request): metrics go through one `Route` per (deployment, model,
   operation); a span sets only its own values (request id, overhead, tokens) and takes the rest
   (an attempt's number, status and error type included) from a shared, cached "shape"
@@ -66,14 +66,14 @@ class GatewayObserver(Observer):
             if self.tracer is None:
                 parsed = parse_traceparent(traceparent)
                 if parsed is not None:
-                    ctx.extra["trace_id"] = f"{parsed[0]:032x}"
+                    ctx.trace_id = f"{parsed[0]:032x}"
                 return None
             if traceparent is not None:
                 ctx.extra["client_traceparent"] = True  # attempts replace it
             # the span itself is made once, when the request ends: its name and shape depend on the outcome
             begun = self.tracer.begin(traceparent, ctx.header(b"tracestate") if traceparent else None)
-            ctx.extra["otel.span"] = begun
-            ctx.extra["trace_id"] = begun.trace_hex
+            ctx.trace = begun
+            ctx.trace_id = begun[6]
             return begun
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="request_start")
@@ -82,17 +82,21 @@ class GatewayObserver(Observer):
     def request_end(self, ctx: RequestContext, handle: Any, status: int, outcome: str) -> None:
         try:
             total = _perf_counter() - ctx.started
+            overhead = total - ctx.upstream_seconds
             dep = ctx.deployment if ctx.attempts else None
             code = None if outcome == "ok" else error_type(outcome)
             m = self.metrics
             if m is not None:
-                route = m.route(dep.name if dep is not None else None, ctx.model, ctx.operation)
-                u = ctx.usage
                 if dep is not None:  # tokens count only when a deployment was called
+                    route = ctx.series  # the last attempt's: the same series, no lookup
+                    if route is None or route.provider != dep.name:
+                        route = m.route(dep.name, ctx.model, ctx.operation)
+                    u = ctx.usage
                     route.finish(status, total, u.input_tokens, u.output_tokens)
                 else:
+                    route = m.route(None, ctx.model, ctx.operation)
                     route.finish(status, total, None, None)
-                self.overhead.observe(max(0.0, total - ctx.upstream_seconds))  # type: ignore[union-attr]
+                self.overhead.observe(overhead if overhead > 0.0 else 0.0)  # type: ignore[union-attr]
                 if code:
                     route.error(code).inc()
                 m.until_fold -= 1
@@ -106,7 +110,7 @@ class GatewayObserver(Observer):
                        ctx.principal.key_id if ctx.principal is not None else None, code)
                 name, static = self.shapes.servers.get(key) or self.shapes.server(key)
                 own = {"gateway.request_id": ctx.request_id,
-                       "gateway.overhead_ms": round((total - ctx.upstream_seconds) * 1_000_000) / 1000}
+                       "gateway.overhead_ms": round(overhead * 1_000_000) / 1000}
                 if len(ctx.tried) > 1:
                     own["gateway.tried"] = tuple(ctx.tried)
                 if len(ctx.candidates) > 1:
@@ -122,32 +126,33 @@ class GatewayObserver(Observer):
 
     # --- attempts --------------------------------------------------------------------------------
     def attempt_start(self, ctx: RequestContext, dep: Deployment, url: str, headers: list[tuple[str, str]]) -> Any:
-        """Returns (perf counter, the attempt span's id or 0, its shape or None, unix ns)."""
+        """Returns (perf counter, the attempt span's id or 0, its shape or None, unix ns, the request's `SpanStart`)."""
         ctx.extra["attempt_open"] = True
         started = _perf_counter()
         if self.tracer is None and self.metrics is None:
-            return (started, 0, None, 0)
+            return (started, 0, None, 0, None)
         try:
             key = (dep.name, ctx.operation, ctx.model)
             kind = self.shapes.attempts.get(key) or self.shapes.attempt(key, dep)
-            begun = ctx.extra.get("otel.span") if self.tracer is not None else None
+            begun = ctx.trace
             if begun is None:
-                return (started, 0, kind, 0)
+                return (started, 0, kind, 0, None)
             span_id = _getrandbits(64) or 1  # the span is made when the attempt ends (sampled only)
             if ctx.extra.get("client_traceparent"):
                 headers[:] = [(k, v) for k, v in headers if k.lower() != "traceparent"]
             headers.append(("traceparent", f"00-{begun[6]}-{span_id.to_bytes(8, 'big').hex()}-"
                                            f"{'01' if begun[4] else '00'}"))
-            return (started, span_id, kind, _time_ns())
+            return (started, span_id, kind, _time_ns(), begun)
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="attempt_start")
-            return (started, 0, None, 0)
+            return (started, 0, None, 0, None)
 
     def attempt_end(self, ctx: RequestContext, dep: Deployment, handle: Any, status: int | None,
                     error_type_: str | None) -> None:
         ctx.extra["attempt_open"] = False
         try:
-            started, span_id, kind, start = handle if handle.__class__ is tuple else (_perf_counter(), 0, None, 0)
+            started, span_id, kind, start, begun = handle if handle.__class__ is tuple else \
+                (_perf_counter(), 0, None, 0, None)
             seconds = _perf_counter() - started
             code = error_type(error_type_) if error_type_ else ""  # no call for a successful attempt
             if code:
@@ -156,11 +161,11 @@ class GatewayObserver(Observer):
             if m is not None:
                 route = kind[2] if kind is not None else m.route(dep.name, ctx.model, ctx.operation)
                 route.attempt(code).observe(seconds)
+                ctx.series = route  # request_end's series too, when this is the last attempt
                 if code == "upstream_rate_limited":
                     m.child(m.rate_limit_hits, dep.name, route.model, code).inc()
             if span_id:
-                begun = ctx.extra.get("otel.span")
-                if begun is not None and begun[4] and kind is not None:  # sampled
+                if begun[4] and kind is not None:  # sampled
                     # the forwarder counted this attempt in ctx.attempts after its start
                     final = (status, ctx.attempts, code)
                     own: dict[str, Any] | None = None
@@ -194,8 +199,8 @@ class GatewayObserver(Observer):
     # --- decisions -------------------------------------------------------------------------------
     def _event(self, ctx: RequestContext | None, name: str, attrs: dict[str, Any]) -> None:
         """An event on the request's span (sampled only), made when the request ends."""
-        begun = ctx.extra.get("otel.span") if ctx is not None else None
-        if begun is not None and begun.sampled:
+        begun = ctx.trace if ctx is not None else None
+        if begun is not None and begun[4]:  # sampled
             events = ctx.extra.get("otel.events")  # type: ignore[union-attr]
             if events is None:
                 events = ctx.extra["otel.events"] = []  # type: ignore[union-attr]

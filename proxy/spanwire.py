@@ -9,8 +9,8 @@ Contract:
 - Why: the SDK's encoder builds one protobuf object per attribute (~35 us a span here), more than
   the rest of the gateway's telemetry together. Here a record's name, kind and shared `static`
   attributes are encoded once per `static` dict (checked against the record's name and kind),
-  repeating attribute pairs (token counts, shared values) come from one cache keyed by (key, value,
-  value's class), and one-off values (request id, overhead) get a ready head per key (and string
+  repeating attribute pairs (token counts, shared values) come from one cache by key, then value
+  (string and int values only), and one-off values (request id, overhead) get a ready head per key (and string
   length) and only their own bytes. Every cache is bounded (`_CACHE_LIMIT` entries, cleared when
   full); bools and ints never share a cache entry. A batch's request is assembled by one join (the
   spans are copied once).
@@ -132,8 +132,10 @@ class SpanEncoder:
         self.resource = _ld(b"\x0a", _key_values(b"\x0a", resource.attributes))
         # key -> its encoded key field, or a `_OneOff` for keys whose values rarely repeat
         self.cache: dict[str, bytes | _OneOff] = {}
-        # (key, value, value's class) -> encoded attribute, for string and int values
-        self.pairs: dict[tuple[str, Any, type], bytes] = {}
+        # key -> {value: encoded attribute}, for values of class str or int exactly (those two never compare
+        # equal; a bool or a float equal to an int is never looked up here), at most _CACHE_LIMIT in all
+        self.pairs: dict[str, dict[Any, bytes]] = {}
+        self.pair_count = 0
         self.oneoffs: dict[str, _OneOff] = {}  # the `_OneOff`s of `cache`, looked up first on a pair miss
         self.lengths: dict[int, bytes] = {}  # a span's length -> its field tag and length
         # id(static dict) -> (it, span name, kind, encoded name + kind + its attributes)
@@ -156,18 +158,22 @@ class SpanEncoder:
         encoded = _attribute(entry, value)  # type: ignore[arg-type]
         cls = value.__class__
         if cls is str or cls is int:
-            if len(self.pairs) >= _CACHE_LIMIT:
+            if self.pair_count >= _CACHE_LIMIT:
                 self.pairs.clear()
-            self.pairs[(key, value, cls)] = encoded
+                self.pair_count = 0
+            values = self.pairs.get(key)
+            if values is None:
+                values = self.pairs[key] = {}
+            values[value] = encoded
+            self.pair_count += 1
         return encoded
 
     def _attributes(self, attributes: dict[str, Any], parts: list[bytes]) -> None:
         pairs, miss = self.pairs, self._miss
         for key, value in attributes.items():
-            try:
-                encoded = pairs.get((key, value, value.__class__))
-            except TypeError:
-                encoded = None
+            cls = value.__class__
+            values = pairs.get(key) if cls is str or cls is int else None
+            encoded = values.get(value) if values is not None else None
             parts.append(encoded if encoded is not None else miss(key, value))
 
     def _head(self, name: str, kind: SpanKind, static: dict[str, Any] | None) -> bytes:
@@ -208,14 +214,23 @@ class SpanEncoder:
                 parts.append(_ld(b"\x1a", trace_state.encode()))
             if attributes:
                 for key, value in attributes.items():  # this span's own values
-                    try:  # the class is part of the key: True == 1 == 1.0 as dict keys
-                        encoded = pairs.get((key, value, value.__class__))
-                    except TypeError:  # an unhashable value (a list)
-                        encoded = None
-                    if encoded is None:
-                        oneoff = oneoffs.get(key)
-                        encoded = oneoff.encode(value) if oneoff is not None else miss(key, value)
-                    parts.append(encoded)
+                    cls = value.__class__
+                    oneoff = oneoffs.get(key)  # one-off keys first: their values never hit `pairs`
+                    if oneoff is not None:
+                        if cls is float and oneoff.float_head:
+                            parts.append(oneoff.float_head + _pack_d(value))
+                            continue
+                        if cls is str:
+                            encoded = value.encode()
+                            head = oneoff.str_heads.get(len(encoded))
+                            if head is not None:
+                                parts.append(head + encoded)
+                                continue
+                        parts.append(oneoff.encode(value))
+                        continue
+                    values = pairs.get(key) if cls is int or cls is str else None  # True == 1 == 1.0 as dict keys
+                    encoded = values.get(value) if values is not None else None
+                    parts.append(encoded if encoded is not None else miss(key, value))
             if events:  # Span.events = 11: time 1 (fixed64), name 2, attributes 3
                 for event, attrs, ts in events:
                     parts.append(_ld(b"\x5a", b"\x09" + _pack_q(ts) + _ld(b"\x12", event.encode())

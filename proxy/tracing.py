@@ -26,7 +26,6 @@ import random
 import threading
 import time
 from collections import deque
-from functools import partial
 from typing import Any, Callable, NamedTuple
 
 from opentelemetry.sdk.resources import Resource
@@ -83,9 +82,6 @@ class SpanStart(NamedTuple):
         return f"00-{self.trace_hex}-{span_id.to_bytes(8, 'big').hex()}-{'01' if self.sampled else '00'}"
 
 
-_new_start = partial(tuple.__new__, SpanStart)  # a C call: no Python frame on the request path
-
-
 def parse_traceparent(value: str | None) -> tuple[int, int, bool] | None:
     """W3C traceparent -> (trace id, parent span id, sampled), or None when absent or invalid."""
     if not value or len(value) < 55:
@@ -110,19 +106,20 @@ class Tracer:
 
     end: Callable[[tuple[Any, ...]], None]
 
-    def begin(self, traceparent: str | None, tracestate: str | None) -> SpanStart:
-        """A server span's ids and sampling decision: continuing `traceparent` when it is valid."""
+    def begin(self, traceparent: str | None, tracestate: str | None) -> tuple[Any, ...]:
+        """A server span's ids and sampling decision, continuing `traceparent` when it is valid: a plain
+        tuple in `SpanStart`'s order (`SpanStart._make` names its fields; a NamedTuple costs a call more)."""
         parent = parse_traceparent(traceparent) if traceparent is not None else None
         if parent is not None:
             trace_id, parent_id, sampled = parent
-            return _new_start((trace_id, _getrandbits(64) or 1, parent_id, True, sampled, tracestate or "",
-                               f"{trace_id:032x}", _time_ns()))
+            return (trace_id, _getrandbits(64) or 1, parent_id, True, sampled, tracestate or "", f"{trace_id:032x}",
+                    _time_ns())
         ids = _getrandbits(192)  # one draw: the trace id (high 128 bits) and this span's id
         trace_id, span_id = ids >> 64, ids & _LOW64
         if not (trace_id and span_id):  # all zeros are invalid ids (a 2**-64 chance)
             trace_id, span_id = trace_id or 1, span_id or 1
-        return _new_start((trace_id, span_id, 0, False, (trace_id & _LOW64) < self.bound, "",
-                           trace_id.to_bytes(16, "big").hex(), _time_ns()))
+        return (trace_id, span_id, 0, False, (trace_id & _LOW64) < self.bound, "", trace_id.to_bytes(16, "big").hex(),
+                _time_ns())
 
 
 class BoundedSpanProcessor:
@@ -136,6 +133,7 @@ class BoundedSpanProcessor:
             (lambda records: [self.readable(r) for r in records])
         self.max_queue, self.batch, self.chunk, self.delay = max_queue, batch, min(chunk, batch), delay
         self.limit = max_queue
+        self.wake_at = self.chunk - 1
         self.queue: deque[tuple[Any, ...]] = deque()
         self.pending: list[Any] = []  # prepared spans (wire bytes for our exporter) waiting for a full batch
         self.since = 0.0  # monotonic time the oldest pending span was prepared
@@ -154,7 +152,7 @@ class BoundedSpanProcessor:
                 self.on_drop(1)
             return
         queue.append(record)
-        if queued == self.chunk - 1:  # the queue grows one at a time: this is each crossing, once
+        if queued == self.wake_at:  # the queue grows one at a time: this is each crossing, once
             self.wake.set()
 
     def _run(self) -> None:

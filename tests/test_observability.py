@@ -444,12 +444,15 @@ def test_sampling_is_parent_based_trace_id_ratio() -> None:
     exporter = InMemorySpanExporter()
     processor = BoundedSpanProcessor(exporter, None, on_drop=lambda n: None, on_fail=lambda n: None)  # type: ignore[arg-type]
     never, always = Tracer(0.0, processor), Tracer(1.0, processor)
-    assert not never.begin(None, None).sampled and always.begin(None, None).sampled
+    def begin(tracer: Tracer, traceparent: str | None, tracestate: str | None = None) -> SpanStart:
+        return SpanStart._make(tracer.begin(traceparent, tracestate))  # a plain tuple, named here
+
+    assert not begin(never, None).sampled and begin(always, None).sampled
     unsampled_parent = f"00-{TRACE_ID}-{PARENT_ID}-00"
-    span = always.begin(unsampled_parent, None)
+    span = begin(always, unsampled_parent)
     assert not span.sampled and f"{span.trace_id:032x}" == span.trace_hex == TRACE_ID
     assert span.traceparent(0xABC) == f"00-{TRACE_ID}-{0xABC:016x}-00"  # propagated, not recorded
-    sampled = never.begin(f"00-{TRACE_ID}-{PARENT_ID}-01", "vendor=1")
+    sampled = begin(never, f"00-{TRACE_ID}-{PARENT_ID}-01", "vendor=1")
     assert sampled.sampled and sampled.remote and f"{sampled.parent_id:016x}" == PARENT_ID
     never.end(SpanRecord("x", SpanKind.SERVER, None, sampled.trace_id, sampled.span_id, sampled.parent_id,
                          sampled.remote, sampled.trace_state, sampled.start, sampled.start + 1, {"a": 1}))
@@ -458,9 +461,9 @@ def test_sampling_is_parent_based_trace_id_ratio() -> None:
     assert exported.parent.is_remote and f"{exported.parent.span_id:016x}" == PARENT_ID
     assert exported.context.trace_state.get("vendor") == "1" and exported.attributes["a"] == 1
     half = Tracer(0.5, processor)
-    share = sum(half.begin(None, None).sampled for _ in range(4000)) / 4000
+    share = sum(begin(half, None).sampled for _ in range(4000)) / 4000
     assert 0.45 < share < 0.55
-    assert isinstance(span, SpanStart)
+    assert len(always.begin(None, None)) == len(SpanStart._fields)
 
 
 def test_several_workers_lose_no_counts(procs: Procs, mock_upstream: str) -> None:  # noqa: F811

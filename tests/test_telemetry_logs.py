@@ -50,7 +50,7 @@ def context(metadata: dict[str, Any] | None = None) -> RequestContext:
     ctx.deployment = _Deployment()  # type: ignore[assignment]
     ctx.usage.input_tokens, ctx.usage.output_tokens, ctx.usage.cached_tokens = 19, 8, 0
     ctx.upstream_ttfb, ctx.upstream_seconds = 0.0029, 0.00367
-    ctx.extra["trace_id"] = "4bf92f3577b34da6a3ce929d0e0e4736"
+    ctx.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     return ctx
 
 

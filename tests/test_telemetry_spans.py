@@ -27,7 +27,7 @@ from proxy.observability import GatewayObserver
 from proxy.otlp import SCOPE, fast_span_exporter
 from proxy.spanwire import SpanEncoder
 from proxy.telemetry_export import resource
-from proxy.tracing import BoundedSpanProcessor
+from proxy.tracing import BoundedSpanProcessor, SpanStart
 from tests.conftest import span_record
 
 CONFIG = """
@@ -62,7 +62,7 @@ def request(obs: GatewayObserver, *, status: int = 200, request_id: str = "gw-1"
     handle = obs.request_start(ctx, {})
     upstream_headers = [("traceparent", traceparent)] if traceparent else []
     attempt = obs.attempt_start(ctx, DEP, "http://x", upstream_headers)
-    assert [v for k, v in upstream_headers if k == "traceparent"] == [handle.traceparent(attempt[1])]
+    assert [v for k, v in upstream_headers if k == "traceparent"] == [SpanStart._make(handle).traceparent(attempt[1])]
     ctx.attempts, ctx.committed, ctx.status = 1, True, status
     ctx.tried.append(DEP.name)
     if tokens:
@@ -91,8 +91,8 @@ def test_spans_keep_their_names_and_share_their_shape() -> None:
         "gateway.deployment": "openai-good", "server.address": "127.0.0.1", "server.port": 9,
         "gen_ai.response.model": "gpt-4o-mini", "gateway.attempt": 1, "http.response.status_code": 200,
         "gen_ai.usage.input_tokens": 19, "gen_ai.usage.output_tokens": 8}
-    a, b = first.extra["otel.span"], second.extra["otel.span"]
-    assert a.trace_hex == first.extra["trace_id"] != second.extra["trace_id"] == b.trace_hex
+    a, b = SpanStart._make(first.trace), SpanStart._make(second.trace)
+    assert a.trace_hex == first.trace_id != second.trace_id == b.trace_hex
     (shape,) = obs.shapes.servers.values()  # both requests ended alike: one shared name and dict
     assert shape[0] == "POST openai chat" and shape[1]["http.response.status_code"] == 200
     (kind,) = obs.shapes.attempts.values()  # both attempts ended alike: one final shape, shared
@@ -106,7 +106,7 @@ def test_a_failed_attempt_and_a_continued_trace() -> None:
     obs.flush()
     (server,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
     (client,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
-    assert ctx.extra["trace_id"] == trace and f"{server.context.trace_id:032x}" == trace
+    assert ctx.trace_id == trace and f"{server.context.trace_id:032x}" == trace
     assert server.attributes["error.type"] == client.attributes["error.type"] == "upstream_error"
     assert server.status.status_code == client.status.status_code == StatusCode.ERROR
     assert "gen_ai.usage.input_tokens" not in client.attributes
