@@ -97,7 +97,7 @@ class RequestContext:
     # Set by the rate limiter: reserve one of these deployments for a further attempt (None = none).
     admit_deployment: "Callable[[list[Deployment]], Awaitable[Deployment | None]] | None" = None
     # Telemetry (`proxy.observability`): the trace position (a `proxy.tracing.SpanStart` tuple), its W3C
-    # trace id for the access log, and the metrics series of the last attempt (`proxy.metrics.Route`).
+    # trace id for the access log, and the metrics series of the last attempt (`proxy.metric_routes.Route`).
     trace: Any = None
     trace_id: str | None = None
     series: Any = None

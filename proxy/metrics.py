@@ -17,9 +17,9 @@ Contract:
 - Histogram values wait in a list until folded (`proxy.local_metrics`); the observer calls `fold()`
   every `FOLD_EVERY` requests, so that list stays short whether or not anything reads the metrics.
 - The request path resolves labels once per (provider, model label, operation): `route()` returns a
-  `Route` holding that combination's series, so a request costs one tuple lookup plus a few
-  increments, not one label lookup per metric (the set of routes is bounded by the labels);
-  `Route.finish()` records a request's status, duration and tokens in one call.
+  `proxy.metric_routes.Route` holding that combination's series, so a request costs one tuple
+  lookup plus a few increments, not one label lookup per metric (the set of routes is bounded by
+  the labels); `Route.finish()` records a request's status, duration and tokens in one call.
 - Several uvicorn workers: `prepare_multiprocess()` (called by `serve` before the workers start)
   points prometheus_client at a shared directory, and `/metrics` then aggregates every worker.
 """
@@ -30,14 +30,14 @@ import os
 import shutil
 import tempfile
 from typing import Any
-from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from config.models import Config, Deployment
+from config.models import Config
 from proxy.errors import CODES
 from proxy.local_metrics import LocalCollector, LocalMetric
+from proxy.metric_routes import Route, SharedRoute, Upstream
 
 DYNAMIC_MODELS = 50
 FOLD_EVERY = 1024  # requests between folds of the histograms' pending values (`proxy.local_metrics`)
@@ -48,8 +48,6 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 REDIS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 GENAI = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "server_address")
-PROVIDER_NAMES = {"openai": "openai", "azure_openai": "azure.ai.openai", "openai_compatible": "openai",
-                  "anthropic": "anthropic", "bedrock": "aws.bedrock", "ollama": "ollama"}
 ERROR_TYPES = frozenset(CODES) | {f"upstream_{k}" for k in ("transient", "quota", "credential", "caller")} | {
     "cancelled", "client_disconnected"}
 # Prometheus label -> OTel attribute, for OTLP push.
@@ -73,111 +71,6 @@ def prepare_multiprocess() -> None:
 
 def error_type(code: str | None) -> str:
     return "" if not code else code if code in ERROR_TYPES else "_OTHER"
-
-
-class Upstream:
-    """Per-deployment label values, computed once."""
-
-    __slots__ = ("name", "provider_name", "address", "port")
-
-    def __init__(self, dep: Deployment) -> None:
-        url = urlsplit(dep.base_url or "")
-        self.name = dep.name
-        self.provider_name = PROVIDER_NAMES.get(dep.type, dep.type)
-        self.address = url.hostname or (f"bedrock-runtime.{dep.region or 'us-east-1'}.amazonaws.com"
-                                        if dep.family == "bedrock" else "")
-        self.port = url.port or (80 if url.scheme == "http" else 443)
-
-
-class Route:
-    """The series one (provider, model label, operation) updates per request and per attempt.
-
-    Each series is made on first use (an unused one is never exported as a zero), then kept: by
-    status, by fixed name (`duration`, `ttft`, `disconnects`, token type `input`/`output`), by error type."""
-
-    __slots__ = ("metrics", "provider", "model", "genai", "series", "errors", "attempts")
-
-    def __init__(self, m: "GatewayMetrics", provider: str, up: Upstream | None, model: str, operation: str) -> None:
-        self.metrics, self.provider, self.model = m, provider, model
-        self.genai = m.genai(operation, up, model)
-        self.series: dict[int | str, Any] = {}
-        self.errors: dict[str, Any] = {}
-        self.attempts: dict[str, Any] = {}
-
-    def _make(self, table: dict[Any, Any], key: Any, metric: Any, *labels: str) -> Any:
-        found = table[key] = self.metrics.child(metric, *labels)
-        return found
-
-    def status(self, status: int) -> Any:
-        found = self.series.get(status)
-        return found if found is not None else \
-            self._make(self.series, status, self.metrics.requests, self.provider, self.model, str(status))
-
-    def duration(self) -> Any:
-        found = self.series.get("duration")
-        return found if found is not None else \
-            self._make(self.series, "duration", self.metrics.duration, self.provider, self.model)
-
-    def tokens(self, kind: str) -> tuple[Any, Any]:
-        """(`llm_tokens_used_total`, `gen_ai.client.token.usage`) for token type `input` or `output`."""
-        found = self.series.get(kind)
-        if found is None:
-            m = self.metrics
-            found = self.series[kind] = (m.child(m.tokens, self.provider, self.model, kind),
-                                         m.child(m.token_usage, *self.genai, kind))
-        return found
-
-    def finish(self, status: int, seconds: float, input_tokens: int | None, output_tokens: int | None) -> None:
-        """A request's count by status, its duration and its non-zero token counts: one call, not one a series.
-
-        Counters are this process's `LocalMetric` values, added to in place (no call a counter)."""
-        series = self.series
-        (series.get(status) or self.status(status)).value += 1
-        (series.get("duration") or self.duration()).observe(seconds)
-        if input_tokens:
-            counter, histogram = series.get("input") or self.tokens("input")
-            counter.value += input_tokens
-            histogram.observe(input_tokens)
-        if output_tokens:
-            counter, histogram = series.get("output") or self.tokens("output")
-            counter.value += output_tokens
-            histogram.observe(output_tokens)
-
-    def error(self, code: str) -> Any:
-        found = self.errors.get(code)
-        return found if found is not None else \
-            self._make(self.errors, code, self.metrics.errors, self.provider, self.model, code)
-
-    def attempt(self, code: str) -> Any:
-        """`gen_ai.client.operation.duration` for one `error_type` ("" = success)."""
-        found = self.attempts.get(code)
-        return found if found is not None else \
-            self._make(self.attempts, code, self.metrics.op_duration, *self.genai, code)
-
-    def ttft(self) -> Any:
-        found = self.series.get("ttft")
-        return found if found is not None else self._make(self.series, "ttft", self.metrics.ttft, *self.genai[:3])
-
-    def disconnects(self) -> Any:
-        found = self.series.get("disconnects")
-        return found if found is not None else \
-            self._make(self.series, "disconnects", self.metrics.disconnects, self.provider, self.model)
-
-
-class SharedRoute(Route):
-    """A `Route` over prometheus_client's multiprocess metrics (several workers): their `inc()`."""
-
-    __slots__ = ()
-
-    def finish(self, status: int, seconds: float, input_tokens: int | None, output_tokens: int | None) -> None:
-        series = self.series
-        (series.get(status) or self.status(status)).inc()
-        (series.get("duration") or self.duration()).observe(seconds)
-        for kind, count in (("input", input_tokens), ("output", output_tokens)):
-            if count:
-                counter, histogram = series.get(kind) or self.tokens(kind)
-                counter.inc(count)
-                histogram.observe(count)
 
 
 class GatewayMetrics:

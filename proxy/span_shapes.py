@@ -21,7 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 from config.models import Deployment
-from proxy.metrics import GatewayMetrics, Route, Upstream
+from proxy.metric_routes import Route, Upstream
+from proxy.metrics import GatewayMetrics
 
 SHAPES_LIMIT = 2048
 FINALS_LIMIT = 64  # per attempt shape: (status, attempt number, error type) combinations
