@@ -99,6 +99,19 @@ def test_spans_keep_their_names_and_share_their_shape() -> None:
     assert list(kind[3]) == [(200, 1, "")] and kind[3][(200, 1, "")]["gateway.attempt"] == 1
 
 
+def test_an_unsampled_request_propagates_its_trace_and_records_no_span() -> None:
+    """sample_rate 0: the upstream still gets a traceparent (flag 00, checked in `request`) and the log a
+    trace id, but no span is made or queued; metrics count the request as always."""
+    exporter = InMemorySpanExporter()
+    obs = GatewayObserver(parse_config(CONFIG.replace("sample_rate: 1.0", "sample_rate: 0.0"), "t.yaml", {}),
+                          span_exporter=exporter)
+    ctx = request(obs)
+    obs.flush()
+    assert ctx.trace is not None and not SpanStart._make(ctx.trace).sampled and len(ctx.trace_id or "") == 32
+    assert exporter.get_finished_spans() == () and not obs.exporters.processor.queue  # type: ignore[union-attr]
+    assert 'status="200"} 1.0' in obs.render_metrics().decode()  # type: ignore[union-attr]
+
+
 def test_a_failed_attempt_and_a_continued_trace() -> None:
     obs, exporter = observer()
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
