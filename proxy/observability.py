@@ -119,8 +119,8 @@ class GatewayObserver(Observer):
                 # a cut stream is an error after a 200
                 error = (code or str(status)) if status >= 500 or (code and status < 400) else None
                 trace_id, span_id, parent_id, remote, _, state, _, start = handle
-                self.tracer.end((name, _SERVER, static, trace_id, span_id, parent_id, remote,  # type: ignore[union-attr]
-                                 state, start, _time_ns(), own, ctx.extra.get("otel.events"), error))
+                self.tracer.end((name, _SERVER, static, trace_id, span_id, parent_id,  # type: ignore[union-attr]
+                                 remote, state, start, _time_ns(), own, ctx.extra.get("otel.events"), error))
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="request_end")
 
@@ -181,9 +181,9 @@ class GatewayObserver(Observer):
                         ttfc = ctx.extra.get("ttfc")
                         if ttfc is not None:
                             own["gen_ai.response.time_to_first_chunk"] = ttfc
-                    self.tracer.end((kind[0], _CLIENT, kind[3].get(final) or self.shapes.attempt_final(kind, final),  # type: ignore[union-attr]
-                                     begun[0], span_id, begun[1], False, begun[5], start, _time_ns(), own, None,
-                                     code or None))
+                    static = kind[3].get(final) or self.shapes.attempt_final(kind, final)
+                    self.tracer.end((kind[0], _CLIENT, static, begun[0], span_id, begun[1],  # type: ignore[union-attr]
+                                     False, begun[5], start, _time_ns(), own, None, code or None))
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="attempt_end")
 

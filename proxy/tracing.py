@@ -2,23 +2,23 @@
 
 Contract:
 - What the request path pays: `Tracer.begin(traceparent, tracestate)` when a request starts (a
-  `SpanStart`: ids from `random.getrandbits`, one draw for a new trace's id and its root span's
-  id, and the sampling decision), and, once a sampled span has ended, one tuple in `SpanRecord`'s
-  order handed to `Tracer.end`. A span is made once, complete, never updated: its attributes come
-  in two parts, `static`, a dict shared by many spans (the caller caches it per outcome shape and
-  never mutates it; the exporter encodes it once), and `attributes`, this span's own values. No
-  SDK span objects, locks or context objects are made per request (measured: they cost the
-  gateway ~10% of its throughput, half of it in garbage collection of spans that wait in the
-  export queue).
+  tuple in `SpanStart`'s order: ids from `random.getrandbits`, one draw for a new trace's id and
+  its root span's id, and the sampling decision), and, once a sampled span has ended, one tuple in
+  `SpanRecord`'s order handed to `Tracer.end`. A span is made once, complete, never updated: its
+  attributes come in two parts, `static`, a dict shared by many spans (the caller caches it per
+  outcome shape and never mutates it; the exporter encodes it once), and `attributes`, this span's
+  own values. No SDK span objects, locks or context objects are made per request (measured: they
+  cost the gateway ~10% of its throughput, half of it in garbage collection of spans that wait in
+  the export queue).
 - Sampling is ParentBased(TraceIdRatio(`sample_rate`)): a remote parent's sampled flag decides,
   otherwise the low 64 bits of the trace id against the ratio (the SDK's TraceIdRatioBased rule).
   An unsampled request still gets ids (for `traceparent` and logs) but no record.
 - `BoundedSpanProcessor.end(record)` queues a record (4096; a full queue drops the new one and counts
-  it, no log line per span; nothing is queued after shutdown). One daemon thread, woken every 128 spans, prepares them while they are
-  young: wire bytes from the gateway's own OTLP exporter (`encode_records` of
-  `proxy.otlp.fast_span_exporter`), or SDK `ReadableSpan`s for any other SDK `SpanExporter` (an
-  in-memory one in tests). It exports them in batches of 1024, or whatever waits once the oldest has
-  waited `delay` (1 s). A slow or dead collector blocks only that thread.
+  it, no log line per span; nothing is queued after shutdown). One daemon thread, woken every 128
+  spans, prepares them while they are young: wire bytes from the gateway's own OTLP exporter
+  (`encode_records` of `proxy.otlp.fast_span_exporter`), or SDK `ReadableSpan`s for any other SDK
+  `SpanExporter` (an in-memory one in tests). It exports them in batches of 1024, or whatever
+  waits once the oldest has waited `delay` (1 s). A slow or dead collector blocks only that thread.
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 SCOPE = InstrumentationScope("llm-gateway")
 _LOW64 = (1 << 64) - 1
-_SERVER = SpanKind.SERVER
 _getrandbits = random.getrandbits
 _time_ns = time.time_ns
 
