@@ -477,13 +477,20 @@ def test_several_workers_lose_no_counts(procs: Procs, mock_upstream: str) -> Non
                                  "127.0.0.1", "--port", str(port), "--workers", "2"], port)
     procs.wait_http(gw, "/healthz")
     sent = 40
+    tokens = {"input": 0, "output": 0}
     for _ in range(sent):
         with httpx.Client() as client:  # a new connection each time, so both workers take some
             r = client.post(gw.url + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {GATEWAY_KEY}"})
             assert r.status_code == 200
+            tokens["input"] += r.json()["usage"]["prompt_tokens"]
+            tokens["output"] += r.json()["usage"]["completion_tokens"]
+    assert tokens["input"] > 0 and tokens["output"] > 0
     for _ in range(3):  # whichever worker answers the scrape reports every worker's counts
         families = {f.name: f for f in text_string_to_metric_families(httpx.get(gw.url + "/metrics").text)}
         assert sample(families, "llm_gateway_llm_requests", "_total", status="200") == sent
+        assert sample(families, "llm_gateway_llm_request_duration_seconds", "_count") == sent
+        for kind, count in tokens.items():  # prometheus_client's own series (SharedRoute), summed over workers
+            assert sample(families, "llm_gateway_llm_tokens_used", "_total", token_type=kind) == count
         assert sample(families, "llm_gateway_provider_health_status", provider="openai-good") == 1
 
 

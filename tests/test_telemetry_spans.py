@@ -112,6 +112,28 @@ def test_an_unsampled_request_propagates_its_trace_and_records_no_span() -> None
     assert 'status="200"} 1.0' in obs.render_metrics().decode()  # type: ignore[union-attr]
 
 
+def test_a_request_counts_under_the_deployment_it_ends_on() -> None:
+    """request_end reuses the last attempt's metrics series only when the request ended on that
+    attempt's deployment (a failover may pick a next one that is never called)."""
+    cfg = parse_config(CONFIG.replace("providers:\n", "providers:\n  openai-next: {type: openai, base_url: "
+                                                     "\"http://127.0.0.1:8/v1\", api_key: sk-y, models: [gpt-4o-mini]}\n"),
+                       "t.yaml", {})
+    first, nxt = (next(d for d in cfg.providers if d.name == name) for name in ("openai-good", "openai-next"))
+    obs = GatewayObserver(cfg, span_exporter=InMemorySpanExporter())
+    ctx = RequestContext(request_id="gw-1", family="openai", adapter=None, method="POST",  # type: ignore[arg-type]
+                         path="/v1/chat/completions", query="", headers=[])
+    ctx.principal, ctx.model, ctx.operation, ctx.deployment = Principal("team-a"), "gpt-4o-mini", "chat", first
+    handle = obs.request_start(ctx, {})
+    attempt = obs.attempt_start(ctx, first, "http://x", [])
+    ctx.attempts, ctx.status = 1, 503
+    obs.attempt_end(ctx, first, attempt, 503, "upstream_error")
+    ctx.deployment = nxt  # chosen for a retry that never ran
+    obs.request_end(ctx, handle, 503, "upstream_error")
+    text = obs.render_metrics().decode()  # type: ignore[union-attr]
+    assert 'llm_gateway_llm_requests_total{model="gpt-4o-mini",provider="openai-next",status="503"} 1.0' in text
+    assert 'provider="openai-good",status="503"' not in text
+
+
 def test_a_failed_attempt_and_a_continued_trace() -> None:
     obs, exporter = observer()
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
