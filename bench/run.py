@@ -127,6 +127,20 @@ class Server:
                     ticks += int(fields[11]) + int(fields[12])
         return total_ns / 1e9 + ticks / os.sysconf("SC_CLK_TCK")
 
+    def thread_cpu(self) -> tuple[float, float]:
+        """(CPU seconds of this server process's first thread, of its other threads), from schedstat.
+
+        For a gateway: the event loop, and the threads beside it (span export, OTLP metric push)."""
+        main = other = 0
+        for stat in Path(f"/proc/{self.proc.pid}/task").glob("*/schedstat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ns = int(stat.read_text().split()[0])
+                if stat.parent.name == str(self.proc.pid):
+                    main += ns
+                else:
+                    other += ns
+        return main / 1e9, other / 1e9
+
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):

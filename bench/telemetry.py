@@ -14,7 +14,8 @@ wrk and the sink on CPU 1 (as bench/run.py). Each round runs every target once, 
 in reverse order), so drift hits all of them alike; the table shows medians, and each target's
 ratio to `off` is also given per round (runs seconds apart) with the median of those ratios. Target: on >= 90% of off's throughput. On a noisy
 machine the CPU time per request (`off CPU / CPU`: the throughput ratio a CPU-bound gateway would
-see) is the steadier figure.
+see) is the steadier figure. It is split into the event loop's share and the other threads' (the
+span export thread, the OTLP metric push), each read per thread from `/proc/<pid>/task`.
 
 `--together` loads all targets at the same time, each with its own wrk, all servers on CPU 0: the
 scheduler shares that CPU between them, so each serves in proportion to how little CPU a request
@@ -139,8 +140,13 @@ def main() -> int:
                 bench.run_wrk(server, script, args.concurrency, min(2.0, args.duration))  # warm-up
             rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
             for i in range(args.rounds):
+                before = {name: server.thread_cpu() for name, server in targets.items()}
                 for name, r in measure_round(targets, script, args, i).items():
                     r.pop("raw")
+                    after = targets[name].thread_cpu()
+                    per_req = 1e6 / r["requests"] if r["requests"] else float("nan")
+                    r["cpu_loop_us_per_req"] = (after[0] - before[name][0]) * per_req
+                    r["cpu_threads_us_per_req"] = (after[1] - before[name][1]) * per_req
                     rounds[name].append(r)
                     print(f"  round {i + 1} {name:10} {r['rps']:8.0f} req/s  p50 {bench.fmt(r['p50_ms'])} ms  "
                           f"p99 {bench.fmt(r['p99_ms'])} ms  CPU {bench.fmt(r['cpu_us_per_req'], 0)} us/req  "
@@ -157,13 +163,14 @@ def main() -> int:
             hole.close()
     median = {name: statistics.median(r["rps"] for r in rs) for name, rs in rounds.items()}
     cpu = {name: statistics.median(r["cpu_us_per_req"] for r in rs) for name, rs in rounds.items()}
-    lines = ["| target | median req/s | rounds req/s | p50 ms | p99 ms (worst) | CPU us/req | errors | req/s vs off "
-             "| off CPU / CPU |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| target | median req/s | rounds req/s | p50 ms | p99 ms (worst) | CPU us/req | of it: event loop / "
+             "other threads | errors | req/s vs off | off CPU / CPU |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, rs in rounds.items():
         each = ", ".join(str(round(r["rps"])) for r in rs)
         lines.append(f"| {name} | {median[name]:.0f} | {each} | "
                      f"{statistics.median(r['p50_ms'] for r in rs):.2f} | {max(r['p99_ms'] for r in rs):.2f} | "
-                     f"{cpu[name]:.0f} | {sum(r['errors'] for r in rs)} | "
+                     f"{cpu[name]:.0f} | {statistics.median(r['cpu_loop_us_per_req'] for r in rs):.0f} / "
+                     f"{statistics.median(r['cpu_threads_us_per_req'] for r in rs):.1f} | {sum(r['errors'] for r in rs)} | "
                      f"{median[name] / median['off']:.2f} | {cpu['off'] / cpu[name]:.2f} |")
     table = "\n".join(lines)
     per_round = {name: [r["rps"] / o["rps"] for r, o in zip(rs, rounds["off"]) if o["rps"]]
