@@ -164,13 +164,15 @@ def main() -> int:
     median = {name: statistics.median(r["rps"] for r in rs) for name, rs in rounds.items()}
     cpu = {name: statistics.median(r["cpu_us_per_req"] for r in rs) for name, rs in rounds.items()}
     lines = ["| target | median req/s | rounds req/s | p50 ms | p99 ms (worst) | CPU us/req | of it: event loop / "
-             "other threads | errors | req/s vs off | off CPU / CPU |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "other threads | errors | req/s vs off | off CPU / CPU |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, rs in rounds.items():
         each = ", ".join(str(round(r["rps"])) for r in rs)
+        loop = statistics.median(r["cpu_loop_us_per_req"] for r in rs)
+        threads = statistics.median(r["cpu_threads_us_per_req"] for r in rs)
         lines.append(f"| {name} | {median[name]:.0f} | {each} | "
                      f"{statistics.median(r['p50_ms'] for r in rs):.2f} | {max(r['p99_ms'] for r in rs):.2f} | "
-                     f"{cpu[name]:.0f} | {statistics.median(r['cpu_loop_us_per_req'] for r in rs):.0f} / "
-                     f"{statistics.median(r['cpu_threads_us_per_req'] for r in rs):.1f} | {sum(r['errors'] for r in rs)} | "
+                     f"{cpu[name]:.0f} | {loop:.0f} / {threads:.1f} | {sum(r['errors'] for r in rs)} | "
                      f"{median[name] / median['off']:.2f} | {cpu['off'] / cpu[name]:.2f} |")
     table = "\n".join(lines)
     per_round = {name: [r["rps"] / o["rps"] for r, o in zip(rs, rounds["off"]) if o["rps"]]

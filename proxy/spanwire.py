@@ -10,8 +10,8 @@ Contract:
   the rest of the gateway's telemetry together. Here a record's name, kind and shared `static`
   attributes are encoded once per `static` dict (checked against the record's name and kind),
   repeating attribute pairs (token counts, shared values) come from one cache by key, then value
-  (string and int values only), and one-off values (request id, overhead) get a ready head per key (and string
-  length) and only their own bytes. Every cache is bounded (`_CACHE_LIMIT` entries, cleared when
+  (string and int values only), and one-off values (request id, overhead) get a ready head per key
+  (and string length) and only their own bytes. Every cache is bounded (`_CACHE_LIMIT` entries, cleared when
   full); bools and ints never share a cache entry. A batch's request is assembled by one join (the
   spans are copied once).
 - One thread at a time per encoder (the span processor's export lock); no I/O.
