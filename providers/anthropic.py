@@ -5,7 +5,9 @@ Contract:
   upstream always gets the deployment key as `x-api-key`. `anthropic-version` and `anthropic-beta`
   pass through exactly as received.
 - Usage: input = input_tokens + cache_creation + cache_read (Anthropic's input excludes cache);
-  streamed usage comes from `message_start` and the last (cumulative) `message_delta`.
+  streamed usage comes from `message_start` and the last (cumulative) `message_delta`. The
+  answering model and `stop_reason` come from the message (streamed: `message_start`, and the
+  last `message_delta`'s `delta.stop_reason`).
 - Errors use `{"type":"error","error":{"type","message"},"request_id"}`; after the first byte an
   `event: error` frame.
 """
@@ -46,6 +48,14 @@ def read_usage(usage: object, into: RequestContext) -> None:
         u.output_tokens = usage["output_tokens"]
 
 
+def read_message(message: dict, into: RequestContext) -> None:
+    """A Messages API message (or a stream's `message_start` one): usage, model and stop reason."""
+    read_usage(message.get("usage"), into)
+    if message.get("model").__class__ is str:
+        into.usage.response_model = message["model"]
+    into.usage.finished(message.get("stop_reason"))
+
+
 class _Tap:
     __slots__ = ("ctx", "sse", "buf", "inflate")
 
@@ -68,9 +78,11 @@ class _Tap:
             if not isinstance(obj, dict):
                 continue
             if obj.get("type") == "message_start" and isinstance(obj.get("message"), dict):
-                read_usage(obj["message"].get("usage"), self.ctx)
+                read_message(obj["message"], self.ctx)
             elif obj.get("type") == "message_delta":
                 read_usage(obj.get("usage"), self.ctx)
+                if isinstance(obj.get("delta"), dict) and obj["delta"].get("stop_reason").__class__ is str:
+                    self.ctx.usage.finish_reasons = (obj["delta"]["stop_reason"],)  # the last one is the message's
 
     def finish(self) -> None:
         if not self.buf:
@@ -82,7 +94,7 @@ class _Tap:
         if isinstance(obj, dict):
             if "input_tokens" in obj and obj.get("type") != "message":  # count_tokens answer
                 return
-            read_usage(obj.get("usage"), self.ctx)
+            read_message(obj, self.ctx)
 
 
 _REQUESTS_HEADERS = (b"anthropic-ratelimit-requests-limit", b"anthropic-ratelimit-requests-remaining",

@@ -6,7 +6,9 @@ Contract:
 - Every attempt is re-signed with SigV4 (botocore) using the deployment's keys, or the standard AWS
   credential chain when the config gives none.
 - Event streams pass through byte for byte; the tap decodes a copy for usage (ConverseStream
-  `metadata`, invoke-stream `amazon-bedrock-invocationMetrics`, InvokeModel token-count headers).
+  `metadata`, invoke-stream `amazon-bedrock-invocationMetrics`, InvokeModel token-count headers)
+  and the stop reason (Converse `stopReason`, ConverseStream `messageStop`; a model-native body's
+  or stream event's `stop_reason`, with the model a native `message_start` names).
 - Errors: `{"message"}` + `x-amzn-ErrorType`; after the first byte an exception frame with valid CRCs.
 """
 from __future__ import annotations
@@ -88,8 +90,12 @@ class _StreamTap:
     def _event(self, kind: object, payload: bytes) -> None:
         if kind == "metadata":
             self._converse(orjson.loads(payload).get("usage"))
+        elif kind == "messageStop":
+            self.ctx.usage.finished(orjson.loads(payload).get("stopReason"))
         elif kind == "chunk" and len(payload) < 4 * 1024 * 1024:
             inner = base64.b64decode(orjson.loads(payload).get("bytes") or b"")
+            if b'"stop_reason":"' in inner or b'"stop_reason": "' in inner or b'"message_start"' in inner:
+                self._native(orjson.loads(inner))
             if b"amazon-bedrock-invocationMetrics" in inner:
                 metrics = orjson.loads(inner)["amazon-bedrock-invocationMetrics"]
                 u = self.ctx.usage
@@ -98,6 +104,19 @@ class _StreamTap:
                 u.input_tokens = (_count(metrics.get("inputTokenCount")) or 0) + cache
                 u.output_tokens = _count(metrics.get("outputTokenCount"))
                 u.cached_tokens = cache or None
+
+    def _native(self, obj: object) -> None:
+        """A model-native body or stream event: the model a `message_start` names, a stop reason."""
+        if not isinstance(obj, dict):
+            return
+        u = self.ctx.usage
+        message = obj.get("message") if obj.get("type") == "message_start" else obj
+        if isinstance(message, dict) and message.get("model").__class__ is str:
+            u.response_model = message["model"]
+        delta = obj.get("delta")
+        reason = delta.get("stop_reason") if isinstance(delta, dict) else obj.get("stop_reason")
+        if reason.__class__ is str:
+            u.finish_reasons = (reason,)  # a stream's last one is the answer's
 
     def _converse(self, usage: object) -> None:
         if isinstance(usage, dict):
@@ -127,8 +146,13 @@ class _JsonTap(_StreamTap):
             obj = orjson.loads(bytes(self.buf))
         except orjson.JSONDecodeError:
             return
-        if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-            self._converse(obj["usage"])
+        if not isinstance(obj, dict):
+            return
+        usage = obj.get("usage")
+        if isinstance(usage, dict) and ("inputTokens" in usage or "outputTokens" in usage):  # Converse's
+            self._converse(usage)
+        self.ctx.usage.finished(obj.get("stopReason"))
+        self._native(obj)  # InvokeModel: the model's own body (its usage came in the token-count headers)
 
 
 class BedrockAdapter(Adapter):
@@ -192,7 +216,6 @@ class BedrockAdapter(Adapter):
             ctx.usage.input_tokens = inp + cache
             ctx.usage.output_tokens = _header_int(headers, b"x-amzn-bedrock-output-token-count")
             ctx.usage.cached_tokens = cache or None
-            return None
         return _JsonTap(ctx) if b"json" in ctype else None
 
     def classify(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> str:

@@ -3,7 +3,8 @@
 Contract:
 - `/api/chat` and `/api/generate` stream NDJSON when `stream` is absent, as Ollama does.
 - Usage: the final `"done": true` object's `prompt_eval_count` (in) and `eval_count` (out); a count
-  that is absent means 0 (Ollama omits zeros).
+  that is absent means 0 (Ollama omits zeros); its `model` and `done_reason` are the answering model
+  and the finish reason.
 - The upstream gets `Authorization: Bearer` only when the deployment has an api_key.
 - Errors are `{"error": "..."}`; after the first byte a final `{"error": ...}` line.
 """
@@ -54,8 +55,12 @@ class _Tap:
         except orjson.JSONDecodeError:
             return
         if isinstance(obj, dict) and (obj.get("done") is True or "prompt_eval_count" in obj or "embeddings" in obj):
-            self.ctx.usage.input_tokens = _count(obj.get("prompt_eval_count"))
-            self.ctx.usage.output_tokens = _count(obj.get("eval_count"))
+            u = self.ctx.usage
+            u.input_tokens = _count(obj.get("prompt_eval_count"))
+            u.output_tokens = _count(obj.get("eval_count"))
+            if obj.get("model").__class__ is str:
+                u.response_model = obj["model"]
+            u.finished(obj.get("done_reason"))
 
     def finish(self) -> None:
         if self.buf:

@@ -5,7 +5,10 @@ Contract:
 - The one body rewrite the gateway makes: a streamed chat/completions call without
   `stream_options.include_usage` gets it injected so tokens can be metered, and the extra usage chunk
   (`choices: []`) is removed again before it reaches that client.
-- Usage comes from the JSON body, the SSE usage chunk, or Responses' `response.completed`.
+- Usage comes from the JSON body, the SSE usage chunk, or Responses' `response.completed`; so do
+  the answering model (`model`) and the finish reasons (each choice's `finish_reason`, streamed in
+  its last chunk; a Responses answer's `incomplete_details.reason`). Only SSE events that may hold
+  them are parsed.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ class _Tap:
 
     def __init__(self, ctx: RequestContext, sse: bool, encoding: str) -> None:
         self.ctx, self.inflate, self.limit = ctx, Decompressor(encoding), 8 * 1024 * 1024
-        self.sse = SSEReader(lambda raw: b'"usage"' in raw and b'"usage":null' not in raw) if sse else None
+        self.sse = SSEReader(_worth_reading) if sse else None
         self.buf = bytearray()
 
     def feed(self, chunk: bytes) -> None:
@@ -75,15 +78,29 @@ class _Tap:
                 self._read(obj)
 
     def _read(self, obj: dict) -> None:
+        u = self.ctx.usage
+        model = obj.get("model")
+        if model.__class__ is str:
+            u.response_model = model
+        choices = obj.get("choices")
+        if choices.__class__ is list:  # chat and completions: one reason per choice (in its last chunk)
+            u.finished(*(c.get("finish_reason") for c in choices if c.__class__ is dict))
+        elif obj.get("incomplete_details").__class__ is dict:  # a Responses API answer cut short says why
+            u.finished(obj["incomplete_details"].get("reason"))
         usage = obj.get("usage")
         if not isinstance(usage, dict):
             return
-        u = self.ctx.usage
         u.input_tokens = usage.get("prompt_tokens", usage.get("input_tokens"))
         u.output_tokens = usage.get("completion_tokens", usage.get("output_tokens", 0 if u.input_tokens is not None else None))
         details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
         if isinstance(details, dict) and details.get("cached_tokens") is not None:
             u.cached_tokens = details["cached_tokens"]
+
+
+def _worth_reading(raw: bytes) -> bool:
+    """An SSE event that may carry usage or a finish reason; the rest (most chunks) is not parsed."""
+    return (b'"usage"' in raw and b'"usage":null' not in raw) or b'"finish_reason":"' in raw \
+        or b'"finish_reason": "' in raw
 
 
 _EVENT_END = re.compile(rb"(\r\n\r\n|\n\n)")

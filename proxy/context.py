@@ -21,11 +21,23 @@ STATE_KEY = "gateway"
 
 @dataclass(slots=True)
 class Usage:
-    """Token counts read from a response without changing it. None = not reported."""
+    """What a response reported, read without changing it (the adapters' taps). None = not reported.
+
+    Token counts, and for the attempt span the model that answered (`gen_ai.response.model`: a
+    provider may name a dated version of the requested model) and why generation stopped
+    (`gen_ai.response.finish_reasons`, in the provider's own words, one per choice)."""
 
     input_tokens: int | None = None
     output_tokens: int | None = None
     cached_tokens: int | None = None  # cache reads (+ writes where the provider counts them apart)
+    response_model: str | None = None
+    finish_reasons: tuple[str, ...] | None = None
+
+    def finished(self, *reasons: object) -> None:
+        """Add the string ones of `reasons` (a stream may report choices one by one)."""
+        found = tuple(r for r in reasons if r.__class__ is str and r)
+        if found:
+            self.finish_reasons = (self.finish_reasons or ()) + found
 
     @property
     def known(self) -> bool:

@@ -167,10 +167,11 @@ class GatewayObserver(Observer):
             if span_id:
                 if begun[4] and kind is not None:  # sampled
                     # the forwarder counted this attempt in ctx.attempts after its start
-                    final = (status, ctx.attempts, code)
                     own: dict[str, Any] | None = None
                     if ctx.committed:
                         u = ctx.usage
+                        # the answering model and finish reasons repeat: shared, encoded once per combination
+                        final = (status, ctx.attempts, code, u.response_model, u.finish_reasons)
                         own = {}
                         if u.input_tokens is not None:
                             own["gen_ai.usage.input_tokens"] = u.input_tokens
@@ -181,6 +182,8 @@ class GatewayObserver(Observer):
                         ttfc = ctx.extra.get("ttfc")
                         if ttfc is not None:
                             own["gen_ai.response.time_to_first_chunk"] = ttfc
+                    else:
+                        final = (status, ctx.attempts, code, None, None)
                     static = kind[3].get(final) or self.shapes.attempt_final(kind, final)
                     self.tracer.end((kind[0], _CLIENT, static, begun[0], span_id, begun[1],  # type: ignore[union-attr]
                                      False, begun[5], start, _time_ns(), own, None, code or None))

@@ -10,8 +10,8 @@ Contract:
   type); `attempt(key, dep)` gives an attempt's span name (`{operation} {model}`, or the operation
   alone), shared GenAI and server attributes, metrics `Route` (None without metrics) and its final
   shapes, for key (deployment, operation, model): one lookup per attempt serves spans and metrics.
-  `attempt_final(kind, (status, attempt number, error type))` gives an ended attempt's shared
-  attributes: the shape's plus those three, made once per combination.
+  `attempt_final(kind, (status, attempt number, error type, response model, finish reasons))` gives
+  an ended attempt's shared attributes: the shape's plus those, made once per combination.
 - The request path looks in `servers` / `attempts` first and calls those only on a miss. Each
   cache holds at most `SHAPES_LIMIT` shapes and is cleared when full: many key ids or paths only
   make it miss more, never grow without bound.
@@ -25,7 +25,7 @@ from proxy.metric_routes import Route, Upstream
 from proxy.metrics import GatewayMetrics
 
 SHAPES_LIMIT = 2048
-FINALS_LIMIT = 64  # per attempt shape: (status, attempt number, error type) combinations
+FINALS_LIMIT = 64  # per attempt shape: (status, attempt number, error type, model, reasons) combinations
 
 
 class SpanShapes:
@@ -69,17 +69,23 @@ class SpanShapes:
         return found
 
     @staticmethod
-    def attempt_final(kind: tuple[Any, ...], final: tuple[int | None, int, str]) -> dict[str, Any]:
-        """An ended attempt's shared attributes: its shape's, then (attempt number, status, error type).
+    def attempt_final(kind: tuple[Any, ...], final: tuple[Any, ...]) -> dict[str, Any]:
+        """An ended attempt's shared attributes: its shape's, then those of `final`, (status, attempt number,
+        error type, the model the response named, its finish reasons); the response's model replaces
+        the requested one as `gen_ai.response.model`.
 
-        Kept in the shape (`kind[3]`, at most `FINALS_LIMIT`): statuses, attempt numbers and error types
-        repeat, so the exporter encodes each combination once instead of three attributes a span."""
-        status, attempt, code = final
+        Kept in the shape (`kind[3]`, at most `FINALS_LIMIT`): all five repeat, so the exporter encodes
+        each combination once instead of five attributes a span."""
+        status, attempt, code, model, reasons = final
         attrs = {**kind[1], "gateway.attempt": attempt}
         if status:
             attrs["http.response.status_code"] = status
         if code:
             attrs["error.type"] = code
+        if model:
+            attrs["gen_ai.response.model"] = model
+        if reasons:
+            attrs["gen_ai.response.finish_reasons"] = reasons
         finals = kind[3]
         if len(finals) >= FINALS_LIMIT:
             finals.clear()

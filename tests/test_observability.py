@@ -137,7 +137,8 @@ def test_success_spans_continue_the_caller_trace_and_propagate_upstream(rig: Rig
     assert client.name == "chat gpt-4o-mini"
     a = client.attributes
     assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "openai"
-    assert a["gen_ai.request.model"] == a["gen_ai.response.model"] == "gpt-4o-mini"
+    assert a["gen_ai.request.model"] == a["gen_ai.response.model"] == "gpt-4o-mini"  # as the mock answers
+    assert a["gen_ai.response.finish_reasons"] == ("stop",)
     assert a["gen_ai.usage.input_tokens"] > 0 and a["gen_ai.usage.output_tokens"] > 0
     assert a["server.address"] == "127.0.0.1" and a["server.port"] == int(mock_upstream.rsplit(":", 1)[1])
     assert a["gateway.deployment"] == "openai-good" and a["http.response.status_code"] == 200
@@ -161,6 +162,7 @@ def test_streamed_success_reports_time_to_first_chunk(rig: Rig) -> None:
     (client,) = by_kind(spans, SpanKind.CLIENT)
     assert client.attributes["gen_ai.response.time_to_first_chunk"] > 0
     assert client.attributes["gen_ai.usage.output_tokens"] > 0
+    assert client.attributes["gen_ai.response.finish_reasons"] == ("stop",)  # from the stream's last content chunk
     families = rig.scrape()
     assert sample(families, "gen_ai_server_time_to_first_token_seconds", "_count", gen_ai_request_model="gpt-4o-mini") >= 1
 

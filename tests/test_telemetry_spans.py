@@ -65,8 +65,9 @@ def request(obs: GatewayObserver, *, status: int = 200, request_id: str = "gw-1"
     assert [v for k, v in upstream_headers if k == "traceparent"] == [SpanStart._make(handle).traceparent(attempt[1])]
     ctx.attempts, ctx.committed, ctx.status = 1, True, status
     ctx.tried.append(DEP.name)
-    if tokens:
+    if tokens:  # what the tap read from the answer
         ctx.usage.input_tokens, ctx.usage.output_tokens = 19, 8
+        ctx.usage.response_model, ctx.usage.finish_reasons = "gpt-4o-mini-2024-07-18", ("stop",)
     obs.attempt_end(ctx, DEP, attempt, status, None if status < 400 else "upstream_error")
     obs.request_end(ctx, handle, status, "ok" if status < 400 else "upstream_error")
     return ctx
@@ -89,14 +90,15 @@ def test_spans_keep_their_names_and_share_their_shape() -> None:
     assert dict(clients[0].attributes) == {
         "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini", "gen_ai.provider.name": "openai",
         "gateway.deployment": "openai-good", "server.address": "127.0.0.1", "server.port": 9,
-        "gen_ai.response.model": "gpt-4o-mini", "gateway.attempt": 1, "http.response.status_code": 200,
-        "gen_ai.usage.input_tokens": 19, "gen_ai.usage.output_tokens": 8}
+        "gen_ai.response.model": "gpt-4o-mini-2024-07-18", "gateway.attempt": 1, "http.response.status_code": 200,
+        "gen_ai.response.finish_reasons": ("stop",), "gen_ai.usage.input_tokens": 19, "gen_ai.usage.output_tokens": 8}
     a, b = SpanStart._make(first.trace), SpanStart._make(second.trace)
     assert a.trace_hex == first.trace_id != second.trace_id == b.trace_hex
     (shape,) = obs.shapes.servers.values()  # both requests ended alike: one shared name and dict
     assert shape[0] == "POST openai chat" and shape[1]["http.response.status_code"] == 200
     (kind,) = obs.shapes.attempts.values()  # both attempts ended alike: one final shape, shared
-    assert list(kind[3]) == [(200, 1, "")] and kind[3][(200, 1, "")]["gateway.attempt"] == 1
+    final = (200, 1, "", "gpt-4o-mini-2024-07-18", ("stop",))
+    assert list(kind[3]) == [final] and kind[3][final]["gateway.attempt"] == 1
 
 
 def test_an_unsampled_request_propagates_its_trace_and_records_no_span() -> None:
@@ -170,7 +172,8 @@ def test_shapes_are_bounded(monkeypatch: Any) -> None:
 def test_encoder_writes_what_the_sdk_writes() -> None:
     res = resource()
     processor = BoundedSpanProcessor(InMemorySpanExporter(), res, on_drop=lambda n: None, on_fail=lambda n: None)
-    shared = {"http.request.method": "POST", "gen_ai.request.model": "modèle-ü", "server.port": 443}
+    shared = {"http.request.method": "POST", "gen_ai.request.model": "modèle-ü", "server.port": 443,
+              "gen_ai.response.finish_reasons": ("stop", "length")}
     long_text = "x" * 200
     records = []
     for value in (True, 1, False, 0, 7):  # one key: bools and ints must never share a cached encoding

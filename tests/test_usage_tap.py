@@ -241,39 +241,59 @@ class Case:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     want: tuple[int | None, int | None, int | None]  # input, output, cached
+    reply: tuple[str | None, tuple[str, ...] | None] = (None, None)  # answering model, finish reasons
 
 
 CASES = [
-    Case("openai-chat-json-cached", OpenAIAdapter, "/v1/chat/completions", [JSON], OPENAI_CHAT_JSON, (1117, 46, 1024)),
-    Case("openai-chat-sse-include-usage", OpenAIAdapter, "/v1/chat/completions", [SSE], OPENAI_SSE_USAGE, (19, 10, 0)),
+    Case("openai-chat-json-cached", OpenAIAdapter, "/v1/chat/completions", [JSON], OPENAI_CHAT_JSON, (1117, 46, 1024),
+         ("gpt-4o-2024-08-06", ("stop",))),
+    Case("openai-chat-sse-include-usage", OpenAIAdapter, "/v1/chat/completions", [SSE], OPENAI_SSE_USAGE, (19, 10, 0),
+         ("gpt-4o-mini", ("stop",))),
     Case("openai-chat-sse-no-usage", OpenAIAdapter, "/v1/chat/completions", [SSE], OPENAI_SSE_NO_USAGE,
-         (None, None, None)),
-    Case("openai-responses-sse-completed", OpenAIAdapter, "/v1/responses", [SSE], OPENAI_RESPONSES_SSE, (37, 11, 12)),
-    Case("openai-embeddings-json", OpenAIAdapter, "/v1/embeddings", [JSON], OPENAI_EMBEDDINGS_JSON, (8, 0, None)),
+         (None, None, None),
+         ("gpt-4o-mini", ("stop",))),
+    Case("openai-responses-sse-completed", OpenAIAdapter, "/v1/responses", [SSE], OPENAI_RESPONSES_SSE, (37, 11, 12),
+         ("gpt-4.1-2025-04-14", None)),
+    Case("openai-embeddings-json", OpenAIAdapter, "/v1/embeddings", [JSON], OPENAI_EMBEDDINGS_JSON, (8, 0, None),
+         ("text-embedding-3-small", None)),
     Case("openai-chat-json-gzip", OpenAIAdapter, "/v1/chat/completions",
          [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")], gzip.compress(OPENAI_CHAT_JSON),
-         (1117, 46, 1024)),
-    Case("anthropic-json-cache", AnthropicAdapter, "/v1/messages", [JSON], ANTHROPIC_JSON, (21 + 188 + 1800, 393, 1988)),
-    Case("anthropic-sse-cumulative", AnthropicAdapter, "/v1/messages", [SSE], ANTHROPIC_SSE, (472 + 2048, 120, 2048)),
-    Case("anthropic-sse-crlf", AnthropicAdapter, "/v1/messages", [SSE], ANTHROPIC_SSE_CRLF, (472 + 2048, 120, 2048)),
+         (1117, 46, 1024),
+         ("gpt-4o-2024-08-06", ("stop",))),
+    Case("anthropic-json-cache", AnthropicAdapter, "/v1/messages", [JSON], ANTHROPIC_JSON, (21 + 188 + 1800, 393, 1988),
+         ("claude-sonnet-4-5", ("end_turn",))),
+    Case("anthropic-sse-cumulative", AnthropicAdapter, "/v1/messages", [SSE], ANTHROPIC_SSE, (472 + 2048, 120, 2048),
+         ("claude-sonnet-4-5", ("end_turn",))),
+    Case("anthropic-sse-crlf", AnthropicAdapter, "/v1/messages", [SSE], ANTHROPIC_SSE_CRLF, (472 + 2048, 120, 2048),
+         ("claude-sonnet-4-5", ("end_turn",))),
     Case("bedrock-converse-json", BedrockAdapter, "/model/m/converse", [JSON], BEDROCK_CONVERSE_JSON,
-         (30 + 2000 + 1000, 12, 3000)),
+         (30 + 2000 + 1000, 12, 3000),
+         (None, ("end_turn",))),
     Case("bedrock-converse-stream-metadata", BedrockAdapter, "/model/m/converse-stream", [EVENTSTREAM],
-         BEDROCK_CONVERSE_STREAM, (125, 40, 100)),
+         BEDROCK_CONVERSE_STREAM, (125, 40, 100),
+         (None, ("end_turn",))),
     Case("bedrock-invoke-stream-metrics", BedrockAdapter, "/model/m/invoke-with-response-stream", [EVENTSTREAM],
-         BEDROCK_INVOKE_STREAM, (16, 42, None)),
+         BEDROCK_INVOKE_STREAM, (16, 42, None),
+         ("claude-3-sonnet-20240229", ("end_turn",))),
     Case("bedrock-invoke-stream-metrics-cache", BedrockAdapter, "/model/m/invoke-with-response-stream",
-         [EVENTSTREAM], BEDROCK_INVOKE_STREAM_CACHED, (16 + 900 + 64, 42, 964)),
+         [EVENTSTREAM], BEDROCK_INVOKE_STREAM_CACHED, (16 + 900 + 64, 42, 964),
+         ("claude-3-sonnet-20240229", ("end_turn",))),
     Case("bedrock-invoke-token-headers", BedrockAdapter, "/model/m/invoke", BEDROCK_INVOKE_HEADERS,
-         BEDROCK_INVOKE_BODY, (10 + 300 + 50, 20, 350)),
-    Case("ollama-ndjson-done", OllamaAdapter, "/api/chat", [NDJSON], OLLAMA_NDJSON, (26, 282, None)),
+         BEDROCK_INVOKE_BODY, (10 + 300 + 50, 20, 350),
+         ("claude-3-sonnet-20240229", ("end_turn",))),
+    Case("ollama-ndjson-done", OllamaAdapter, "/api/chat", [NDJSON], OLLAMA_NDJSON, (26, 282, None),
+         ("llama3.2", ("stop",))),
     Case("ollama-ndjson-done-without-prompt-eval-count", OllamaAdapter, "/api/chat", [NDJSON],
-         OLLAMA_NDJSON_CACHED_PROMPT, (0, 282, None)),
+         OLLAMA_NDJSON_CACHED_PROMPT, (0, 282, None),
+         ("llama3.2", ("stop",))),
     Case("ollama-generate-no-trailing-newline", OllamaAdapter, "/api/generate", [NDJSON],
-         OLLAMA_GENERATE_NO_TRAILING_NEWLINE, (5, 7, None)),
+         OLLAMA_GENERATE_NO_TRAILING_NEWLINE, (5, 7, None),
+         ("llama3.2", ("stop",))),
     Case("ollama-chat-json", OllamaAdapter, "/api/chat", [(b"content-type", b"application/json; charset=utf-8")],
-         OLLAMA_CHAT_JSON, (26, 282, None)),
-    Case("ollama-embed-json", OllamaAdapter, "/api/embed", [JSON], OLLAMA_EMBED_JSON, (8, 0, None)),
+         OLLAMA_CHAT_JSON, (26, 282, None),
+         ("llama3.2", ("stop",))),
+    Case("ollama-embed-json", OllamaAdapter, "/api/embed", [JSON], OLLAMA_EMBED_JSON, (8, 0, None),
+         ("all-minilm", None)),
 ]
 
 
@@ -294,6 +314,7 @@ def run_tap(case: Case, body: bytes, size: int) -> Usage:
 def test_tap_reads_usage(case: Case, size: int) -> None:
     usage = run_tap(case, case.body, size)
     assert (usage.input_tokens, usage.output_tokens, usage.cached_tokens) == case.want
+    assert (usage.response_model, usage.finish_reasons) == case.reply
 
 
 def test_fixtures_are_what_they_claim() -> None:
@@ -314,13 +335,39 @@ def test_fixtures_are_what_they_claim() -> None:
     assert not OLLAMA_GENERATE_NO_TRAILING_NEWLINE.endswith(b"\n")
 
 
-def test_bedrock_invoke_headers_need_no_body() -> None:
+def test_finish_reasons_of_several_choices_and_of_a_cut_short_response() -> None:
+    """Each choice's reason arrives in its own last chunk (in any order); a Responses answer that
+    stopped early names why."""
+    two = _openai_chunk({"content": "a"}) | {"choices": [
+        {"index": 0, "delta": {"content": "a"}, "logprobs": None, "finish_reason": None},
+        {"index": 1, "delta": {}, "logprobs": None, "finish_reason": "length"}]}
+    body = sse((None, two), (None, _openai_chunk({}, "stop")), (None, b"[DONE]"))
+    chat = Case("c", OpenAIAdapter, "/v1/chat/completions", [SSE], b"", (None, None, None))
+    for size in (1, 7, len(body)):
+        usage = run_tap(chat, body, size)
+        assert (usage.response_model, usage.finish_reasons) == ("gpt-4o-mini", ("length", "stop"))
+    cut = {"type": "response.incomplete", "response": {"id": "resp_1", "object": "response", "model": "gpt-4.1",
+                                                         "status": "incomplete",
+                                                         "incomplete_details": {"reason": "max_output_tokens"},
+                                                         "usage": {"input_tokens": 5, "output_tokens": 16}}}
+    usage = run_tap(Case("r", OpenAIAdapter, "/v1/responses", [SSE], b"", (None, None, None)),
+                    sse(("response.incomplete", cut)), 7)
+    assert (usage.input_tokens, usage.output_tokens) == (5, 16)
+    assert (usage.response_model, usage.finish_reasons) == ("gpt-4.1", ("max_output_tokens",))
+
+
+def test_bedrock_invoke_usage_comes_from_the_headers_and_the_stop_reason_from_the_body() -> None:
     case = CASES[[c.name for c in CASES].index("bedrock-invoke-token-headers")]
     adapter = BedrockAdapter()
     ctx = RequestContext(request_id="t", family="bedrock", adapter=adapter, method="POST",
                          path=case.path, query="", headers=[])
-    assert adapter.tap(ctx, case.headers) is None  # read at header time
+    tap = adapter.tap(ctx, case.headers)
+    assert (ctx.usage.input_tokens, ctx.usage.output_tokens, ctx.usage.cached_tokens) == (360, 20, 350)  # at once
+    assert tap is not None and ctx.usage.finish_reasons is None
+    tap.feed(case.body)
+    tap.finish()  # the body's own (Anthropic-shaped) usage never replaces the headers' counts
     assert (ctx.usage.input_tokens, ctx.usage.output_tokens, ctx.usage.cached_tokens) == (360, 20, 350)
+    assert (ctx.usage.response_model, ctx.usage.finish_reasons) == ("claude-3-sonnet-20240229", ("end_turn",))
 
 
 def test_bedrock_stream_usage_survives_an_unreadable_event() -> None:
