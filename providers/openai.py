@@ -84,7 +84,9 @@ class _Tap:
             u.response_model = model
         choices = obj.get("choices")
         if choices.__class__ is list:  # chat and completions: one reason per choice (in its last chunk)
-            u.finished(*(c.get("finish_reason") for c in choices if c.__class__ is dict))
+            for choice in choices:
+                if choice.__class__ is dict:
+                    u.finished(choice.get("finish_reason"))
         elif obj.get("incomplete_details").__class__ is dict:  # a Responses API answer cut short says why
             u.finished(obj["incomplete_details"].get("reason"))
         usage = obj.get("usage")

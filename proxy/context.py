@@ -33,11 +33,10 @@ class Usage:
     response_model: str | None = None
     finish_reasons: tuple[str, ...] | None = None
 
-    def finished(self, *reasons: object) -> None:
-        """Add the string ones of `reasons` (a stream may report choices one by one)."""
-        found = tuple(r for r in reasons if r.__class__ is str and r)
-        if found:
-            self.finish_reasons = (self.finish_reasons or ()) + found
+    def finished(self, reason: object) -> None:
+        """Add `reason` if it is a non-empty string (a stream may report its choices one by one)."""
+        if reason.__class__ is str and reason:
+            self.finish_reasons = (*self.finish_reasons, reason) if self.finish_reasons else (reason,)
 
     @property
     def known(self) -> bool:
