@@ -120,6 +120,7 @@ class StaticKey:
     rate_limit: RateLimit = field(default_factory=RateLimit)
     max_concurrent: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    log_bodies: bool = False  # this key's request and response bodies go into its access-log lines
 
 
 @dataclass(slots=True)

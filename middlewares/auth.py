@@ -48,7 +48,7 @@ def principal_of(key: StaticKey) -> Principal:
     return Principal(key_id=key.id, models=tuple(key.models), families=tuple(key.families),
                      rpm=key.rate_limit.requests_per_minute,
                      tpm=key.rate_limit.tokens_per_minute, max_concurrent=key.max_concurrent,
-                     metadata=dict(key.metadata))
+                     metadata=dict(key.metadata), log_bodies=key.log_bodies)
 
 
 class StaticKeys:

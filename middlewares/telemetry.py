@@ -5,7 +5,8 @@ records it; the forwarder reports a stream's first chunk itself). After the requ
 `request_end` to the observer and, with `monitoring.access_log`, logs one JSON line: request id,
 trace id, key id and key metadata, family, operation, model, deployment, status, attempts, tokens,
 upstream time, overhead and total duration, and the outcome (`ok`, a closed error code, or
-`client_disconnected`). Never bodies, never secrets. It sits outside auth so auth failures are
+`client_disconnected`). Never secrets; bodies only for a key with `log_bodies` (`request_body`,
+`response_body`: see `_bodies`). It sits outside auth so auth failures are
 seen too. Telemetry never changes what the client gets. The line goes through
 `proxy.logs.access_logger()` (one fused structlog processor; the key metadata is redacted once per
 principal, not per line).
@@ -16,11 +17,15 @@ import asyncio
 import time
 from typing import Any
 
+import orjson
+
 from config.models import Config
 from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError
 from proxy.logs import AccessLogger, access_logger, redacted
+from proxy.relay import BODY_LOG_LIMIT
 from proxy.runtime import Runtime
+from providers.base import Decompressor
 
 _METADATA_LIMIT = 16
 
@@ -103,4 +108,30 @@ def _log(log: AccessLogger, ctx: RequestContext, status: int, outcome: str) -> N
     }
     if principal is not None and principal.metadata:
         fields["key_metadata"] = redacted(principal.metadata, _METADATA_LIMIT)
+    if principal is not None and principal.log_bodies:
+        _bodies(ctx, fields)
     log.write("request", fields)
+
+
+def _bodies(ctx: RequestContext, fields: dict[str, Any]) -> None:
+    """A `log_bodies` key's request and response bodies: parsed when JSON (so the logger's redaction by
+    field name reaches into them), else text; each at most `BODY_LOG_LIMIT` bytes, flagged when cut."""
+    response = bytes(ctx.response_body) if ctx.response_body is not None else b""
+    whole = len(response) < BODY_LOG_LIMIT
+    if response and ctx.response_encoding:
+        inflated = Decompressor(ctx.response_encoding)(response)  # an unknown or broken encoding: as received
+        if inflated:
+            response, whole = inflated[:BODY_LOG_LIMIT], whole and len(inflated) < BODY_LOG_LIMIT
+    for name, body, whole in (("request_body", ctx.body, len(ctx.body) <= BODY_LOG_LIMIT),
+                              ("response_body", response, whole)):
+        if not body:
+            continue
+        if whole:
+            try:
+                fields[name] = orjson.loads(body)
+                continue
+            except orjson.JSONDecodeError:
+                pass
+        else:
+            fields[name + "_truncated"] = True
+        fields[name] = body[:BODY_LOG_LIMIT].decode("utf-8", "replace")

@@ -5,7 +5,7 @@ key is 401 (compared in constant time). Answers are JSON. Endpoints:
 - `GET /admin/limits`: every live limit override; `PUT /admin/limits/{scope}` with
   `{requests_per_minute, tokens_per_minute}`; `DELETE /admin/limits/{scope}`.
 - `GET /admin/keys` (managed keys, never a secret); `POST /admin/keys` with
-  `{name, models, families, rpm, tpm, max_concurrent, metadata}` answers like `keys create --json`
+  `{name, models, families, rpm, tpm, max_concurrent, metadata, log_bodies}` answers like `keys create --json`
   (`{id, key, aws_access_key_id, aws_secret_access_key}`, shown this once); `GET|DELETE /admin/keys/{id}`.
 - `GET /admin/health`: the shared deployment health (`health_report`); the local view with
   `"degraded": true` when Redis is unavailable.
@@ -123,7 +123,8 @@ class AdminApp:
             try:
                 spec = parse_spec(orjson.loads(body or b"null"))
             except (orjson.JSONDecodeError, ValueError) as exc:
-                return _bad(f"body must be {{name, models, families, rpm, tpm, max_concurrent, metadata}}: {exc}")
+                return _bad(f"body must be {{name, models, families, rpm, tpm, max_concurrent, metadata, log_bodies}}: "
+                            f"{exc}")
             try:
                 created = await keys.create(spec)
             except KeysDisabled as exc:

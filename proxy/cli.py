@@ -158,6 +158,8 @@ def add_keys_arguments(sub: Any, common: Any) -> None:
     c.add_argument("--max-concurrent", type=int, help="requests in flight at once")
     c.add_argument("--metadata", action="append", default=[], metavar="K=V",
                    help="attached to the access log (repeatable; a repeated name joins its values with ',')")
+    c.add_argument("--log-bodies", action="store_true",
+                   help="write this key's request and response bodies into its access-log lines")
     c.add_argument("--json", action="store_true")
     common(actions.add_parser("list", help="list keys (never their secrets)")).add_argument("--json", action="store_true")
     r = common(actions.add_parser("revoke", help="revoke a key (every replica refuses it within a second)"))
@@ -181,7 +183,8 @@ async def _keys(args: argparse.Namespace, cfg: Config) -> int:
                     raise ValueError(f"--metadata {item!r}: use NAME=VALUE")
                 metadata[name] = f"{metadata[name]},{value}" if name in metadata else value
             spec = parse_spec({"name": args.name, "models": args.models, "families": args.families, "rpm": args.rpm,
-                               "tpm": args.tpm, "max_concurrent": args.max_concurrent, "metadata": metadata})
+                               "tpm": args.tpm, "max_concurrent": args.max_concurrent, "metadata": metadata,
+                               "log_bodies": args.log_bodies})
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

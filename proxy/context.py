@@ -58,6 +58,7 @@ class Principal:
     tpm: int | None = None
     max_concurrent: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    log_bodies: bool = False  # its access-log lines carry the request and response bodies
 
     def allows(self, family: str, model: str | None) -> bool:
         if self.families and family not in self.families:
@@ -77,6 +78,9 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)
     principal: Principal | None = None
     body: bytes = b""
+    # a `log_bodies` key's response as relayed (bounded), and its content-encoding: for the access log
+    response_body: bytearray | None = None
+    response_encoding: str = ""
     json: Any = None
     model: str | None = None
     stream: bool = False

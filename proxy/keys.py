@@ -91,6 +91,7 @@ class KeySpec:
     tpm: int | None = None
     max_concurrent: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    log_bodies: bool = False
 
 
 def _count(name: str, value: Any) -> int | None:
@@ -112,10 +113,11 @@ def _names(name: str, value: Any, pattern: re.Pattern[str]) -> list[str]:
 
 
 def parse_spec(data: Any) -> KeySpec:
-    """Validate `{name, models, families, rpm, tpm, max_concurrent, metadata}` (ValueError on a bad field)."""
+    """Validate `{name, models, families, rpm, tpm, max_concurrent, metadata, log_bodies}` (ValueError on a bad
+    field)."""
     if not isinstance(data, dict):
         raise ValueError("the body must be a JSON object")
-    unknown = set(data) - {"name", "models", "families", "rpm", "tpm", "max_concurrent", "metadata"}
+    unknown = set(data) - {"name", "models", "families", "rpm", "tpm", "max_concurrent", "metadata", "log_bodies"}
     if unknown:
         raise ValueError(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
     name = data.get("name")
@@ -134,9 +136,12 @@ def parse_spec(data: Any) -> KeySpec:
         if not isinstance(k, str) or not _META_KEY.fullmatch(k) or not isinstance(v, str) or not _META_VALUE.fullmatch(v):
             raise ValueError("metadata keys are names, values printable text of at most 256 characters")
         meta[k] = v
+    if data.get("log_bodies") is not None and data["log_bodies"].__class__ is not bool:  # 1 == True
+        raise ValueError("log_bodies must be true or false")
     return KeySpec(name=name, models=_names("models", data.get("models"), _MODEL), families=families,
                    rpm=_count("rpm", data.get("rpm")), tpm=_count("tpm", data.get("tpm")),
-                   max_concurrent=_count("max_concurrent", data.get("max_concurrent")), metadata=meta)
+                   max_concurrent=_count("max_concurrent", data.get("max_concurrent")), metadata=meta,
+                   log_bodies=data.get("log_bodies") is True)
 
 
 def _int(raw: bytes | None) -> int | None:
@@ -150,13 +155,14 @@ def public_view(key_id: str, raw: dict[bytes, bytes]) -> dict[str, Any]:
             "models": orjson.loads(text.get("models") or "[]"), "families": orjson.loads(text.get("families") or "[]"),
             "rpm": _int(raw.get(b"rpm")), "tpm": _int(raw.get(b"tpm")),
             "max_concurrent": _int(raw.get(b"max_concurrent")),
-            "metadata": orjson.loads(text.get("metadata") or "{}"), "created": text.get("created", "")}
+            "metadata": orjson.loads(text.get("metadata") or "{}"), "log_bodies": raw.get(b"log_bodies") == b"1",
+            "created": text.get("created", "")}
 
 
 def principal_from(view: dict[str, Any]) -> Principal:
     return Principal(key_id=view["id"], models=tuple(view["models"]), families=tuple(view["families"]),
                      rpm=view["rpm"], tpm=view["tpm"], max_concurrent=view["max_concurrent"],
-                     metadata={"name": view["name"], **view["metadata"]})
+                     metadata={"name": view["name"], **view["metadata"]}, log_bodies=view["log_bodies"])
 
 
 class KeyStore:
@@ -184,6 +190,8 @@ class KeyStore:
             }
             mapping.update({k: v for k, v in (("rpm", spec.rpm), ("tpm", spec.tpm),
                                               ("max_concurrent", spec.max_concurrent)) if v is not None})
+            if spec.log_bodies:
+                mapping["log_bodies"] = "1"
 
             async def op(c: Any, k: str = record_key(key_id), m: dict[str, Any] = mapping) -> bool:
                 if not await c.hsetnx(k, "name", m["name"]):  # ids are random: a clash is vanishingly rare
@@ -303,6 +311,8 @@ class _Stale(Exception):
 
 def keys_table(rows: list[dict[str, Any]]) -> str:
     def cell(value: Any) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "-"
         if isinstance(value, list):
             return ",".join(value) or "*"
         if isinstance(value, dict):
@@ -310,7 +320,7 @@ def keys_table(rows: list[dict[str, Any]]) -> str:
         return "-" if value is None or value == "" else str(value)
 
     columns = ("id", "name", "aws_access_key_id", "models", "families", "rpm", "tpm", "max_concurrent",
-               "metadata", "created")
+               "metadata", "log_bodies", "created")
     cells = [[cell(r[c]) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]

@@ -46,8 +46,10 @@ class Redacted(dict):  # type: ignore[type-arg]
 
 
 def _scrub(value: Any, depth: int = 0) -> Any:
-    if depth > 8 or value.__class__ is Redacted:
+    if value.__class__ is Redacted:
         return value
+    if depth > 16:  # deeper than any log field or request body needs: cut, never written unredacted
+        return "…" if isinstance(value, (dict, list, tuple)) else value
     if isinstance(value, dict):
         return {k: "***" if _secret(k) else _scrub(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -10,7 +10,9 @@ Contract (`relay(ctx, response, send, observer)`, called by the forwarder per at
   until the adapter's verdict says healthy (an in-band error or a stall there is a retryable
   failure). Only the documented OpenAI usage-chunk filter changes bytes.
 - The adapter's usage tap sees every byte; a tap that raises is switched off, never the relay.
-  Counts that are not non-negative integers are dropped.
+  Counts that are not non-negative integers are dropped. For a key with `log_bodies`, the response
+  body's first `BODY_LOG_LIMIT` bytes (as the upstream sent them, with their content-encoding; an
+  error's as the client got it) are kept on the context for the access log.
 - A sized body relayed as is ends with its last chunk (`more_body: False`); the stream is still
   drained so the connection goes back to the pool. A stream's first chunk is reported once
   (`observer.first_chunk`). A failure after the head raises `upstream_stream_error`.
@@ -31,6 +33,7 @@ from providers.base import forward_response_headers
 _STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson", b"application/vnd.amazon.eventstream")
 ERROR_BODY_LIMIT = 1024 * 1024  # upstream error bodies are read whole (bounded) to classify them
 HOLD_LIMIT = 64 * 1024  # a stream that shows nothing conclusive in this much is committed anyway
+BODY_LOG_LIMIT = 64 * 1024  # of a `log_bodies` key's response, kept for its access-log line
 
 
 async def relay(ctx: RequestContext, response: httpx.Response, send: Any, observer: Observer) -> None:
@@ -63,6 +66,8 @@ async def relay(ctx: RequestContext, response: httpx.Response, send: Any, observ
     flt = adapter.stream_filter(ctx) if streaming else None
     inner = adapter.tap(ctx, raw_headers)
     tap = _SafeTap(inner) if inner is not None else None
+    if ctx.principal is not None and ctx.principal.log_bodies:  # the key asked for its bodies in the log
+        tap = _Capture(ctx, tap, next((v for k, v in raw_headers if k == b"content-encoding"), b""))
     # The transport's byte stream itself (`Response.stream`): `aiter_raw` would re-chunk and
     # re-wrap every chunk for nothing; our transports already raise httpx's exceptions.
     chunks = aiter(response.stream)  # type: ignore[arg-type]
@@ -138,6 +143,8 @@ async def _send_error(ctx: RequestContext, native: tuple[int, list[tuple[bytes, 
     await send({"type": "http.response.start", "status": status, "headers": headers})
     ctx.committed = True
     ctx.extra["relay_done"] = True
+    if ctx.principal is not None and ctx.principal.log_bodies:
+        ctx.response_body = bytearray(body[:BODY_LOG_LIMIT])
     await send({"type": "http.response.body", "body": body})
 
 async def _hold(ctx: RequestContext, chunks: Any, tap: Any, flt: Any) -> bytes:
@@ -190,6 +197,28 @@ class _SafeTap:
                 self.inner.finish()
             except Exception:  # noqa: BLE001
                 self.broken = True
+
+
+class _Capture:
+    """Keeps the response's first `BODY_LOG_LIMIT` bytes (for a `log_bodies` key), then feeds the usage tap."""
+
+    __slots__ = ("ctx", "inner")
+
+    def __init__(self, ctx: RequestContext, inner: Any, encoding: bytes) -> None:
+        self.ctx, self.inner = ctx, inner
+        ctx.response_body = bytearray()  # this attempt's: a failed one before it never reached the client
+        ctx.response_encoding = encoding.decode("latin-1").strip().lower()
+
+    def feed(self, chunk: bytes) -> None:
+        kept = self.ctx.response_body
+        if kept is not None and len(kept) < BODY_LOG_LIMIT:
+            kept += chunk[:BODY_LOG_LIMIT - len(kept)]
+        if self.inner is not None:
+            self.inner.feed(chunk)
+
+    def finish(self) -> None:
+        if self.inner is not None:
+            self.inner.finish()
 
 
 def _feed(tap: Any, chunk: bytes) -> None:

@@ -127,7 +127,7 @@ def test_key_format_and_derivation() -> None:
     {}, {"name": ""}, {"name": "x" * 65}, {"name": "a\nb"}, {"name": "ok", "rpm": -1}, {"name": "ok", "rpm": "5"},
     {"name": "ok", "rpm": True}, {"name": "ok", "families": ["azure"]}, {"name": "ok", "models": "a b"},
     {"name": "ok", "models": [1]}, {"name": "ok", "metadata": {"k": "v\r\n"}}, {"name": "ok", "metadata": []},
-    {"name": "ok", "api_key": "x"}, [], "name",
+    {"name": "ok", "api_key": "x"}, {"name": "ok", "log_bodies": "yes"}, {"name": "ok", "log_bodies": 1}, [], "name",
 ])
 def test_bad_key_specs_are_refused(bad: Any) -> None:
     with pytest.raises(ValueError):
@@ -313,8 +313,23 @@ def test_metadata_reaches_the_principal(setup: dict[str, Any], capsys: Any) -> N
     assert principal.key_id == k["id"] and principal.metadata == {"name": "meta", "team": "search", "tags": "a,b"}
     assert principal.models == ("gpt-4o",) and principal.families == ("openai", "ollama")
     assert principal.tpm == 1000 and principal.rpm is None and principal.max_concurrent == 3
+    assert principal.log_bodies is False
     assert sig_principal.key_id == k["id"] and secret == k["aws_secret_access_key"]
     assert wrong is None
+
+
+def test_log_bodies_is_kept_with_a_managed_key(setup: dict[str, Any], capsys: Any) -> None:
+    k = create(setup, capsys, "--name", "audited", "--log-bodies")
+
+    async def go() -> Any:
+        store = Store(parse_config(config_text("http://127.0.0.1:1", setup["redis"]), "t.yaml", {}))
+        try:
+            return await ManagedKeys(lambda: store, SECRET).by_key(k["key"])
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(go()).log_bodies is True
+    assert parse_spec({"name": "x", "log_bodies": True}).log_bodies and not parse_spec({"name": "x"}).log_bodies
 
 
 def test_managed_sigv4_through_boto3(setup: dict[str, Any], capsys: Any) -> None:

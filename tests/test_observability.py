@@ -35,6 +35,7 @@ from tests.procs import Procs, procs  # noqa: F401 - `procs` is a fixture
 from tests.servers import free_port, serve
 
 LIMITED_KEY = "gw-test-limited-0123456789"
+AUDITED_KEY = "gw-test-audited-0123456789"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
@@ -53,6 +54,9 @@ auth:
     - id: limited
       sha256: {hashlib.sha256(LIMITED_KEY.encode()).hexdigest()}
       rate_limit: {{requests_per_minute: 1}}
+    - id: audited
+      sha256: {hashlib.sha256(AUDITED_KEY.encode()).hexdigest()}
+      log_bodies: true
 providers:
   openai-bad: {{type: openai, base_url: "{bad}/v1", api_key: sk-bad, models: [gpt-4o]}}
   openai-good: {{type: openai, base_url: "{good}/v1", api_key: sk-good, models: [gpt-4o-mini, gpt-4o]}}
@@ -321,6 +325,36 @@ def test_access_log_lines_are_json_with_the_required_fields(procs: Procs, mock_u
     assert refused["status"] == 401 and refused["outcome"] == "caller_invalid_credentials" and refused["key_id"] is None
     text = gw.log_path.read_text()
     assert "hello there" not in text and "sk-good" not in text and GATEWAY_KEY not in text
+
+
+def test_a_log_bodies_key_gets_its_bodies_in_its_lines_and_no_other_key_does(procs: Procs,  # noqa: F811
+                                                                            mock_upstream: str) -> None:
+    (gw,) = procs.gateways(config_text(mock_upstream, mock_upstream), 1)
+    asked = {**CHAT, "metadata": {"password": "hunter2-canary"}}  # a secret-named field inside a body
+    audited = httpx.post(gw.url + "/v1/chat/completions", json=asked, timeout=30,
+                         headers={"authorization": f"Bearer {AUDITED_KEY}"})
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=30,
+                      headers={"authorization": f"Bearer {AUDITED_KEY}"}) as streamed:
+        streamed.read()
+    other = httpx.post(gw.url + "/v1/chat/completions", json=asked, timeout=30,
+                       headers={"authorization": f"Bearer {GATEWAY_KEY}"})
+    assert audited.status_code == streamed.status_code == other.status_code == 200
+    ids = [r.headers["x-gateway-request-id"] for r in (audited, streamed, other)]
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in gw.log_path.read_text().splitlines() if line.startswith("{")]
+        access = {line["request_id"]: line for line in lines if line.get("event") == "request"}
+        if all(i in access for i in ids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    line, stream_line, other_line = (access[i] for i in ids)
+    assert line["key_id"] == "audited" and line["request_body"]["messages"] == CHAT["messages"]
+    assert line["request_body"]["metadata"] == {"password": "***"}
+    answer = audited.json()["choices"][0]["message"]["content"]
+    assert line["response_body"]["choices"][0]["message"]["content"] == answer
+    assert stream_line["request_body"]["stream"] is True and "data: " in stream_line["response_body"]
+    assert "request_body" not in other_line and "response_body" not in other_line
+    assert "hunter2-canary" not in gw.log_path.read_text()
 
 
 # ------------------------------------------------------------------------------------------ collector down

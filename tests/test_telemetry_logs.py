@@ -79,6 +79,39 @@ def test_a_line_without_a_principal_or_attempt() -> None:
     assert line["ttfb_ms"] is None and line["status"] == 401 and line["outcome"] == "caller_invalid_credentials"
 
 
+def test_bodies_only_for_a_key_that_asks_and_secrets_masked_inside_them() -> None:
+    log, out = logger()
+    ctx = context()
+    ctx.body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"metadata":{"password":"pw1"}}'
+    ctx.response_body = bytearray(b'{"choices":[{"message":{"content":"hello"}}],"api_key":"sk-x"}')
+    _log(log, ctx, 200, "ok")
+    assert "request_body" not in lines(out)[0] and b"pw1" not in out.getvalue()  # not asked: never
+    ctx.principal.log_bodies = True  # type: ignore[union-attr]
+    _log(log, ctx, 200, "ok")
+    line = lines(out)[1]
+    assert line["request_body"]["messages"] == [{"role": "user", "content": "hi"}]
+    assert line["request_body"]["metadata"] == {"password": "***"}
+    assert line["response_body"] == {"choices": [{"message": {"content": "hello"}}], "api_key": "***"}
+    assert b"pw1" not in out.getvalue() and b"sk-x" not in out.getvalue()
+
+
+def test_bodies_are_inflated_cut_and_kept_as_text_when_not_json() -> None:
+    import gzip
+
+    from proxy.relay import BODY_LOG_LIMIT
+
+    log, out = logger()
+    ctx = context()
+    ctx.principal.log_bodies = True  # type: ignore[union-attr]
+    ctx.body = b'{"a": "' + b"x" * BODY_LOG_LIMIT + b'"}'
+    ctx.response_body, ctx.response_encoding = bytearray(gzip.compress('data: {"delta":"café"}\n\n'.encode())), "gzip"
+    _log(log, ctx, 200, "ok")
+    line = lines(out)[0]
+    assert line["request_body_truncated"] is True and len(line["request_body"]) == BODY_LOG_LIMIT
+    assert line["request_body"].startswith('{"a": "xxx') and "response_body_truncated" not in line
+    assert line["response_body"] == 'data: {"delta":"café"}\n\n'  # an SSE stream: text, inflated
+
+
 def test_timestamp_is_the_wall_clock_in_utc() -> None:
     log, out = logger()
     before = datetime.datetime.now(datetime.timezone.utc)
