@@ -109,7 +109,10 @@ def _log(log: AccessLogger, ctx: RequestContext, status: int, outcome: str) -> N
     if principal is not None and principal.metadata:
         fields["key_metadata"] = redacted(principal.metadata, _METADATA_LIMIT)
     if principal is not None and principal.log_bodies:
-        _bodies(ctx, fields)
+        try:
+            _bodies(ctx, fields)
+        except Exception:  # noqa: BLE001 - a body that cannot be shown never costs the line itself
+            fields["request_body"] = fields["response_body"] = "<unreadable>"
     log.write("request", fields)
 
 

@@ -95,6 +95,34 @@ def test_bodies_only_for_a_key_that_asks_and_secrets_masked_inside_them() -> Non
     assert b"pw1" not in out.getvalue() and b"sk-x" not in out.getvalue()
 
 
+def test_a_secret_nested_too_deep_is_cut_never_written() -> None:
+    log, out = logger()
+    ctx = context()
+    ctx.principal.log_bodies = True  # type: ignore[union-attr]
+    deep: Any = {"password": "deep-canary"}
+    for _ in range(20):
+        deep = {"level": deep}
+    ctx.body = json.dumps(deep).encode()
+    _log(log, ctx, 200, "ok")
+    assert b"deep-canary" not in out.getvalue() and lines(out)[0]["request_body"]["level"]["level"]
+
+
+def test_a_body_that_cannot_be_shown_never_costs_the_line(monkeypatch: Any) -> None:
+    import middlewares.telemetry as telemetry
+
+    def broken(encoding: str) -> Any:
+        raise RuntimeError("inflater gone")
+
+    monkeypatch.setattr(telemetry, "Decompressor", broken)
+    log, out = logger()
+    ctx = context()
+    ctx.principal.log_bodies = True  # type: ignore[union-attr]
+    ctx.body, ctx.response_body, ctx.response_encoding = b"{}", bytearray(b"x"), "gzip"
+    _log(log, ctx, 200, "ok")
+    (line,) = lines(out)
+    assert line["request_body"] == line["response_body"] == "<unreadable>" and line["outcome"] == "ok"
+
+
 def test_bodies_are_inflated_cut_and_kept_as_text_when_not_json() -> None:
     import gzip
 
