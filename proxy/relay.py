@@ -145,6 +145,7 @@ async def _send_error(ctx: RequestContext, native: tuple[int, list[tuple[bytes, 
     ctx.extra["relay_done"] = True
     if ctx.principal is not None and ctx.principal.log_bodies:
         ctx.response_body = bytearray(body[:BODY_LOG_LIMIT])
+        ctx.response_encoding = next((v for k, v in headers if k == b"content-encoding"), b"").decode("latin-1")
     await send({"type": "http.response.body", "body": body})
 
 async def _hold(ctx: RequestContext, chunks: Any, tap: Any, flt: Any) -> bytes:

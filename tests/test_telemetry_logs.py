@@ -107,6 +107,28 @@ def test_a_secret_nested_too_deep_is_cut_never_written() -> None:
     assert b"deep-canary" not in out.getvalue() and lines(out)[0]["request_body"]["level"]["level"]
 
 
+def test_an_upstream_error_is_logged_as_the_client_got_it() -> None:
+    import asyncio
+    import gzip
+
+    from proxy.relay import _send_error
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    ctx = context()
+    ctx.principal.log_bodies = True  # type: ignore[union-attr]
+    error = b'{"error":{"message":"overloaded","type":"server_error"}}'
+    native = (502, [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")], gzip.compress(error))
+    asyncio.run(_send_error(ctx, native, "transient", send))
+    assert sent[-1]["body"] == native[2]  # the client got the upstream's bytes, untouched
+    log, out = logger()
+    _log(log, ctx, 502, "upstream_error")
+    assert lines(out)[0]["response_body"] == {"error": {"message": "overloaded", "type": "server_error"}}
+
+
 def test_a_body_that_cannot_be_shown_never_costs_the_line(monkeypatch: Any) -> None:
     import middlewares.telemetry as telemetry
 
