@@ -171,6 +171,22 @@ def test_streamed_success_reports_time_to_first_chunk(rig: Rig) -> None:
     assert sample(families, "gen_ai_server_time_to_first_token_seconds", "_count", gen_ai_request_model="gpt-4o-mini") >= 1
 
 
+def test_anthropic_sdk_stream_reports_the_answering_model_and_stop_reason(rig: Rig) -> None:
+    """Through the official SDK: the stop reason comes from the stream's last `message_delta`."""
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=rig.base, api_key=GATEWAY_KEY, max_retries=0)
+    with client.messages.stream(model="claude-sonnet-4-5", max_tokens=64,
+                                messages=[{"role": "user", "content": "hello there"}]) as stream:
+        message = stream.get_final_message()
+        request_id = stream.response.headers["x-gateway-request-id"]
+    assert message.stop_reason == "end_turn"
+    (client_span,) = by_kind(rig.spans(request_id, 2), SpanKind.CLIENT)
+    assert client_span.attributes["gen_ai.response.model"] == message.model
+    assert client_span.attributes["gen_ai.response.finish_reasons"] == (message.stop_reason,)
+    assert client_span.attributes["gen_ai.provider.name"] == "anthropic"
+
+
 def test_failover_shows_two_attempts_and_the_decision(rig: Rig) -> None:
     before = rig.scrape()
     r = rig.post("/v1/chat/completions", {**CHAT, "model": "gpt-4o"})  # openai-bad first, then openai-good
@@ -329,16 +345,17 @@ def test_access_log_lines_are_json_with_the_required_fields(procs: Procs, mock_u
 
 def test_a_log_bodies_key_gets_its_bodies_in_its_lines_and_no_other_key_does(procs: Procs,  # noqa: F811
                                                                             mock_upstream: str) -> None:
+    import openai
+
     (gw,) = procs.gateways(config_text(mock_upstream, mock_upstream), 1)
-    asked = {**CHAT, "metadata": {"password": "hunter2-canary"}}  # a secret-named field inside a body
-    audited = httpx.post(gw.url + "/v1/chat/completions", json=asked, timeout=30,
-                         headers={"authorization": f"Bearer {AUDITED_KEY}"})
-    with httpx.stream("POST", gw.url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=30,
-                      headers={"authorization": f"Bearer {AUDITED_KEY}"}) as streamed:
-        streamed.read()
-    other = httpx.post(gw.url + "/v1/chat/completions", json=asked, timeout=30,
-                       headers={"authorization": f"Bearer {GATEWAY_KEY}"})
-    assert audited.status_code == streamed.status_code == other.status_code == 200
+    audit = openai.OpenAI(base_url=gw.url + "/v1", api_key=AUDITED_KEY, max_retries=0)
+    plain = openai.OpenAI(base_url=gw.url + "/v1", api_key=GATEWAY_KEY, max_retries=0)
+    secret = {"metadata": {"password": "hunter2-canary"}}  # a secret-named field inside a body
+    audited = audit.chat.completions.with_raw_response.create(**CHAT, extra_body=secret)
+    streamed = audit.chat.completions.with_raw_response.create(**CHAT, stream=True)
+    chunks = list(streamed.parse())
+    other = plain.chat.completions.with_raw_response.create(**CHAT, extra_body=secret)
+    assert chunks and audited.status_code == streamed.status_code == other.status_code == 200
     ids = [r.headers["x-gateway-request-id"] for r in (audited, streamed, other)]
     deadline = time.monotonic() + 10
     while True:
@@ -350,7 +367,7 @@ def test_a_log_bodies_key_gets_its_bodies_in_its_lines_and_no_other_key_does(pro
     line, stream_line, other_line = (access[i] for i in ids)
     assert line["key_id"] == "audited" and line["request_body"]["messages"] == CHAT["messages"]
     assert line["request_body"]["metadata"] == {"password": "***"}
-    answer = audited.json()["choices"][0]["message"]["content"]
+    answer = audited.parse().choices[0].message.content
     assert line["response_body"]["choices"][0]["message"]["content"] == answer
     assert stream_line["request_body"]["stream"] is True and "data: " in stream_line["response_body"]
     assert "request_body" not in other_line and "response_body" not in other_line
