@@ -459,8 +459,8 @@ def test_span_queue_is_bounded_and_drops_are_counted() -> None:
 
 
 def test_span_records_are_prepared_young_and_sent_in_batches_or_when_due() -> None:
-    """Records are prepared every `chunk` spans (none waits in the queue for a whole batch, so none
-    lives long enough to burden the garbage collector), batches go out full, and a partial batch
+    """Records are prepared every `chunk` spans, as the chunk's last span ends (none waits in the queue
+    for a whole batch, so none lives long enough to burden the garbage collector), batches go out full, and a partial batch
     goes out once its oldest span has waited `delay`, with no flush."""
     prepared: list[int] = []
     sent: list[list[Any]] = []
@@ -482,15 +482,61 @@ def test_span_records_are_prepared_young_and_sent_in_batches_or_when_due() -> No
     try:
         for i in range(40):
             processor.end(span_record(f"s{i}"))
+        # prepared where they ended, a chunk at a time: none waits in the queue for a whole batch
+        assert prepared == [8] * 5 and not processor.queue
         deadline = time.monotonic() + 5
-        while sum(prepared) < 40 and time.monotonic() < deadline:
+        while not sent and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert sum(prepared) == 40 and max(prepared) <= 8  # prepared in chunks, not held for a batch
+        time.sleep(0.05)
         assert [len(b) for b in sent] == [32] and sent[0][0] == b"s0"  # one full batch, in order
         while len(sent) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert [len(b) for b in sent] == [32, 8] and sent[1][-1] == b"s39"  # the rest, once due
-        assert not processor.queue and not processor.pending
+        assert not processor.queue and not processor.ready and not processor.pending
+    finally:
+        processor.shutdown()
+
+
+def test_span_preparation_never_waits_for_the_export_thread_nor_raises() -> None:
+    """While the export thread holds the preparation lock (it prepares a quiet spell's leftovers),
+    a span ending on the request path returns at once and its chunk is prepared by a later span; an
+    encoder that raises costs its chunk (counted as failed), never the caller."""
+    prepared: list[list[str]] = []
+    failed: list[int] = []
+    sent: list[list[Any]] = []
+    boom = {"on": False}
+
+    class Recording:
+        def encode_records(self, records: list[SpanRecord]) -> list[str]:
+            if boom["on"]:
+                raise ValueError("encoder bug")
+            prepared.append([r.name for r in records])
+            return [r.name for r in records]
+
+        def export(self, spans: list[Any]) -> SpanExportResult:
+            sent.append(spans)
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+    processor = BoundedSpanProcessor(Recording(), None, on_drop=lambda n: None, on_fail=failed.append,  # type: ignore[arg-type]
+                                     max_queue=64, batch=16, chunk=4, delay=30)
+    try:
+        assert processor.preparing.acquire(timeout=1)  # as the export thread does for leftovers
+        started = time.monotonic()
+        for i in range(6):
+            processor.end(span_record(f"s{i}"))
+        assert time.monotonic() - started < 0.5 and prepared == [] and len(processor.queue) == 6
+        processor.preparing.release()
+        processor.end(span_record("s6"))  # the next span prepares what waits, one chunk
+        assert prepared == [["s0", "s1", "s2", "s3"]] and len(processor.queue) == 3
+        boom["on"] = True
+        processor.end(span_record("s7"))  # the chunk s4..s7: the encoder raises, the caller does not see it
+        assert failed == [4] and not processor.queue
+        boom["on"] = False
+        processor.flush()
+        assert sent == [["s0", "s1", "s2", "s3"]]
     finally:
         processor.shutdown()
 
