@@ -166,7 +166,7 @@ def _lean(exporter: Any, cls: Any, url: str) -> Any:
 def fast_span_exporter(otel: OtelSettings, resource: Resource) -> SpanExporter:
     """The SDK's OTLP exporter (transport, retries, env settings), fed by `SpanEncoder`.
 
-    `encode_records(records)` encodes span records (in the exporting thread) and `export` takes what
+    `encode_records(records)` encodes span records (where the processor prepares them) and `export` takes what
     it returns. On an SDK whose internals differ, the SDK's own exporter (and encoder) is returned
     instead."""
     base = type(span_exporter(otel))
