@@ -182,7 +182,7 @@ class BoundedSpanProcessor:
                 return
             ready = self.ready
             ready.append(prepared)
-            if len(ready) == self.wake_chunks:  # a batch is ready: each crossing wakes the thread once
+            if len(ready) >= self.wake_chunks and not self.wake.is_set():  # a batch is ready
                 self.wake.set()
         finally:
             self.preparing.release()
