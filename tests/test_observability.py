@@ -674,6 +674,48 @@ def test_fast_span_encoding_matches_the_sdk_encoder() -> None:
     processor.shutdown()
 
 
+def test_otlp_grpc_export_survives_a_collector_that_starts_late(mock_upstream: str) -> None:
+    """The SDK reconnects on UNAVAILABLE and makes a new client from the exporter's stub: the bytes
+    stub must survive that, and the batch is delivered once the collector is up."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received: list[Any] = []
+
+    class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request: Any, context: Any) -> Any:  # noqa: N802
+            received.append(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = parse_config(config_text(mock_upstream, mock_upstream, f"  otel: {{endpoint: '127.0.0.1:{port}', protocol: grpc}}"),
+                       "t.yaml", {})
+    app = build_app(cfg)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), server)
+    try:
+        with serve(app) as base:
+            r = httpx.post(base + "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {GATEWAY_KEY}"})
+            assert r.status_code == 200
+            flushing = threading.Thread(target=app.runtime.observer.flush)  # first try: UNAVAILABLE, then retries
+            flushing.start()
+            time.sleep(0.3)
+            assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+            server.start()
+            flushing.join(15)
+            assert not flushing.is_alive()
+            assert type(app.runtime.observer.exporters.processor.exporter._client).__name__ == "_BytesTraceStub"
+        names = {span.name for request in received for rs in request.resource_spans for ss in rs.scope_spans
+                 for span in ss.spans}
+        assert {"chat gpt-4o-mini", "POST openai chat"} <= names
+    finally:
+        server.stop(0)
+
+
 def test_otlp_grpc_export_reaches_a_collector(mock_upstream: str) -> None:
     """The gRPC path: the SDK's gRPC exporter fed by the fast encoder, to a real gRPC TraceService."""
     from concurrent import futures
@@ -703,8 +745,14 @@ def test_otlp_grpc_export_reaches_a_collector(mock_upstream: str) -> None:
             while not received and time.monotonic() < deadline:
                 app.runtime.observer.flush()
                 time.sleep(0.05)
-        names = {span.name for request in received for rs in request.resource_spans for ss in rs.scope_spans
+            # the encoder's bytes go out as they are: no protobuf objects made to be serialized again
+            assert type(app.runtime.observer.exporters.processor.exporter._client).__name__ == "_BytesTraceStub"
+        spans = {span.name: span for request in received for rs in request.resource_spans for ss in rs.scope_spans
                  for span in ss.spans}
-        assert {"chat gpt-4o-mini", "POST openai chat"} <= names
+        assert {"chat gpt-4o-mini", "POST openai chat"} <= set(spans)
+        attempt = {kv.key: kv.value for kv in spans["chat gpt-4o-mini"].attributes}
+        assert attempt["gen_ai.request.model"].string_value == "gpt-4o-mini"
+        assert attempt["gen_ai.usage.input_tokens"].int_value > 0
+        assert spans["chat gpt-4o-mini"].parent_span_id == spans["POST openai chat"].span_id
     finally:
         server.stop(0)
