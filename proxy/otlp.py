@@ -7,7 +7,8 @@ Contract:
   certificates) comes from the standard `OTEL_EXPORTER_OTLP_*` variables, read by the SDK itself.
 - `fast_span_exporter(otel, resource)`: the SDK's OTLP span exporter (transport, retries, settings)
   fed with spans it encoded itself from span records (`encode_records`, `proxy.spanwire.SpanEncoder`);
-  on an SDK whose internals differ, the SDK's own exporter and encoder.
+  over gRPC through a stub that sends those bytes as they are (`_BytesTraceStub`, also after the
+  SDK reconnects). On an SDK whose internals differ, the SDK's own exporter and encoder.
 - `settle_environment(exporter, url)`: over http/protobuf the exporter's `requests` session gets
   its proxies, CA bundle and netrc credentials from the environment once, at start, instead of
   on every POST (where that look-up was ~30% of a batch's HTTP cost). Then, for a plain `http://`
@@ -181,8 +182,8 @@ class _BytesTraceStub:
 def fast_span_exporter(otel: OtelSettings, resource: Resource) -> SpanExporter:
     """The SDK's OTLP exporter (transport, retries, env settings), fed by `SpanEncoder`.
 
-    `encode_records(records)` encodes span records (where the processor prepares them) and `export` takes what
-    it returns. On an SDK whose internals differ, the SDK's own exporter (and encoder) is returned
+    `encode_records(records)` encodes span records (where the processor prepares them) and `export`
+    takes what it returns. On an SDK whose internals differ, the SDK's own exporter (and encoder) is returned
     instead."""
     base = type(span_exporter(otel))
     encoder = SpanEncoder(resource, SCOPE)

@@ -129,6 +129,8 @@ class BoundedSpanProcessor:
                  delay: float = 1.0) -> None:
         self.exporter, self.resource, self.on_drop, self.on_fail = exporter, resource, on_drop, on_fail
         # Our OTLP exporter encodes the records itself (`encode_records`): wire bytes, made `chunk` at a time.
+        # 128: the encoder wants batches (chunks of 8 or 2 measured +2% and +5% CPU), records want to die
+        # young (held for a whole batch, they cost more than their encoding); 32 measured the same as 128.
         self.prepare: Callable[[list[tuple[Any, ...]]], list[Any]] = getattr(exporter, "encode_records", None) or \
             (lambda records: [self.readable(r) for r in records])
         self.max_queue, self.batch, self.chunk, self.delay = max_queue, batch, min(chunk, batch), delay
@@ -195,8 +197,8 @@ class BoundedSpanProcessor:
             self._drain(final=not woken)  # a timeout: what waits is due
 
     def _drain(self, final: bool = True) -> None:
-        """Send full batches of what is prepared; when `final` (a quiet spell, a flush, shutdown) or once
-        the oldest is due, prepare the leftovers too and send everything."""
+        """Send full batches of what is prepared. When `final` (a quiet spell, a flush, shutdown), prepare
+        the unprepared leftovers too; when `final` or once the oldest is due, send everything."""
         with self.lock:
             ready, pending = self.ready, self.pending
             if final and self.queue:

@@ -459,9 +459,9 @@ def test_span_queue_is_bounded_and_drops_are_counted() -> None:
 
 
 def test_span_records_are_prepared_young_and_sent_in_batches_or_when_due() -> None:
-    """Records are prepared every `chunk` spans, as the chunk's last span ends (none waits in the queue
-    for a whole batch, so none lives long enough to burden the garbage collector), batches go out full, and a partial batch
-    goes out once its oldest span has waited `delay`, with no flush."""
+    """Records are prepared every `chunk` spans, as the chunk's last span ends (none waits in the
+    queue for a whole batch, so none lives long enough to burden the garbage collector), batches go
+    out full, and a partial batch goes out once its oldest span has waited `delay`, with no flush."""
     prepared: list[int] = []
     sent: list[list[Any]] = []
 
@@ -524,11 +524,14 @@ def test_span_preparation_never_waits_for_the_export_thread_nor_raises() -> None
                                      max_queue=64, batch=16, chunk=4, delay=30)
     try:
         assert processor.preparing.acquire(timeout=1)  # as the export thread does for leftovers
-        started = time.monotonic()
-        for i in range(6):
-            processor.end(span_record(f"s{i}"))
-        assert time.monotonic() - started < 0.5 and prepared == [] and len(processor.queue) == 6
-        processor.preparing.release()
+        # six spans end in another thread (the request path): a waiting end() would never return here
+        ending = threading.Thread(target=lambda: [processor.end(span_record(f"s{i}")) for i in range(6)])
+        ending.start()
+        ending.join(10)
+        returned, prepared_meanwhile, queued = not ending.is_alive(), list(prepared), len(processor.queue)
+        processor.preparing.release()  # before asserting: a waiting end() must not hang the test
+        ending.join(10)
+        assert returned and prepared_meanwhile == [] and queued == 6
         processor.end(span_record("s6"))  # the next span prepares what waits, one chunk
         assert prepared == [["s0", "s1", "s2", "s3"]] and len(processor.queue) == 3
         boom["on"] = True
