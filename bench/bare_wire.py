@@ -1,4 +1,4 @@
-"""Bare pass-through on the gateway's own wire: Starlette + one shared `proxy.wire.WireTransport`.
+"""Bare pass-through on the gateway's own wire: Starlette + one shared `proxy.upstream.wire.WireTransport`.
 
 Not a third-party client: this is the gateway's transport with nothing else around it, so the gap
 between this row and the gateway's is what the middleware stack costs. POST /v1/chat/completions
@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from proxy.wire import WireTransport  # noqa: E402
+from proxy.upstream.wire import WireTransport  # noqa: E402
 
 HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"host", b"content-length", b"te", b"upgrade"}
 TIMEOUTS = {"connect": 5.0, "read": 60.0, "write": 60.0, "pool": 5.0}

@@ -8,7 +8,7 @@ Targets (non-streaming chat completions, wrk at concurrency 1/16/64, `--duration
   direct            the upstream itself: nginx answering a static chat completion (else the simulated provider)
   bare-httpx        bench/bare_httpx.py -> upstream (Starlette + one httpx.AsyncClient)
   bare-aiohttp      bench/bare_aiohttp.py -> upstream (Starlette + one aiohttp.ClientSession)
-  bare-wire         bench/bare_wire.py -> upstream (Starlette + the gateway's own proxy.wire transport):
+  bare-wire         bench/bare_wire.py -> upstream (Starlette + the gateway's own proxy.upstream.wire transport):
                     not a third-party client, so not a "/ bare" reference; its own column shows what
                     the middleware stack costs on top of the same wire
   gateway[T]        `llm-gateway serve`, full stack (keys auth, access log on), upstream transport T
@@ -265,7 +265,7 @@ def _serve_gateway_httpx_aiohttp(config: str, port: int) -> None:
     import uvicorn
 
     from proxy.app import build_app
-    from proxy.cli import uvicorn_options
+    from proxy.cli.serve import uvicorn_options
 
     os.environ["LLM_GATEWAY_CONFIG"] = config
     app = build_app(config)

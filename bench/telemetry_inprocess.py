@@ -44,9 +44,9 @@ def inprocess(requests: int) -> dict[str, float]:
     from config import parse_config
     from middlewares.telemetry import _log
     from proxy.context import Principal, RequestContext
-    from proxy.logs import access_logger, configure_logging
-    from proxy.observability import GatewayObserver
-    from proxy.observer import Observer
+    from proxy.telemetry.logs import access_logger, configure_logging
+    from proxy.telemetry.observability import GatewayObserver
+    from proxy.telemetry.observer import Observer
 
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {int(bench.SERVER_CPU)})

@@ -3,7 +3,7 @@
 Contract:
 - `auth.mode: keys`: a Bearer / `x-api-key` key is looked up in each key backend in turn: the static
   keys of the config first (sha256 digests, compared in constant time), then the managed keys of
-  `proxy.keys` (HMAC digests with `auth.secret`; only when `auth.secret` is set, otherwise they are
+  `proxy.state.keys` (HMAC digests with `auth.secret`; only when `auth.secret` is set, otherwise they are
   ignored and a warning is logged at startup). SigV4 clients (boto3) are verified by recomputing the
   signature with the key's secret over the received Host, raw path and query, signed headers and body;
   `X-Amz-Date` must be within 15 minutes.
@@ -26,7 +26,7 @@ import structlog
 from config.models import Config, StaticKey
 from proxy.context import Principal, RequestContext, get_context, read_body
 from proxy.errors import GatewayError
-from proxy.keys import ManagedKeys
+from proxy.state.keys import ManagedKeys
 from proxy.runtime import Runtime
 from providers import sigv4
 

@@ -29,6 +29,7 @@ import structlog
 from config.models import Config
 from proxy.context import RequestContext, set_context
 from proxy.errors import GatewayError
+from proxy.headers import gateway_headers, overhead_header
 from proxy.runtime import Runtime
 from providers import route
 
@@ -43,17 +44,6 @@ async def send_plain_404(send: Any, message: str, extra: list[tuple[bytes, bytes
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(extra or ())]})
     await send({"type": "http.response.body", "body": body})
-
-
-def overhead_header(ctx: RequestContext | None, started: float) -> tuple[bytes, bytes]:
-    """`x-gateway-overhead-ms`: elapsed minus upstream time (an open attempt counts as upstream)."""
-    now = time.perf_counter()
-    upstream = 0.0
-    if ctx is not None:
-        upstream = ctx.upstream_seconds
-        if ctx.extra.get("attempt_open") and ctx.upstream_started is not None:
-            upstream += now - ctx.upstream_started
-    return b"x-gateway-overhead-ms", f"{max(0.0, now - started - upstream) * 1000:.2f}".encode()
 
 
 class ErrorMiddleware:
@@ -126,12 +116,7 @@ class ErrorMiddleware:
         status, headers, body = ctx.adapter.render_error(err, ctx.request_id)
         ctx.status = status
         headers = headers + [(k.encode(), v.encode()) for k, v in err.headers.items()]
-        headers += [(b"content-length", str(len(body)).encode()),
-                    (b"x-gateway-request-id", ctx.request_id.encode()),
-                    (b"x-gateway-attempts", str(ctx.attempts).encode()),
-                    (b"x-gateway-error", err.code.encode())]
-        if ctx.deployment is not None and ctx.attempts:
-            headers.append((b"x-gateway-provider", ctx.deployment.name.encode()))
+        headers += [(b"content-length", str(len(body)).encode()), *gateway_headers(ctx, err.code)]
         if self.overhead:
             headers.append(overhead_header(ctx, ctx.started))
         await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -28,6 +28,7 @@ import structlog
 from config.models import Config
 from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError, UpstreamFailure
+from proxy.headers import gateway_headers
 from proxy.runtime import Runtime
 
 log = structlog.get_logger("llm_gateway.failover")
@@ -95,7 +96,8 @@ class FailoverMiddleware:
             client -= min(1.0, 0.1 * client)
         budget = min(x for x in (self.timeout, client) if x) if self.timeout or client else None
         deadline = ctx.started + budget if budget else None
-        ctx.extra["deadline"] = deadline  # the forwarder bounds each attempt's wait for the first byte by it
+        ctx.deadline = deadline  # the forwarder bounds each attempt's wait for the first byte by it
+        ctx.deployment = ctx.admitted or ctx.candidates[0]  # the limiter's reservation, else the router's first
         health = self.runtime.health
         self.budget.admit()
         retrying = False
@@ -111,10 +113,10 @@ class FailoverMiddleware:
                 health.begin(dep.name)
                 try:
                     await self.app(scope, receive, send)
-                    outcome = ctx.extra.get("upstream_outcome")
-                    health.record(dep.name, "fail" if outcome == "transient" else "ok")
-                    if ctx.upstream_ttfb is not None:
-                        health.observe_ttfb(dep.name, ctx.upstream_ttfb)
+                    attempt = ctx.attempt
+                    health.record(dep.name, "fail" if attempt is not None and attempt.outcome == "transient" else "ok")
+                    if attempt is not None and attempt.ttfb is not None:
+                        health.observe_ttfb(dep.name, attempt.ttfb)
                     return
                 except UpstreamFailure as failure:
                     if failure.kind == "rate_limited":
@@ -159,10 +161,10 @@ class FailoverMiddleware:
         if chosen is None:
             # Nothing else can take it: the same deployment again, except for a billing quota
             # (never transient), and after a 429 only once (the client's SDK backs off too).
-            if failure.kind == "quota" or (failure.kind == "rate_limited" and ctx.extra.get("throttle_retried")):
+            if failure.kind == "quota" or (failure.kind == "rate_limited" and ctx.throttle_retried):
                 return None
             if failure.kind == "rate_limited":
-                ctx.extra["throttle_retried"] = True
+                ctx.throttle_retried = True
             chosen = ctx.deployment
             if failure.retry_after is not None:
                 delay = max(delay, failure.retry_after)
@@ -182,10 +184,7 @@ class FailoverMiddleware:
         status, headers, body = failure.response
         ctx.status = status
         headers = [(k, v) for k, v in headers if k not in (b"x-should-retry", b"content-length")]
-        headers += [(b"content-length", str(len(body)).encode()),
-                    (b"x-gateway-request-id", ctx.request_id.encode()),
-                    (b"x-gateway-provider", ctx.deployment.name.encode()),  # type: ignore[union-attr]
-                    (b"x-gateway-attempts", str(ctx.attempts).encode())]
+        headers += [(b"content-length", str(len(body)).encode()), *gateway_headers(ctx)]
         if ctx.attempts > 1 or failure.kind == "quota":
             headers.append((b"x-should-retry", b"false"))
         await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -6,9 +6,9 @@ Contract:
   names the model also serves Anthropic Messages clients). None is a native 404 for the model.
 - The routing strategy (`gateway.routing_strategy`, per model `gateway.routing_overrides`) orders
   them from the shared health snapshot, without I/O. Already-tried and open-circuit deployments go
-  last. `ctx.candidates` is the ordered list and `ctx.deployment` its head; the rate limiter's
-  reservation then takes the first candidate that is healthy and within its own limits, and the
-  failover loop walks the rest.
+  last. `ctx.candidates` is the ordered list; the rate limiter's reservation then takes the first
+  candidate that is healthy and within its own limits (`ctx.admitted`), and the failover loop
+  starts there (or at the head when nothing was reserved) and walks the rest.
 - A model list (`GET /v1/models`, `/api/tags`) is answered in the family's own shape with the union
   of the configured `models`; a deployment without a list is asked, and its answer merged.
 """
@@ -22,6 +22,7 @@ import structlog
 from config.models import Config, Deployment
 from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError
+from proxy.headers import gateway_headers
 from proxy.routing import arrange, load_strategy
 from proxy.runtime import Runtime
 
@@ -61,7 +62,6 @@ class RouterMiddleware:
             if not self.by_family.get(ctx.family):
                 raise GatewayError("caller_not_found", f"no deployment serves the {ctx.family} API")
             raise GatewayError("caller_not_found", f"The model '{ctx.model}' does not exist or is not served by this gateway")
-        ctx.deployment = ctx.candidates[0]
         await self.app(scope, receive, send)
 
     async def _model_list(self, ctx: RequestContext, send: Any) -> None:
@@ -76,7 +76,7 @@ class RouterMiddleware:
         ctx.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"x-gateway-request-id", ctx.request_id.encode())]})
+            *gateway_headers(ctx)]})
         await send({"type": "http.response.body", "body": b"" if ctx.method == "HEAD" else body})
 
     async def _ask(self, ctx: RequestContext, dep: Deployment) -> list[str]:

@@ -8,7 +8,7 @@ upstream time, overhead and total duration, and the outcome (`ok`, a closed erro
 `client_disconnected`). Never secrets; bodies only for a key with `log_bodies` (`request_body`,
 `response_body`: see `_bodies`). It sits outside auth so auth failures are
 seen too. Telemetry never changes what the client gets. The line goes through
-`proxy.logs.access_logger()` (one fused structlog processor; the key metadata is redacted once per
+`proxy.telemetry.logs.access_logger()` (one fused structlog processor; the key metadata is redacted once per
 principal, not per line).
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ import orjson
 from config.models import Config
 from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError
-from proxy.logs import AccessLogger, access_logger, redacted
+from proxy.telemetry.logs import AccessLogger, access_logger, redacted
+from proxy.telemetry.metrics import error_type
 from proxy.relay import BODY_LOG_LIMIT
 from proxy.runtime import Runtime
 from providers.base import Decompressor
@@ -77,7 +78,8 @@ def _outcome(ctx: RequestContext, status: int) -> str:
         return ctx.error_code
     if 0 < status < 400:
         return "ok"
-    return ctx.extra.get("attempt_error") or "_OTHER"
+    attempt = ctx.attempt
+    return (error_type(attempt.error) if attempt is not None else "") or "_OTHER"
 
 
 def _log(log: AccessLogger, ctx: RequestContext, status: int, outcome: str) -> None:
@@ -100,7 +102,7 @@ def _log(log: AccessLogger, ctx: RequestContext, status: int, outcome: str) -> N
         "output_tokens": usage.output_tokens,
         "cached_tokens": usage.cached_tokens,
         # milliseconds to 2 decimals; round() to an integer is half the cost of round(x, 2)
-        "ttfb_ms": round(ctx.upstream_ttfb * 100_000) / 100 if ctx.upstream_ttfb is not None else None,
+        "ttfb_ms": round(ttfb * 100_000) / 100 if (ttfb := ctx.upstream_ttfb) is not None else None,
         "upstream_ms": round(upstream * 100_000) / 100,
         "overhead_ms": round(max(0.0, total - upstream) * 100_000) / 100,
         "duration_ms": round(total * 100_000) / 100,

@@ -177,7 +177,6 @@ class BedrockAdapter(Adapter):
         op = "/".join(parts[3:])
         ctx.operation = _OPERATIONS.get(op, "other")
         ctx.stream = op in _STREAM_OPS
-        ctx.extra["bedrock_op"] = op
         if ctx.method == "POST" and ctx.body and ctx.json is None and op in _OPERATIONS:
             raise GatewayError("caller_invalid_request", "the request body must be JSON")
 

@@ -9,7 +9,7 @@ Contract:
 - `/healthz` (live) and `/readyz` (ready; reports degraded state but stays ready), `/metrics`
   (Prometheus text; 404 when `monitoring.metrics.enabled` is false) and `/admin/*` are answered
   before the stack. Everything else goes to the stack, which 404s paths no family owns.
-- The telemetry observer (`proxy.observability`) is installed into the runtime here, before any
+- The telemetry observer (`proxy.telemetry.observability`) is installed into the runtime here, before any
   store or health object captures it, and closed with the runtime.
 - Every stack response carries `x-gateway-overhead-ms` (unless `monitoring.overhead_header: false`),
   stamped by the error layer, the stack's one `send` wrapper (`middlewares.errors`).
@@ -30,14 +30,14 @@ from middlewares.auth import AuthMiddleware
 from middlewares.errors import ErrorMiddleware
 from middlewares.failover import FailoverMiddleware
 from middlewares.inspect import InspectMiddleware
-from middlewares.ratelimit import RateLimitMiddleware
+from middlewares.ratelimit.middleware import RateLimitMiddleware
 from middlewares.router import RouterMiddleware
 from middlewares.telemetry import TelemetryMiddleware
-from proxy.admin import AdminApp
+from proxy.admin.api import AdminApp
 from proxy.forward import Forwarder
-from proxy.logs import configure_logging
-from proxy.observability import build_observer
-from proxy.observer import Observer
+from proxy.telemetry.logs import configure_logging
+from proxy.telemetry.observability import build_observer
+from proxy.telemetry.observer import Observer
 from proxy.runtime import Runtime
 
 log = structlog.get_logger("llm_gateway")

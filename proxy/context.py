@@ -3,6 +3,20 @@
 Contract: exactly one `RequestContext` per client request, created by the outermost middleware and
 reached through `get_context(scope)` (stored at `scope["state"]["gateway"]`). Middlewares talk to
 each other only through it; nothing per-request is ever kept on a middleware instance.
+
+Every field has one owner, the layer that writes it (others only read):
+- errors (outermost): the identity fields, `response_status`, `response_streaming`;
+- auth: `principal`; inspect (through the adapter): `body`, `json`, `model`, `stream`, `operation`,
+  `model_list`, `strip_usage`, `estimated_tokens`;
+- router: `candidates`;
+- ratelimit: `admitted` (the deployment its reservation holds), `reservation`, `admit_deployment`,
+  `response_headers`;
+- failover: `deployment` (the current attempt's, starting at `admitted` or the first candidate),
+  `deadline`, `may_retry`, `hold_stream`, `failed_over`, `throttle_retried`;
+- forwarder: `attempt` (one `Attempt` per upstream attempt), `attempts`, `tried`,
+  `upstream_seconds`, `client_disconnected`; the relay: `status`, `committed`, `usage`, the
+  attempt's `relayed`, `outcome` and `ttfc`, and a `log_bodies` key's `response_body`;
+- telemetry: `trace`, `trace_id`, `trace_events`, `client_traceparent`, `series`.
 """
 from __future__ import annotations
 
@@ -67,6 +81,26 @@ class Principal:
 
 
 @dataclass(slots=True)
+class Attempt:
+    """One upstream attempt. The forwarder makes it and closes it; the relay fills in how it went.
+
+    While `open`, its time counts as upstream time (the overhead header is stamped mid-attempt on a
+    stream's head). `relayed`: the response has been sent in full, so a client leaving now cancels
+    nothing. `outcome`: the adapter's class of an upstream error relayed as is (`transient`, ...).
+    `error`: the gateway error code the attempt ended with (None: it succeeded)."""
+
+    number: int
+    deployment: "Deployment"
+    started: float  # time.perf_counter() when the request went upstream
+    ttfb: float | None = None  # seconds to the upstream's response head
+    ttfc: float | None = None  # seconds to the first chunk of a stream sent to the client
+    open: bool = True
+    relayed: bool = False
+    outcome: str | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
 class RequestContext:
     request_id: str
     family: str
@@ -90,6 +124,7 @@ class RequestContext:
     estimated_tokens: int = 0
     reservation: Any = None
     deployment: "Deployment | None" = None
+    admitted: "Deployment | None" = None
     candidates: list["Deployment"] = field(default_factory=list)
     tried: list[str] = field(default_factory=list)
     attempts: int = 0
@@ -97,27 +132,35 @@ class RequestContext:
     status: int | None = None
     error_code: str | None = None
     usage: Usage = field(default_factory=Usage)
-    upstream_started: float | None = None
-    upstream_ttfb: float | None = None
-    upstream_seconds: float = 0.0
+    attempt: Attempt | None = None  # the current (or last) upstream attempt
+    upstream_seconds: float = 0.0  # all attempts' upstream time so far
     client_disconnected: bool = False
     # What the client has been sent, recorded by the error layer's one `send` wrapper (others read it).
     response_status: int = 0  # 0 = no response start yet
     response_streaming: bool = False
     # Added to the response start by that wrapper (the rate limiter's headers): no wrapper per layer.
     response_headers: list[tuple[bytes, bytes]] | None = None
+    deadline: float | None = None  # perf_counter: gateway.timeout, or the client's own when lower
     may_retry: bool = False  # the forwarder raises retryable failures instead of relaying them
     hold_stream: bool = False  # hold a stream's first events until they show it is healthy
     failed_over: bool = False
+    throttle_retried: bool = False  # a provider 429 was already retried on the same deployment
     # Set by the rate limiter: reserve one of these deployments for a further attempt (None = none).
     admit_deployment: "Callable[[list[Deployment]], Awaitable[Deployment | None]] | None" = None
-    # Telemetry (`proxy.observability`): the trace position (a `proxy.tracing.SpanStart` tuple), its W3C
-    # trace id for the access log, and the metrics series of the last attempt (`proxy.metric_routes.Route`).
+    # Telemetry (`proxy.telemetry.observability`): the trace position (a `proxy.telemetry.tracing.SpanStart` tuple), its W3C
+    # trace id for the access log, and the metrics series of the last attempt (`proxy.telemetry.metric_routes.Route`).
     trace: Any = None
     trace_id: str | None = None
+    trace_events: list[Any] | None = None  # span events, made into the request span when it ends
+    client_traceparent: bool = False  # the client sent one: attempts replace it upstream
     series: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    body_read: bool = False
     header_map: dict[bytes, bytes] | None = None  # first value per name, built on the first lookup
+
+    @property
+    def upstream_ttfb(self) -> float | None:
+        """The last attempt's time to the upstream's response head."""
+        return self.attempt.ttfb if self.attempt is not None else None
 
     def header(self, name: bytes) -> str | None:
         """The first value of a (lower-case) header, as received."""
@@ -141,7 +184,7 @@ def set_context(scope: dict[str, Any], ctx: RequestContext) -> None:
 
 async def read_body(ctx: RequestContext, receive: Any, limit: int) -> None:
     """Read the whole request body once, bounded by `limit` (413 past it)."""
-    if ctx.extra.get("body_read"):
+    if ctx.body_read:
         return
     declared = ctx.header(b"content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -161,4 +204,4 @@ async def read_body(ctx: RequestContext, receive: Any, limit: int) -> None:
         if not message.get("more_body"):
             break
     ctx.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    ctx.extra["body_read"] = True
+    ctx.body_read = True

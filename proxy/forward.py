@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from config.models import Config
-from proxy.context import RequestContext, get_context
+from proxy.context import Attempt, RequestContext, get_context
 from proxy.errors import GatewayError, UpstreamFailure
 from proxy.relay import relay
 from proxy.runtime import Runtime
@@ -56,7 +56,7 @@ class Forwarder:
         assert dep is not None, "the router runs before the forwarder"
         adapter = ctx.adapter
         up = adapter.upstream(ctx, dep)
-        deadline = ctx.extra.get("deadline")  # the failover layer's: gateway.timeout, or the client's when lower
+        deadline = ctx.deadline  # the failover layer's: gateway.timeout, or the client's when lower
         if deadline is not None:
             remaining: float | None = max(0.001, deadline - time.perf_counter())
         else:
@@ -81,9 +81,9 @@ class Forwarder:
                                 stream=httpx.ByteStream(up.body), extensions={"timeout": timeouts})
         ctx.attempts += 1
         ctx.tried.append(dep.name)
-        ctx.extra["relay_done"] = False  # a new attempt: a client leaving now must cancel it
-        ctx.upstream_started = time.perf_counter()
-        watch = _Watch(receive, ctx)
+        # a new attempt: its time is upstream time until it closes, and a client leaving cancels it
+        attempt = ctx.attempt = Attempt(ctx.attempts, dep, time.perf_counter())
+        watch = _Watch(receive, ctx, attempt)
         try:
             try:
                 response = await wire.handle_async_request(request)
@@ -96,12 +96,14 @@ class Forwarder:
             except (httpx.TransportError, OSError):
                 raise UpstreamFailure("upstream_unreachable", f"deployment {dep.name!r} is unreachable") from None
             timeouts["read"] = t.idle  # httpcore reads this when the body iteration starts
-            ctx.upstream_ttfb = time.perf_counter() - ctx.upstream_started
+            attempt.ttfb = time.perf_counter() - attempt.started
             try:
-                await relay(ctx, response, send, observer)
+                await relay(ctx, attempt, response, send, observer)
             finally:  # the transport's stream, as relayed (httpx's Response.aclose adds a context per call)
                 await response.stream.aclose()  # type: ignore[union-attr]
         except asyncio.CancelledError:
+            attempt.error = "client_disconnected" if ctx.client_disconnected else "cancelled"
+            self._close(ctx, attempt, watch)
             if not ctx.client_disconnected:
                 observer.attempt_end(ctx, dep, span, ctx.status, "cancelled")
                 raise
@@ -109,24 +111,35 @@ class Forwarder:
             observer.client_disconnected(ctx)
             observer.attempt_end(ctx, dep, span, ctx.status, "client_disconnected")
         except GatewayError as err:
+            attempt.error = err.code
+            self._close(ctx, attempt, watch)
             observer.attempt_end(ctx, dep, span, ctx.status or err.status, err.code)
             raise
         else:
-            outcome = ctx.extra.get("upstream_outcome")
-            observer.attempt_end(ctx, dep, span, ctx.status, None if not outcome else f"upstream_{outcome}")
-        finally:
-            ctx.extra["relay_done"] = True
+            if attempt.outcome:
+                attempt.error = f"upstream_{attempt.outcome}"
+            self._close(ctx, attempt, watch)
+            observer.attempt_end(ctx, dep, span, ctx.status, attempt.error)
+        finally:  # any other exception too: the attempt never stays open
+            self._close(ctx, attempt, watch)
+
+    @staticmethod
+    def _close(ctx: RequestContext, attempt: Attempt, watch: "_Watch") -> None:
+        """End the attempt's upstream time (before telemetry sees it: traffic never waits on telemetry)."""
+        if attempt.open:
+            attempt.open = False
+            attempt.relayed = True
             watch.stop()
-            ctx.upstream_seconds += time.perf_counter() - (ctx.upstream_started or time.perf_counter())
+            ctx.upstream_seconds += time.perf_counter() - attempt.started
 
 
 class _Watch:
     """Cancel the attempt when the client disconnects; the watching task starts after WATCH_AFTER."""
 
-    __slots__ = ("receive", "ctx", "owner", "timer", "task")
+    __slots__ = ("receive", "ctx", "attempt", "owner", "timer", "task")
 
-    def __init__(self, receive: Any, ctx: RequestContext) -> None:
-        self.receive, self.ctx = receive, ctx
+    def __init__(self, receive: Any, ctx: RequestContext, attempt: Attempt) -> None:
+        self.receive, self.ctx, self.attempt = receive, ctx, attempt
         self.owner = asyncio.current_task()
         self.task: asyncio.Task[None] | None = None
         self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start)
@@ -138,7 +151,7 @@ class _Watch:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                if not self.ctx.extra.get("relay_done") and self.owner is not None:
+                if not self.attempt.relayed and self.owner is not None:
                     self.ctx.client_disconnected = True
                     self.owner.cancel()
                 return

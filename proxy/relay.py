@@ -1,6 +1,6 @@
 """The response side of one upstream attempt: relay the bytes unchanged, read usage on the way.
 
-Contract (`relay(ctx, response, send, observer)`, called by the forwarder per attempt):
+Contract (`relay(ctx, attempt, response, send, observer)`, called by the forwarder per attempt):
 - An upstream error status is read whole (bounded) and classified by the adapter; when
   `ctx.may_retry` and it is retryable (transient, rate limited, or a quota another deployment may
   not have) it raises `UpstreamFailure` with the native response kept, else it is sent verbatim
@@ -25,9 +25,10 @@ from typing import Any
 
 import httpx
 
-from proxy.context import RequestContext
+from proxy.context import Attempt, RequestContext
 from proxy.errors import GatewayError, UpstreamFailure
-from proxy.observer import Observer
+from proxy.headers import gateway_headers
+from proxy.telemetry.observer import Observer
 from providers.base import forward_response_headers
 
 _STREAM_TYPES = (b"text/event-stream", b"application/x-ndjson", b"application/vnd.amazon.eventstream")
@@ -36,7 +37,8 @@ HOLD_LIMIT = 64 * 1024  # a stream that shows nothing conclusive in this much is
 BODY_LOG_LIMIT = 64 * 1024  # of a `log_bodies` key's response, kept for its access-log line
 
 
-async def relay(ctx: RequestContext, response: httpx.Response, send: Any, observer: Observer) -> None:
+async def relay(ctx: RequestContext, attempt: Attempt, response: httpx.Response, send: Any,
+                observer: Observer) -> None:
     """Relay one upstream response (or raise a retryable failure before anything was sent)."""
     # Names as the upstream wrote them ("Content-Type" from nginx, Go, AWS); every check here is lower-case.
     raw_headers = [(k.lower(), v) for k, v in response.headers.raw]
@@ -58,8 +60,8 @@ async def relay(ctx: RequestContext, response: httpx.Response, send: Any, observ
                 "upstream_rate_limited" if kind in ("rate_limited", "quota") else "upstream_error",
                 f"deployment {ctx.deployment.name!r} answered {status}",  # type: ignore[union-attr]
                 kind=kind, retry_after=retry_after_of(raw_headers), response=native)
-        ctx.extra["upstream_outcome"] = kind
-        await _send_error(ctx, native, kind, send)
+        attempt.outcome = kind
+        await _send_error(ctx, attempt, native, kind, send)
         return
     ctype = next((v for k, v in raw_headers if k == b"content-type"), b"")
     streaming = any(t in ctype for t in _STREAM_TYPES)
@@ -76,9 +78,7 @@ async def relay(ctx: RequestContext, response: httpx.Response, send: Any, observ
         held = await _hold(ctx, chunks, tap, flt)
     headers = adapter.response_headers(ctx, forward_response_headers(raw_headers, drop_length=flt is not None,
                                                                                replaced=replaced), streaming)
-    headers += [(b"x-gateway-request-id", ctx.request_id.encode()),
-                (b"x-gateway-provider", ctx.deployment.name.encode()),  # type: ignore[union-attr]
-                (b"x-gateway-attempts", str(ctx.attempts).encode())]
+    headers += gateway_headers(ctx)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     ctx.committed = True
     # A sized body relayed as is ends with its last byte: that chunk closes the response (one
@@ -87,7 +87,8 @@ async def relay(ctx: RequestContext, response: httpx.Response, send: Any, observ
     try:
         first = streaming and ctx.stream  # a stream's time to first chunk is reported once, when sent
         if held:  # already tapped and filtered while held
-            observer.first_chunk(ctx, time.perf_counter() - ctx.upstream_started)  # type: ignore[operator]
+            attempt.ttfc = time.perf_counter() - attempt.started
+            observer.first_chunk(ctx, attempt.ttfc)
             first = False
             await send({"type": "http.response.body", "body": held, "more_body": True})
         async for chunk in chunks:
@@ -96,24 +97,25 @@ async def relay(ctx: RequestContext, response: httpx.Response, send: Any, observ
                 if tap is not None:
                     _feed(tap, chunk)
                 _finish(ctx, tap)
-                ctx.extra["relay_done"] = True
+                attempt.relayed = True
                 await send({"type": "http.response.body", "body": chunk, "more_body": False})
                 continue
             if left:
                 left -= len(chunk)
             if await _emit(chunk, tap, flt, send) and first:
                 first = False
-                observer.first_chunk(ctx, time.perf_counter() - ctx.upstream_started)  # type: ignore[operator]
+                attempt.ttfc = time.perf_counter() - attempt.started
+                observer.first_chunk(ctx, attempt.ttfc)
     except httpx.HTTPError as exc:
         _finish(ctx, tap)
         kind = "idle timeout" if isinstance(exc, httpx.TimeoutException) else "connection lost"
         raise GatewayError("upstream_stream_error", f"upstream stream failed ({kind})",
                            status=504 if isinstance(exc, httpx.TimeoutException) else 502) from None
-    if left == 0 and ctx.extra["relay_done"]:
+    if left == 0 and attempt.relayed:
         return
     _finish(ctx, tap)
     rest = flt.flush() if flt is not None and hasattr(flt, "flush") else b""
-    ctx.extra["relay_done"] = True
+    attempt.relayed = True
     await send({"type": "http.response.body", "body": rest, "more_body": False})
 
 async def _emit(chunk: bytes, tap: Any, flt: Any, send: Any) -> bool:
@@ -127,22 +129,19 @@ async def _emit(chunk: bytes, tap: Any, flt: Any, send: Any) -> bool:
     await send({"type": "http.response.body", "body": chunk, "more_body": True})
     return True
 
-async def _send_error(ctx: RequestContext, native: tuple[int, list[tuple[bytes, bytes]], bytes],
+async def _send_error(ctx: RequestContext, attempt: Attempt, native: tuple[int, list[tuple[bytes, bytes]], bytes],
                       kind: str, send: Any) -> None:
     """An upstream error that is not retried: verbatim (or translated for a cross-family deployment)."""
     status, headers, body = native
     headers = [(k, v) for k, v in headers if k not in (b"content-length", b"x-should-retry")]
-    headers += [(b"content-length", str(len(body)).encode()),
-                (b"x-gateway-request-id", ctx.request_id.encode()),
-                (b"x-gateway-provider", ctx.deployment.name.encode()),  # type: ignore[union-attr]
-                (b"x-gateway-attempts", str(ctx.attempts).encode())]
+    headers += [(b"content-length", str(len(body)).encode()), *gateway_headers(ctx)]
     if ctx.failed_over or kind == "quota":
         headers.append((b"x-should-retry", b"false"))
     else:
         headers += [(k, v) for k, v in native[1] if k == b"x-should-retry"]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     ctx.committed = True
-    ctx.extra["relay_done"] = True
+    attempt.relayed = True
     if ctx.principal is not None and ctx.principal.log_bodies:
         ctx.response_body = bytearray(body[:BODY_LOG_LIMIT])
         ctx.response_encoding = next((v for k, v in headers if k == b"content-encoding"), b"").decode("latin-1")
@@ -154,8 +153,8 @@ async def _hold(ctx: RequestContext, chunks: Any, tap: Any, flt: Any) -> bytes:
     Returns the held bytes already tapped and filtered, ready to send."""
     held = b""
     first_byte = ctx.deployment.timeouts.first_byte  # type: ignore[union-attr]
-    if ctx.extra.get("deadline") is not None:
-        first_byte = max(0.001, min(first_byte, ctx.extra["deadline"] - time.perf_counter()))
+    if ctx.deadline is not None:
+        first_byte = max(0.001, min(first_byte, ctx.deadline - time.perf_counter()))
     try:
         async with asyncio.timeout(first_byte):  # the body read timeout is already the idle one
             async for chunk in chunks:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from config.models import Deployment
 from proxy.context import RequestContext
-from proxy.health import DeploymentStats
+from proxy.state.health import DeploymentStats
 
 
 class Strategy(Protocol):

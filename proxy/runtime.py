@@ -5,7 +5,7 @@ Resources open on first use (a Starlette `Mount` forwards no lifespan events) an
 `aclose()`, after the `drains` (queued work that still needs them) have run. It holds no per-request state.
 The upstream client is always an `httpx.AsyncClient`; its wire transport is chosen by the
 `transport` argument, else `gateway.upstream_transport`: `httptools` (the default, chosen by
-measurement: `proxy.wire.WireTransport`), `aiohttp` (`proxy.transport.AiohttpTransport`) or `httpx`
+measurement: `proxy.upstream.wire.WireTransport`), `aiohttp` (`proxy.upstream.transport.AiohttpTransport`) or `httpx`
 (httpcore). A callable returning an `httpx.AsyncBaseTransport` is also
 accepted (benchmarks). An unknown name fails at construction.
 """
@@ -20,9 +20,9 @@ import httpx
 from config.models import Config
 from providers import build_adapters
 from providers.base import Adapter
-from proxy.health import SharedHealth
-from proxy.observer import Observer
-from proxy.state import Store
+from proxy.state.health import SharedHealth
+from proxy.telemetry.observer import Observer
+from proxy.state.store import Store
 
 
 TRANSPORTS = ("httptools", "aiohttp", "httpx")
@@ -66,11 +66,11 @@ class Runtime:
             if callable(self.transport):
                 self._wire = self.transport()
             elif self.transport == "httptools":
-                from proxy.wire import WireTransport
+                from proxy.upstream.wire import WireTransport
 
                 self._wire = WireTransport(max_connections=size, keepalive_expiry=_KEEPALIVE_EXPIRY)
             elif self.transport == "aiohttp":
-                from proxy.transport import AiohttpTransport
+                from proxy.upstream.transport import AiohttpTransport
 
                 self._wire = AiohttpTransport(max_connections=size, keepalive_expiry=_KEEPALIVE_EXPIRY)
             else:

@@ -23,7 +23,7 @@ import pytest
 from config import parse_config
 from proxy.app import build_app
 from proxy.mock import MockOptions, build_mock_app
-from proxy.tracing import SpanRecord
+from proxy.telemetry.tracing import SpanRecord
 from tests.servers import free_port, serve
 
 GATEWAY_KEY = "gw-test-0123456789abcdef"

@@ -18,10 +18,10 @@ import pytest
 import redis
 
 from config import parse_config
-from proxy.admin import fingerprint
+from proxy.admin.api import fingerprint
 from proxy.app import build_app
-from proxy.cli import main as cli_main
-from proxy.health import health_key
+from proxy.cli.main import main as cli_main
+from proxy.state.health import health_key
 from tests.conftest import GATEWAY_KEY, GATEWAY_KEY_SHA
 from tests.procs import Procs, procs  # noqa: F401 - `procs` is a fixture
 from tests.servers import free_port, serve

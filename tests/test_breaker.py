@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from proxy.health import health_key, probe_key
+from proxy.state.health import health_key, probe_key
 from proxy.mock import MockApp, MockOptions, build_mock_app
 from tests.conftest import GATEWAY_KEY, GATEWAY_KEY_SHA
 from tests.procs import Proc, Procs, procs  # noqa: F401 - `procs` is a fixture

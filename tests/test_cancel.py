@@ -13,8 +13,8 @@ from typing import Any, Awaitable, Callable
 import pytest
 
 from config import parse_config
-from proxy.health import SharedHealth, health_key, probe_key
-from proxy.state import Store
+from proxy.state.health import SharedHealth, health_key, probe_key
+from proxy.state.store import Store
 from tests.conftest import standard_config
 
 CONFIG = parse_config(standard_config("http://127.0.0.1:9"), "test.yaml", {})

@@ -158,7 +158,7 @@ def test_cli_help_lists_the_commands() -> None:
 
 
 def test_serve_reads_x_forwarded_for_only_from_named_load_balancers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from proxy.cli import uvicorn_options
+    from proxy.cli.serve import uvicorn_options
 
     monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
     assert uvicorn_options()["proxy_headers"] is False

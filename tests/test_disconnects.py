@@ -126,7 +126,7 @@ providers:
 def _busy_upstream_connections(app: GatewayApp) -> tuple[int, int]:
     """(connections still busy, connections held) in the gateway's own upstream pool, either transport."""
     wire = app.runtime.wire
-    if hasattr(wire, "stats"):  # proxy.wire
+    if hasattr(wire, "stats"):  # proxy.upstream.wire
         return wire.stats()
     pool = getattr(wire, "_pool", None)  # httpx / httpcore
     if pool is not None:

@@ -27,7 +27,7 @@ import pytest
 
 from config import ConfigError, parse_config
 from proxy.app import build_app
-from proxy.cli import effective_config
+from proxy.cli.main import effective_config
 from tests.conftest import CLIENT_AKID, GATEWAY_KEY, standard_config
 from tests.procs import Procs, procs  # noqa: F401 - `procs` is a fixture
 from tests.servers import serve

@@ -34,10 +34,10 @@ from botocore.exceptions import ClientError
 
 from config import parse_config
 from proxy.app import build_app
-from proxy.cli import main as cli_main
-from proxy.keys import AKID_FORMAT, KEY_FORMAT, KeyStore, ManagedKeys, key_digest, parse_spec, sigv4_secret
+from proxy.cli.main import main as cli_main
+from proxy.state.keys import AKID_FORMAT, KEY_FORMAT, KeyStore, ManagedKeys, key_digest, parse_spec, sigv4_secret
 from proxy.mock import MockOptions, build_mock_app
-from proxy.state import Store
+from proxy.state.store import Store
 from tests.conftest import GATEWAY_KEY, GATEWAY_KEY_SHA
 from tests.procs import ROOT, Procs, procs  # noqa: F401 - `procs` is a fixture
 from tests.servers import free_port, serve

@@ -28,8 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from config import parse_config
 from proxy.app import build_app
 from proxy.mock import MockOptions, build_mock_app
-from proxy.observability import GatewayObserver
-from proxy.tracing import BoundedSpanProcessor, SpanRecord, SpanStart, Tracer
+from proxy.telemetry.observability import GatewayObserver
+from proxy.telemetry.tracing import BoundedSpanProcessor, SpanRecord, SpanStart, Tracer
 from tests.conftest import GATEWAY_KEY, GATEWAY_KEY_SHA, clear_recorded, recorded, span_record
 from tests.procs import Procs, procs  # noqa: F401 - `procs` is a fixture
 from tests.servers import free_port, serve
@@ -306,7 +306,7 @@ def test_metrics_off_means_404_and_header_can_be_turned_off(make_gateway: Callab
 
 
 def test_model_label_cardinality_is_capped(mock_upstream: str) -> None:
-    from proxy.metrics import DYNAMIC_MODELS, GatewayMetrics
+    from proxy.telemetry.metrics import DYNAMIC_MODELS, GatewayMetrics
 
     cfg = parse_config(config_text(mock_upstream, mock_upstream), "t.yaml", {})
     m = GatewayMetrics(cfg)
@@ -651,13 +651,13 @@ def test_otlp_http_export_reaches_a_collector(mock_upstream: str) -> None:
 
 
 def test_fast_span_encoding_matches_the_sdk_encoder() -> None:
-    """proxy.spanwire.SpanEncoder writes exactly what the SDK's OTLP encoder writes for the same spans."""
+    """proxy.telemetry.spanwire.SpanEncoder writes exactly what the SDK's OTLP encoder writes for the same spans."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    from proxy.otlp import SCOPE
-    from proxy.spanwire import SpanEncoder
-    from proxy.telemetry_export import resource
+    from proxy.telemetry.otlp import SCOPE
+    from proxy.telemetry.spanwire import SpanEncoder
+    from proxy.telemetry.export import resource
 
     res = resource()
     processor = BoundedSpanProcessor(InMemorySpanExporter(), res, on_drop=lambda n: None, on_fail=lambda n: None)

@@ -35,8 +35,9 @@ import pytest
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
+from proxy.state import live_limits
 from config import parse_config
-from proxy.state import Store, limits_key
+from proxy.state.store import Store, limits_key
 from tests.conftest import (CLIENT_AKID, CLIENT_AWS_SECRET, GATEWAY_KEY, GATEWAY_KEY_SHA, UPSTREAM_AKID,
                             UPSTREAM_ANTHROPIC_KEY, UPSTREAM_AWS_SECRET, UPSTREAM_OLLAMA_KEY, UPSTREAM_OPENAI_KEY)
 
@@ -183,7 +184,7 @@ def store_usage(url: str, scope: str) -> dict[str, float]:
     async def run() -> dict[str, float]:
         store = store_for(url)
         try:
-            return await store.usage(scope)
+            return await live_limits.usage(store, scope)
         finally:
             await store.aclose()
     return asyncio.run(run())

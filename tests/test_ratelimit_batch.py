@@ -1,5 +1,5 @@
-"""Reservations batched per loop turn (`middlewares/ratelimit_batch.py` + the batch form of
-`proxy/lua/reserve.lua`), on both stores: the embedded one and a test-owned redis-server.
+"""Reservations batched per loop turn (`proxy/state/reservations.py` + the batch form of
+`proxy/state/lua/reserve.lua`), on both stores: the embedded one and a test-owned redis-server.
 
 - Concurrent reservations of one turn are one script call, and each request is still taken in
   arrival order, all or nothing: exactly the limit is admitted, and each reply is its own.
@@ -18,10 +18,10 @@ import pytest
 import redis
 
 from config import parse_config
-from middlewares.ratelimit_batch import ReserveBatcher
-from middlewares.ratelimit_plan import Plan
+from proxy.state.reservations import ReserveBatcher
+from middlewares.ratelimit.plan import Plan
 from proxy.context import Principal
-from proxy.state import Store, StoreUnavailable, counter_keys, limits_key
+from proxy.state.store import Store, StoreUnavailable, counter_keys, limits_key
 from tests.servers import free_port
 
 
@@ -151,8 +151,8 @@ def test_no_reply_reaches_every_waiter() -> None:
 def test_the_packed_call_is_the_call_hiredis_would_pack() -> None:
     """The hot path packs a batch from each plan's pieces packed once; the bytes must be exactly what
     packing the KEYS and ARGV values (the embedded store's form) gives."""
-    from middlewares.ratelimit_batch import _lists, _packed
-    from proxy.redis_wire import Packed
+    from proxy.state.reservations import _lists, _packed
+    from proxy.state.redis_wire import Packed
 
     alice = Plan((3, 1000), {"a": (5, None)}, Principal("alice", rpm=2, max_concurrent=3), "gpt-4o", ("a", "b"))
     bob = Plan((3, 1000), {}, Principal("bob"), None, ())
@@ -170,8 +170,8 @@ def test_the_packed_call_is_the_call_hiredis_would_pack() -> None:
 def test_settlement_batches_pack_exactly_like_their_values() -> None:
     """The packed reconcile.lua call (per-plan pieces joined per record) is byte for byte the call
     made from values, with and without common scopes, deployments and a concurrency key."""
-    from middlewares.ratelimit_settle import SettleBlock, _lists, _packed
-    from proxy.redis_wire import Packed
+    from proxy.state.settlements import SettleBlock, _lists, _packed
+    from proxy.state.redis_wire import Packed
 
     common = SettleBlock([b"llmgw:{llmgw}:rl:global:tok", b"llmgw:{llmgw}:limits:global"] * 3, [1000, -1, 7])
     dep = SettleBlock([b"llmgw:{llmgw}:rl:provider:a:tok", b"llmgw:{llmgw}:limits:provider:a"], [500])

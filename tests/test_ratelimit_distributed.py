@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from config import parse_config
-from proxy.state import Store, StoreUnavailable, counter_keys, limits_key
+from proxy.state.store import Store, StoreUnavailable, counter_keys, limits_key
 from tests.conftest import GATEWAY_KEY, GATEWAY_KEY_SHA
 from tests.procs import Proc, Procs, procs, restart_redis  # noqa: F401 - `procs` is a fixture
 

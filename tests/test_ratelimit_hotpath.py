@@ -2,7 +2,7 @@
 stores: the embedded one and a test-owned redis-server.
 
 - What repeats per (key policy, model, candidate set) is built once and reused, and follows a policy
-  change; the KEYS and ARGV sent are exactly the layout `proxy/lua/reserve.lua` documents.
+  change; the KEYS and ARGV sent are exactly the layout `proxy/state/lua/reserve.lua` documents.
 - Member ids are unique per reservation (also across processes) and keep the request id.
 - A finished request leaves no reference cycle behind: every context is freed by reference counting,
   never by a cyclic GC pass (those passes cost CPU on every request under load).
@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from config import parse_config
-from middlewares.ratelimit import RateLimitMiddleware
+from middlewares.ratelimit.middleware import RateLimitMiddleware
 from proxy.context import Principal, RequestContext, Usage, get_context, set_context
-from proxy.health import PROBE_LOCK_MS, health_key, probe_key
+from proxy.state.health import PROBE_LOCK_MS, health_key, probe_key
 from proxy.runtime import Runtime
-from proxy.state import concurrency_key, counter_keys, limits_key
+from proxy.state.store import concurrency_key, counter_keys, limits_key
 
 
 @pytest.fixture(params=["embedded", "redis"])
@@ -182,7 +182,7 @@ def test_a_live_limit_change_is_logged_once_by_each_replica(url: str) -> None:
     (back to the configured default)."""
     from structlog.testing import capture_logs
 
-    from proxy.live_limits import clear_limit, set_limit
+    from proxy.state.live_limits import clear_limit, set_limit
 
     async def scenario() -> list[dict[str, Any]]:
         h = Harness(url)
@@ -213,8 +213,8 @@ def test_a_failed_settlement_batch_is_logged_and_the_queue_keeps_working(redis_s
     import redis
     from structlog.testing import capture_logs
 
-    from middlewares.ratelimit_settle import SettleBlock, Settlements
-    from proxy.state import Store, done_key
+    from proxy.state.settlements import SettleBlock, Settlements
+    from proxy.state.store import Store, done_key
     from tests.servers import free_port
 
     def settlements(url: str) -> tuple[Store, Settlements]:

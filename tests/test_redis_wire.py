@@ -1,4 +1,4 @@
-"""The hot path's pipelined Redis connection (`proxy/redis_wire.py`) and the store's breaker over it,
+"""The hot path's pipelined Redis connection (`proxy/state/redis_wire.py`) and the store's breaker over it,
 against real redis-server processes: the `redis_server` fixture's, or servers started here with AUTH,
 ACL users, TLS (a throwaway CA from trustme) or a unix socket.
 
@@ -23,8 +23,8 @@ import pytest
 import redis
 
 from config import parse_config
-from proxy.redis_wire import Packed, RedisWire, WireConnectionError, WireTimeout
-from proxy.state import MISSES_TO_OPEN, Store, StoreUnavailable, counter_keys, limits_key
+from proxy.state.redis_wire import Packed, RedisWire, WireConnectionError, WireTimeout
+from proxy.state.store import MISSES_TO_OPEN, Store, StoreUnavailable, counter_keys, limits_key
 from tests.procs import restart_redis
 from tests.servers import free_port
 

@@ -27,7 +27,7 @@ from config.models import Cost, Deployment
 from middlewares.router import RouterMiddleware
 from proxy.app import build_app
 from proxy.context import RequestContext
-from proxy.health import DeploymentStats
+from proxy.state.health import DeploymentStats
 from proxy.mock import MockOptions, build_mock_app
 from proxy.routing import (
     REGISTRY, CostBased, HealthBased, LatencyBased, LeastBusy, RoundRobin, Weighted, arrange, load_strategy,

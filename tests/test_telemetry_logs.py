@@ -1,4 +1,4 @@
-"""The access-log line's own path (`proxy.logs.access_logger`, `middlewares.telemetry._log`).
+"""The access-log line's own path (`proxy.telemetry.logs.access_logger`, `middlewares.telemetry._log`).
 
 In process, into a byte buffer: the line is one JSON object with every field the README lists, in
 structlog's order (fields, `event`, `level`, `timestamp`); secret-named fields are masked at the top
@@ -18,10 +18,10 @@ from typing import Any
 
 import structlog
 
-import proxy.logs as logs
+import proxy.telemetry.logs as logs
 from middlewares.telemetry import _log
-from proxy.context import Principal, RequestContext
-from proxy.logs import AccessLogger, Redacted, access_logger, redacted, render_access
+from proxy.context import Attempt, Principal, RequestContext
+from proxy.telemetry.logs import AccessLogger, Redacted, access_logger, redacted, render_access
 
 REQUIRED = ("request_id", "trace_id", "key_id", "family", "operation", "model", "deployment", "status", "stream",
             "attempts", "input_tokens", "output_tokens", "cached_tokens", "ttfb_ms", "upstream_ms", "overhead_ms",
@@ -49,7 +49,8 @@ def context(metadata: dict[str, Any] | None = None) -> RequestContext:
     ctx.model, ctx.operation, ctx.attempts, ctx.status = "gpt-4o-mini", "chat", 1, 200
     ctx.deployment = _Deployment()  # type: ignore[assignment]
     ctx.usage.input_tokens, ctx.usage.output_tokens, ctx.usage.cached_tokens = 19, 8, 0
-    ctx.upstream_ttfb, ctx.upstream_seconds = 0.0029, 0.00367
+    ctx.attempt = Attempt(1, ctx.deployment, 0.0, ttfb=0.0029, open=False)  # type: ignore[arg-type]
+    ctx.upstream_seconds = 0.00367
     ctx.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     return ctx
 
@@ -72,7 +73,7 @@ def test_access_line_has_every_field_in_structlog_order() -> None:
 def test_a_line_without_a_principal_or_attempt() -> None:
     log, out = logger()
     ctx = context()
-    ctx.principal, ctx.attempts, ctx.upstream_ttfb = None, 0, None
+    ctx.principal, ctx.attempts, ctx.attempt = None, 0, None
     _log(log, ctx, 401, "caller_invalid_credentials")
     (line,) = lines(out)
     assert line["key_id"] is None and "key_metadata" not in line and line["deployment"] is None
@@ -122,7 +123,7 @@ def test_an_upstream_error_is_logged_as_the_client_got_it() -> None:
     ctx.principal.log_bodies = True  # type: ignore[union-attr]
     error = b'{"error":{"message":"overloaded","type":"server_error"}}'
     native = (502, [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")], gzip.compress(error))
-    asyncio.run(_send_error(ctx, native, "transient", send))
+    asyncio.run(_send_error(ctx, Attempt(1, None, 0.0), native, "transient", send))  # type: ignore[arg-type]
     assert sent[-1]["body"] == native[2]  # the client got the upstream's bytes, untouched
     log, out = logger()
     _log(log, ctx, 502, "upstream_error")

@@ -3,7 +3,7 @@
 - The observer's hooks, driven directly with a request context: spans carry exactly the documented
   names and attributes; spans of the same shape share one attribute dict (never mutated), a span's
   own values win over it, and the cache of shapes stays bounded.
-- `proxy.spanwire.SpanEncoder` writes the bytes the SDK's encoder writes, for records with shared
+- `proxy.telemetry.spanwire.SpanEncoder` writes the bytes the SDK's encoder writes, for records with shared
   dicts, long and non-ASCII strings, floats, negative and large ints, bools next to ints under one
   key (True == 1 must not share a cache entry), tuples, events, errors and trace state.
 - `GatewayMetrics.route` resolves a (deployment, model, operation) once; a series exists only once used.
@@ -21,13 +21,13 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from config import parse_config
 from config.models import OtelSettings
-from proxy import span_shapes
+from proxy.telemetry import span_shapes
 from proxy.context import Principal, RequestContext
-from proxy.observability import GatewayObserver
-from proxy.otlp import SCOPE, fast_span_exporter
-from proxy.spanwire import SpanEncoder
-from proxy.telemetry_export import resource
-from proxy.tracing import BoundedSpanProcessor, SpanStart
+from proxy.telemetry.observability import GatewayObserver
+from proxy.telemetry.otlp import SCOPE, fast_span_exporter
+from proxy.telemetry.spanwire import SpanEncoder
+from proxy.telemetry.export import resource
+from proxy.telemetry.tracing import BoundedSpanProcessor, SpanStart
 from tests.conftest import span_record
 
 CONFIG = """
@@ -215,7 +215,7 @@ def test_one_off_values_encode_like_the_sdk() -> None:
 
 
 def test_route_finish_records_status_duration_and_non_zero_tokens() -> None:
-    from proxy.metrics import GatewayMetrics
+    from proxy.telemetry.metrics import GatewayMetrics
 
     metrics = GatewayMetrics(CFG)
     route = metrics.route(DEP.name, "gpt-4o-mini", "chat")
@@ -237,8 +237,8 @@ def test_histogram_values_are_counted_at_every_read_and_every_fold_every_request
     from prometheus_client import Histogram
     from prometheus_client.parser import text_string_to_metric_families
 
-    from proxy.local_metrics import LocalMetric
-    from proxy.metrics import FOLD_EVERY
+    from proxy.telemetry.local_metrics import LocalMetric
+    from proxy.telemetry.metrics import FOLD_EVERY
 
     h = LocalMetric(Histogram, "t_seconds", "t", ("a",), (0.1, 1.0))
     series = h.labels("x")

@@ -1,4 +1,4 @@
-"""The default upstream wire (`proxy.wire.WireTransport`) against scripted raw TCP servers on 127.0.0.1.
+"""The default upstream wire (`proxy.upstream.wire.WireTransport`) against scripted raw TCP servers on 127.0.0.1.
 
 Each server is a real asyncio socket server whose handler reads one request head (and body) and
 writes exactly the bytes a test scripts, so framing, keep-alive, timeouts, backpressure and
@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 
-from proxy.wire import WireTransport
+from proxy.upstream.wire import WireTransport
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, dict[str, Any]], Awaitable[None]]
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin (installed with httpx) runs the async tests

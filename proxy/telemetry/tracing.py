@@ -15,7 +15,7 @@ Contract:
   An unsampled request still gets ids (for `traceparent` and logs) but no record.
 - `BoundedSpanProcessor.end(record)` queues a record; every 128th span prepares the queued ones at
   once, while they are young, where they ended: wire bytes from the gateway's own OTLP exporter
-  (`encode_records` of `proxy.otlp.fast_span_exporter`), or SDK `ReadableSpan`s for any other SDK
+  (`encode_records` of `proxy.telemetry.otlp.fast_span_exporter`), or SDK `ReadableSpan`s for any other SDK
   `SpanExporter` (an in-memory one in tests). One daemon thread exports them in batches of 1024, or
   whatever waits once the oldest has waited `delay` (1 s), preparing a quiet spell's leftovers
   itself. At most 4096 spans wait, prepared or not: beyond that new ones are dropped and counted,

@@ -16,9 +16,10 @@ from typing import Any
 import orjson
 import structlog
 
+from proxy.state import live_limits
 from config import Config, Secret
-from proxy.admin import valid_scope
-from proxy.state import Store, StoreUnavailable, limits_key
+from proxy.admin.api import valid_scope
+from proxy.state.store import Store, StoreUnavailable, limits_key
 
 
 def _log() -> Any:
@@ -56,21 +57,21 @@ async def _run(args: argparse.Namespace, cfg: Config) -> int:
             if args.rpm is None and args.tpm is None or any(v is not None and v < 0 for v in (args.rpm, args.tpm)):
                 print("error: give --rpm and/or --tpm as non-negative integers", file=sys.stderr)
                 return 1
-            await store.set_limit(scope, args.rpm, args.tpm)
+            await live_limits.set_limit(store, scope, args.rpm, args.tpm)
             _log().info("limit_changed", actor="cli", scope=scope, requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
-            result: Any = {"scope": scope, "limits": await store.get_limit(scope)}
+            result: Any = {"scope": scope, "limits": await live_limits.get_limit(store, scope)}
         elif args.action == "get":
-            live = await store.get_limit(scope)
-            usage = await store.usage(scope)
+            live = await live_limits.get_limit(store, scope)
+            usage = await live_limits.usage(store, scope)
             tpm = live.get("tokens_per_minute", _configured_tpm(cfg, scope))
             result = {"scope": scope, "key": limits_key(scope), "limits": live,
                       "usage": {"requests_in_window": usage["requests"],
                                 "tokens_in_bucket": round(usage["tokens_ahead_ms"] * tpm / 60000) if tpm else None}}
         elif args.action == "clear":
-            result = {"scope": scope, "cleared": await store.clear_limit(scope)}
+            result = {"scope": scope, "cleared": await live_limits.clear_limit(store, scope)}
             _log().info("limit_cleared", actor="cli", scope=scope)
         else:
-            result = await store.list_limits()
+            result = await live_limits.list_limits(store)
             if not args.json:
                 print(f"{'SCOPE':<40} {'RPM':>12} {'TPM':>14}")
                 for name, values in result.items():

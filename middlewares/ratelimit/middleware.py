@@ -3,9 +3,9 @@
 Contract:
 - Scopes: `global`, `key:<id>`, `model:<name>` must all admit the request; among the router's
   candidate deployments (`provider:<name>`), the first that admits it is reserved and becomes
-  `ctx.deployment`. One script call does all of it (all or nothing); Redis TIME is the clock. The
-  requests of one event-loop turn share that call (`middlewares/ratelimit_batch.py`), each still
-  all or nothing and seeing the ones before it; settlements go as one call per 5 ms (`middlewares/ratelimit_settle.py`).
+  `ctx.admitted`. One script call does all of it (all or nothing); Redis TIME is the clock. The
+  requests of one event-loop turn share that call (`proxy/state/reservations.py`), each still
+  all or nothing and seeing the ones before it; settlements go as one call per 5 ms (`proxy/state/settlements.py`).
   Limits come from config, overridden live by the hashes in Redis (read inside the script, so a
   change applies on the next request, on every replica, without resetting counters).
 - Requests: a 60 s sliding log (exact: never more than the limit in any 60 s window). Tokens: GCRA
@@ -18,7 +18,7 @@ Contract:
 - Redis down: `state.on_redis_error` = local (in-memory, limits / replicas), open, or closed (503).
 - Per request only the member id, the estimate and the reply are new: the scopes, their encoded keys
   and default limits, and the settlement keys are built once per (key policy, model, candidate set)
-  (`middlewares/ratelimit_plan.py`); at most `_MAX_PLANS` plans are kept, then the cache starts over.
+  (`middlewares/ratelimit/plan.py`); at most `_MAX_PLANS` plans are kept, then the cache starts over.
 """
 from __future__ import annotations
 
@@ -30,15 +30,15 @@ from typing import Any
 import structlog
 
 from config.models import Config, Deployment
-from middlewares.ratelimit_batch import Block, ReserveBatcher
-from middlewares.ratelimit_plan import Plan, encode, limit_arg, settle_keys
-from middlewares.ratelimit_settle import SettleBlock, Settlements
+from proxy.state.reservations import Block, ReserveBatcher
+from middlewares.ratelimit.plan import Plan, encode, limit_arg, settle_keys
+from proxy.state.settlements import SettleBlock, Settlements
 from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError
-from proxy.local_limits import LocalLimiter
+from proxy.state.local_limits import LocalLimiter
 from proxy.runtime import Runtime
-from proxy.health import PROBE_LOCK_MS
-from proxy.state import StoreUnavailable
+from proxy.state.health import PROBE_LOCK_MS
+from proxy.state.store import StoreUnavailable
 
 log = structlog.get_logger("llm_gateway.ratelimit")
 _MAX_PLANS = 4096
@@ -131,9 +131,9 @@ class RateLimitMiddleware:
             self.runtime.observer.rate_limited(ctx, reason, "gateway")
             raise self._reject(ctx, retry_ms / 1000.0, reason, headers, concurrency=marker == -2)
         if candidates and chosen > 0:
-            ctx.deployment = ctx.candidates[chosen - 1]
+            ctx.admitted = ctx.candidates[chosen - 1]
         ctx.reservation = {"member": member, "tokens": ctx.estimated_tokens, "store": "redis",
-                           "deployments": [ctx.deployment.name] if ctx.deployment and candidates else []}
+                           "deployments": [ctx.admitted.name] if ctx.admitted and candidates else []}
         ctx.admit_deployment = self._admitter(ctx)
         return headers
 
@@ -187,9 +187,9 @@ class RateLimitMiddleware:
             raise self._reject(ctx, retry, "rate limit (local fallback)", [], concurrency=False)
         if usable and chosen >= 0:
             name = usable[chosen][0].split(":", 1)[1]
-            ctx.deployment = next(d for d in ctx.candidates if d.name == name)
+            ctx.admitted = next(d for d in ctx.candidates if d.name == name)
         ctx.reservation = {"member": member, "tokens": ctx.estimated_tokens, "store": "local",
-                           "deployments": [ctx.deployment.name] if ctx.deployment and candidates else []}
+                           "deployments": [ctx.admitted.name] if ctx.admitted and candidates else []}
         ctx.admit_deployment = self._admitter(ctx)
         return []
 

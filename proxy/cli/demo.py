@@ -63,7 +63,7 @@ def demo_config(upstream: str):  # -> Config
 
 async def _serve(host: str, port: int) -> None:
     from proxy.app import build_app
-    from proxy.cli import uvicorn_options
+    from proxy.cli.serve import uvicorn_options
     from proxy.mock import MockOptions, build_mock_app
 
     mock_port = _free_port()

@@ -25,11 +25,12 @@ from urllib.parse import unquote
 import orjson
 import structlog
 
+from proxy.state import live_limits
 from config.models import Config
-from proxy.health import DeploymentStats
-from proxy.keys import KeysDisabled, KeyStore, parse_spec
+from proxy.state.health import DeploymentStats
+from proxy.state.keys import KeysDisabled, KeyStore, parse_spec
 from proxy.runtime import Runtime
-from proxy.state import StoreUnavailable
+from proxy.state.store import StoreUnavailable
 
 log = structlog.get_logger("llm_gateway.admin")
 SCOPE = re.compile(r"^(global|(key|model|provider):[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255})$")
@@ -156,7 +157,7 @@ class AdminApp:
         if path == "/admin/health" and method == "GET":
             return await self._health()
         if path == "/admin/limits" and method == "GET":
-            return 200, {"limits": await store.list_limits()}
+            return 200, {"limits": await live_limits.list_limits(store)}
         if path.startswith("/admin/limits/"):
             scope = unquote(path[len("/admin/limits/"):])
             if not valid_scope(scope):
@@ -169,16 +170,16 @@ class AdminApp:
                         raise ValueError
                 except (orjson.JSONDecodeError, ValueError, AttributeError):
                     return 400, {"error": {"message": "body must be {requests_per_minute, tokens_per_minute} with non-negative integers", "type": "invalid_request_error"}}
-                await store.set_limit(scope, rpm, tpm)
+                await live_limits.set_limit(store, scope, rpm, tpm)
                 log.info("limit_changed", actor="admin-api", admin_fingerprint=self.actor, scope=scope,
                          requests_per_minute=rpm, tokens_per_minute=tpm)
-                return 200, {"scope": scope, "limits": await store.get_limit(scope)}
+                return 200, {"scope": scope, "limits": await live_limits.get_limit(store, scope)}
             if method == "DELETE":
-                cleared = await store.clear_limit(scope)
+                cleared = await live_limits.clear_limit(store, scope)
                 log.info("limit_cleared", actor="admin-api", admin_fingerprint=self.actor, scope=scope)
                 return 200, {"scope": scope, "cleared": cleared}
             if method == "GET":
-                return 200, {"scope": scope, "limits": await store.get_limit(scope)}
+                return 200, {"scope": scope, "limits": await live_limits.get_limit(store, scope)}
         return 404, {"error": {"message": "unknown admin endpoint", "type": "not_found_error"}}
 
 

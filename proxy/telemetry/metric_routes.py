@@ -6,10 +6,10 @@ Contract:
 - `Route`: the series of one (provider, model label, operation), made on first use (an unused one
   is never exported as a zero) and kept: `finish()` records a request's status, duration and
   non-zero token counts in one call, adding to this process's counters in place
-  (`proxy.local_metrics`); `attempt(error_type)`, `error(code)`, `ttft()` and `disconnects()`
+  (`proxy.telemetry.local_metrics`); `attempt(error_type)`, `error(code)`, `ttft()` and `disconnects()`
   give the other per-route series. `SharedRoute` does the same through prometheus_client's
   multiprocess metrics (several workers), which only take `inc()`.
-- `proxy.metrics.GatewayMetrics.route()` makes and keeps them; nothing here is global.
+- `proxy.telemetry.metrics.GatewayMetrics.route()` makes and keeps them; nothing here is global.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from config.models import Deployment
 
 if TYPE_CHECKING:
-    from proxy.metrics import GatewayMetrics
+    from proxy.telemetry.metrics import GatewayMetrics
 
 PROVIDER_NAMES = {"openai": "openai", "azure_openai": "azure.ai.openai", "openai_compatible": "openai",
                   "anthropic": "anthropic", "bedrock": "aws.bedrock", "ollama": "ollama"}

@@ -1,7 +1,7 @@
 """OTLP span encoding without protobuf objects: span records straight to OTLP wire bytes.
 
 Contract:
-- `SpanEncoder(resource, scope)`: `span(record)` encodes one `proxy.tracing.SpanRecord` as a
+- `SpanEncoder(resource, scope)`: `span(record)` encodes one `proxy.telemetry.tracing.SpanRecord` as a
   `ScopeSpans.spans` field (`spans(records)`: a list of them, in one loop); `request(spans)` wraps
   such fields in an `ExportTraceServiceRequest` with the resource and the instrumentation scope.
   The decoded message equals what the SDK's encoder makes of the same spans as `ReadableSpan`s
@@ -203,7 +203,7 @@ class SpanEncoder:
         shared, pairs, miss, head_of = self.shared, self.pairs, self._miss, self._head
         oneoffs, heads = self.oneoffs, self.lengths
         for (name, kind, static, trace_id, span_id, parent, remote, trace_state, start, end, attributes, events,
-             error) in records:  # `proxy.tracing.SpanRecord`s, or tuples in their order
+             error) in records:  # `proxy.telemetry.tracing.SpanRecord`s, or tuples in their order
             found = shared.get(id(static))
             head = found[3] if (found is not None and found[0] is static and found[1] is name
                                 and found[2] is kind) else head_of(name, kind, static)

@@ -4,14 +4,14 @@ Contract:
 - `resource()`: the SDK's resource (it reads `OTEL_RESOURCE_ATTRIBUTES` / `OTEL_SERVICE_NAME`) with
   `service.instance.id` = `<hostname>-<pid>`; `service.name` is `llm-gateway` unless one is set.
 - `Exporters(config, metrics, span_exporter=None, metric_reader=None)` builds what is configured:
-  - `tracer`: a `proxy.tracing.Tracer` (ParentBased TraceIdRatio(`sample_rate`)) when
+  - `tracer`: a `proxy.telemetry.tracing.Tracer` (ParentBased TraceIdRatio(`sample_rate`)) when
     `monitoring.tracing.enabled` and spans have somewhere to go: the given SDK exporter, or
-    `monitoring.otel.endpoint` through `proxy.otlp.fast_span_exporter`. One `BoundedSpanProcessor`
+    `monitoring.otel.endpoint` through `proxy.telemetry.otlp.fast_span_exporter`. One `BoundedSpanProcessor`
     exports them; its drops and export failures are counted in `metrics` (when metrics are on).
     None otherwise, and then nothing is traced.
   - `reader`: when metrics are on and a reader is given or an endpoint is configured, that reader
     (default: a `PeriodicExportingMetricReader` over the OTLP metric exporter) collecting from the
-    Prometheus registry through `proxy.otlp.PrometheusBridge`. None otherwise.
+    Prometheus registry through `proxy.telemetry.otlp.PrometheusBridge`. None otherwise.
   - The resource is made only when something is exported; nothing global (no SDK provider) is set.
 - `flush()` exports the queued spans now. `aclose()` runs once: it flushes and stops both in a
   daemon thread and waits at most `SHUTDOWN_WAIT` s, so a dead collector never holds up shutdown.
@@ -28,9 +28,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from config.models import Config
-from proxy import otlp
-from proxy.metrics import ATTRIBUTES, GatewayMetrics
-from proxy.tracing import BoundedSpanProcessor, Tracer
+from proxy.telemetry import otlp
+from proxy.telemetry.metrics import ATTRIBUTES, GatewayMetrics
+from proxy.telemetry.tracing import BoundedSpanProcessor, Tracer
 
 SHUTDOWN_WAIT = 3.0
 

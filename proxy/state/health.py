@@ -28,8 +28,8 @@ from typing import Any
 import structlog
 
 from config.models import Config
-from proxy.observer import Observer
-from proxy.state import TAG, Store, StoreUnavailable
+from proxy.telemetry.observer import Observer
+from proxy.state.store import TAG, Store, StoreUnavailable
 
 log = structlog.get_logger("llm_gateway.health")
 FAILURES_TO_OPEN = 5

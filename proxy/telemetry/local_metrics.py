@@ -9,7 +9,7 @@ Contract:
   it to the sum. Its `observe` is the bound `append` of a list of values not counted yet: no Python
   frame on the request path (~25 bytecodes a value less, five values a request). `fold()` sorts
   them and counts each bucket with one bisection, under the metric's lock: before every read,
-  and every `FOLD_EVERY` requests (`proxy.metrics.GatewayMetrics.fold`, skipped while a read holds
+  and every `FOLD_EVERY` requests (`proxy.telemetry.metrics.GatewayMetrics.fold`, skipped while a read holds
   the lock: the event loop never waits), so the list stays short.
   A fold may run in another thread (the OTLP push); it takes the values there when it starts, and
   values appended meanwhile wait for the next one.
@@ -17,7 +17,7 @@ Contract:
   a counter's name without `_total` (as prometheus_client names it).
 - `LocalCollector(metrics)` exposes a list of them to a `CollectorRegistry`, so `generate_latest` and
   the OTLP bridge read them like any other metric. With several workers they are not used:
-  `proxy.metrics` makes prometheus_client's multiprocess metrics instead.
+  `proxy.telemetry.metrics` makes prometheus_client's multiprocess metrics instead.
 """
 from __future__ import annotations
 

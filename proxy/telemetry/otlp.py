@@ -6,7 +6,7 @@ Contract:
   and gets `/v1/traces` or `/v1/metrics` appended. Everything else (headers, timeout, compression,
   certificates) comes from the standard `OTEL_EXPORTER_OTLP_*` variables, read by the SDK itself.
 - `fast_span_exporter(otel, resource)`: the SDK's OTLP span exporter (transport, retries, settings)
-  fed with spans it encoded itself from span records (`encode_records`, `proxy.spanwire.SpanEncoder`);
+  fed with spans it encoded itself from span records (`encode_records`, `proxy.telemetry.spanwire.SpanEncoder`);
   over gRPC through a stub that sends those bytes as they are (`_BytesTraceStub`, also after the
   SDK reconnects). On an SDK whose internals differ, the SDK's own exporter and encoder.
 - `settle_environment(exporter, url)`: over http/protobuf the exporter's `requests` session gets
@@ -30,8 +30,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from config.models import OtelSettings
-from proxy.spanwire import SpanEncoder
-from proxy.tracing import SCOPE  # one instrumentation scope for spans and metrics
+from proxy.telemetry.spanwire import SpanEncoder
+from proxy.telemetry.tracing import SCOPE  # one instrumentation scope for spans and metrics
 
 
 def _url(otel: OtelSettings, signal: str) -> str:

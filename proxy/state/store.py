@@ -3,7 +3,7 @@
 Contract:
 - `Store(config)` connects lazily to `state.redis_url`; with no URL it runs the same Lua scripts in
   process on fakeredis (with lupa), on the same code path.
-- The hot path (`script`: the Lua scripts) goes through `proxy/redis_wire.py`, one
+- The hot path (`script`: the Lua scripts) goes through `proxy/state/redis_wire.py`, one
   auto-pipelined connection shared by every caller; everything else (admin, live limits, usage,
   keys, health figures) through redis-py in `call`. NOSCRIPT after a flush, restart or failover is
   transparent on both (EVAL resend / redis-py's `Script`); no other call is ever resent.
@@ -23,14 +23,14 @@ import asyncio
 import functools
 import time
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 import redis.exceptions as rex
 import structlog
 
 from config.models import Config
-from proxy.observer import Observer
-from proxy.redis_wire import Packed, RedisWire, WireError, WireTimeout
+from proxy.telemetry.observer import Observer
+from proxy.state.redis_wire import Packed, RedisWire, WireError, WireTimeout
 
 log = structlog.get_logger("llm_gateway.state")
 TAG = "{llmgw}"
@@ -56,6 +56,12 @@ def concurrency_key(key_id: str) -> str:
 
 def done_key(member: str) -> str:
     return f"llmgw:{TAG}:settled:{member}"
+
+
+class StoreOwner(Protocol):
+    """Whatever holds the process's current `Store` (the runtime, which may reopen it)."""
+
+    store: "Store"
 
 
 class StoreUnavailable(Exception):
@@ -256,27 +262,6 @@ class Store:
         self.client  # noqa: B018 - registers the scripts on first use
         return self._scripts[name]
 
-    # --- live limits and usage: proxy/live_limits.py (it builds on Store, hence imported per call) ---
-    async def set_limit(self, scope: str, rpm: int | None, tpm: int | None) -> None:
-        from proxy import live_limits
-        await live_limits.set_limit(self, scope, rpm, tpm)
-
-    async def get_limit(self, scope: str) -> dict[str, int]:
-        from proxy import live_limits
-        return await live_limits.get_limit(self, scope)
-
-    async def clear_limit(self, scope: str) -> bool:
-        from proxy import live_limits
-        return await live_limits.clear_limit(self, scope)
-
-    async def list_limits(self) -> dict[str, dict[str, int]]:
-        from proxy import live_limits
-        return await live_limits.list_limits(self)
-
-    async def usage(self, scope: str) -> dict[str, float]:
-        from proxy import live_limits
-        return await live_limits.usage(self, scope)
-
     async def aclose(self) -> None:
         if self._lag_task is not None:
             self._lag_task.cancel()
@@ -303,5 +288,5 @@ async def _keep_cancel(call: Any) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def _sources() -> dict[str, str]:
-    return {name: resources.files("proxy").joinpath("lua", f"{name}.lua").read_text() for name in SCRIPTS}
+    return {name: resources.files("proxy.state").joinpath("lua", f"{name}.lua").read_text() for name in SCRIPTS}
 

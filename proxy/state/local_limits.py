@@ -1,6 +1,6 @@
 """In-process fallback limiter used while Redis is unavailable (`state.on_redis_error: local`).
 
-Contract: the same algorithms as `proxy/lua/reserve.lua` (a 60 s sliding request log, GCRA for
+Contract: the same algorithms as `proxy/state/lua/reserve.lua` (a 60 s sliding request log, GCRA for
 tokens, all scopes together, first admissible deployment candidate), on the monotonic clock, with
 each limit divided by `state.replicas` so N replicas together stay near the shared limit. Counters
 start empty when the fallback engages; nothing is synchronised back to Redis.

@@ -3,7 +3,7 @@
 Contract:
 - Most span attributes repeat from request to request. They live in one dict per combination
   (a "shape"), never mutated once made: a span takes it as its `static` part and sets only its own
-  values, and the exporter (`proxy.spanwire`) encodes each shape once.
+  values, and the exporter (`proxy.telemetry.spanwire`) encodes each shape once.
 - `SpanShapes(metrics, deployments)` (metrics may be None: spans only) makes and remembers them:
   `server(key)` gives a request's span name (`{method} {family} {operation}`) and shared
   attributes, for key (method, path, family, operation, status, attempts, model, key id, error
@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 from config.models import Deployment
-from proxy.metric_routes import Route, Upstream
-from proxy.metrics import GatewayMetrics
+from proxy.telemetry.metric_routes import Route, Upstream
+from proxy.telemetry.metrics import GatewayMetrics
 
 SHAPES_LIMIT = 2048
 FINALS_LIMIT = 64  # per attempt shape: (status, attempt number, error type, model, reasons) combinations

@@ -1,6 +1,6 @@
 """One upstream HTTP/1.1 connection: an asyncio protocol that parses responses with httptools.
 
-Contract (used by `proxy.wire` only):
+Contract (used by `proxy.upstream.wire` only):
 - `exchange(head, body, ...)` writes one request and waits for the response head; afterwards
   `status`, `reason`, `headers` (name case as received) describe it and `next_chunk()` /
   `wait_body()` hand out the body as it arrives. One exchange at a time (no pipelining).

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.state import Store, counter_keys, limits_key
+from proxy.state.store import Store, counter_keys, limits_key
 
 LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute")
 

@@ -1,7 +1,7 @@
 """Settlements: every finished reservation reconciled with its real usage, batched off the request path.
 
 Contract:
-- `Settlements(runtime, deployments)` (`SettleBlock` per deployment name);
+- `Settlements(owner, deployments)` (calls go to `owner.store`) (`SettleBlock` per deployment name);
   `add(tag, member, conc_key, delta, common, deployments, estimate)` queues one reconcile.lua
   record (see the script's header): `tag` names its done marker (each record settles once),
   `conc_key` frees a concurrency slot, `common` is the plan's `SettleBlock` (or None) and
@@ -23,14 +23,13 @@ from typing import Any
 
 import structlog
 
-from proxy.redis_wire import Packed, bulk, bulks
-from proxy.runtime import Runtime
-from proxy.state import StoreUnavailable, TAG
+from proxy.state.redis_wire import Packed, bulk, bulks
+from proxy.state.store import StoreOwner, StoreUnavailable, TAG
 
 log = structlog.get_logger("llm_gateway.ratelimit")
 SETTLE_EVERY = 0.005
 SETTLE_BATCH = 500  # records per reconcile.lua call
-_DONE = f"llmgw:{TAG}:settled:"  # proxy.state.done_key, as a prefix
+_DONE = f"llmgw:{TAG}:settled:"  # proxy.state.store.done_key, as a prefix
 
 
 class SettleBlock:
@@ -54,7 +53,7 @@ Shape = tuple[bytes, bytes, bytes, int, int, list[SettleBlock]]
 
 
 class Settlements:
-    def __init__(self, runtime: Runtime, deployments: dict[str, SettleBlock]) -> None:
+    def __init__(self, runtime: StoreOwner, deployments: dict[str, SettleBlock]) -> None:
         self.runtime = runtime
         self.deployments = deployments
         self.queue: list[Record] = []

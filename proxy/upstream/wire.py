@@ -34,7 +34,7 @@ from typing import Any, AsyncIterator
 
 import httpx
 
-from proxy.connection import Connection, Stale
+from proxy.upstream.connection import Connection, Stale
 
 HIGH_WATER = 256 * 1024  # buffered response bytes before the upstream socket is paused
 Origin = tuple[str, str, int]

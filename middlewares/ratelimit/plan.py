@@ -23,10 +23,10 @@ import functools
 from typing import Any
 
 from proxy.context import Principal
-from middlewares.ratelimit_batch import Block
-from middlewares.ratelimit_settle import SettleBlock
-from proxy.health import PROBE_LOCK_MS, health_key, probe_key
-from proxy.state import concurrency_key, counter_keys, limits_key
+from proxy.state.reservations import Block
+from proxy.state.settlements import SettleBlock
+from proxy.state.health import PROBE_LOCK_MS, health_key, probe_key
+from proxy.state.store import concurrency_key, counter_keys, limits_key
 
 Scope = tuple[str, "int | None", "int | None"]  # name, default rpm, default tpm
 

@@ -2,10 +2,10 @@
 
 Contract:
 - One `CollectorRegistry` per app (several apps may live in one process). A record is a label
-  lookup plus an increment on a plain slotted object (`proxy.local_metrics.LocalMetric`, no locks:
+  lookup plus an increment on a plain slotted object (`proxy.telemetry.local_metrics.LocalMetric`, no locks:
   every hook runs on the event loop thread), exposed through a prometheus_client collector; with
   several workers the metrics are prometheus_client's own multiprocess ones instead. OTLP push reads
-  the same registry (`proxy.otlp.PrometheusBridge`), so nothing is recorded twice.
+  the same registry (`proxy.telemetry.otlp.PrometheusBridge`), so nothing is recorded twice.
 - Names: the six contract metrics take `monitoring.metrics.prefix` + `_` (`llm_gateway_llm_requests_total`);
   the GenAI histograms keep their semantic-convention names as Prometheus spells them
   (`gen_ai_client_token_usage`, `gen_ai_client_operation_duration_seconds`,
@@ -14,10 +14,10 @@ Contract:
 - Labels are bounded: `provider` is a configured deployment name (or `none`), `model` a configured
   model, a model some deployment really served (at most `DYNAMIC_MODELS` of those), `none` or
   `other`; `status` an HTTP status; `error_type` the closed error vocabulary.
-- Histogram values wait in a list until folded (`proxy.local_metrics`); the observer calls `fold()`
+- Histogram values wait in a list until folded (`proxy.telemetry.local_metrics`); the observer calls `fold()`
   every `FOLD_EVERY` requests, so that list stays short whether or not anything reads the metrics.
 - The request path resolves labels once per (provider, model label, operation): `route()` returns a
-  `proxy.metric_routes.Route` holding that combination's series, so a request costs one tuple
+  `proxy.telemetry.metric_routes.Route` holding that combination's series, so a request costs one tuple
   lookup plus a few increments, not one label lookup per metric (the set of routes is bounded by
   the labels); `Route.finish()` records a request's status, duration and tokens in one call.
 - Several uvicorn workers: `prepare_multiprocess()` (called by `serve` before the workers start)
@@ -36,11 +36,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from config.models import Config
 from proxy.errors import CODES
-from proxy.local_metrics import LocalCollector, LocalMetric
-from proxy.metric_routes import Route, SharedRoute, Upstream
+from proxy.telemetry.local_metrics import LocalCollector, LocalMetric
+from proxy.telemetry.metric_routes import Route, SharedRoute, Upstream
 
 DYNAMIC_MODELS = 50
-FOLD_EVERY = 1024  # requests between folds of the histograms' pending values (`proxy.local_metrics`)
+FOLD_EVERY = 1024  # requests between folds of the histograms' pending values (`proxy.telemetry.local_metrics`)
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)

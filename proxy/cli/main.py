@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import gc
 import os
 import sys
 from typing import Any, Sequence
@@ -73,34 +72,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def app_factory() -> Any:
-    """uvicorn factory for `serve` (each worker process builds its own app)."""
-    from proxy.app import build_app
-
-    app = build_app(os.environ.get("LLM_GATEWAY_CONFIG"))
-    gc.freeze()  # the long-lived startup objects never need scanning again: cheaper collections per request
-    # Requests leave no cycles (tests/test_no_cycles.py), so the default young-generation threshold
-    # (700) only buys a useless collection every few requests (~8 us a request at c=16, bench/run.py).
-    gc.set_threshold(10_000, 20, 50)
-    return app
-
-
-def uvicorn_options() -> dict[str, Any]:
-    opts: dict[str, Any] = {"access_log": False, "log_level": "warning", "lifespan": "on",
-                            "timeout_graceful_shutdown": 10, "http": "httptools",  # a dependency
-                            "server_header": False,  # don't advertise the server software
-                            # X-Forwarded-For (admin logs' client address) only for the LBs ops trust
-                            "proxy_headers": bool(os.environ.get("FORWARDED_ALLOW_IPS"))}
-    try:
-        import uvloop  # noqa: F401
-        opts["loop"] = "uvloop"
-    except ImportError:
-        opts["loop"] = "asyncio"
-    return opts
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+
+    from proxy.cli.serve import uvicorn_options
 
     cfg = _load(args.config)
     if not cfg.enabled_providers:
@@ -110,11 +85,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or cfg.server.host
     port = args.port or cfg.server.port
     workers = args.workers or cfg.server.workers
-    if workers > 1:  # one /metrics for all workers: prometheus_client multiprocess mode (proxy/metrics.py)
-        from proxy.metrics import prepare_multiprocess
+    if workers > 1:  # one /metrics for all workers: prometheus_client multiprocess mode (proxy/telemetry/metrics.py)
+        from proxy.telemetry.metrics import prepare_multiprocess
         prepare_multiprocess()
     tls = {"ssl_certfile": cfg.server.certfile, "ssl_keyfile": cfg.server.keyfile} if cfg.server.certfile else {}
-    uvicorn.run("proxy.cli:app_factory", factory=True, host=host, port=port, workers=workers,
+    uvicorn.run("proxy.cli.serve:app_factory", factory=True, host=host, port=port, workers=workers,
                 **tls, **uvicorn_options())
     return 0
 
@@ -128,7 +103,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
 
 def _admin_store(args: argparse.Namespace, cfg: Config, what: str) -> Any:
     """A Store on `--redis-url` or `state.redis_url` (None, with a message, when there is no Redis)."""
-    from proxy.state import Store
+    from proxy.state.store import Store
 
     url = args.redis_url or str(cfg.state.redis_url)
     if not url:
@@ -168,8 +143,8 @@ def add_keys_arguments(sub: Any, common: Any) -> None:
 
 
 async def _keys(args: argparse.Namespace, cfg: Config) -> int:
-    from proxy.keys import DISABLED_MESSAGE, KeyStore, keys_table, parse_spec
-    from proxy.state import StoreUnavailable
+    from proxy.state.keys import DISABLED_MESSAGE, KeyStore, keys_table, parse_spec
+    from proxy.state.store import StoreUnavailable
 
     if args.action == "create":
         if not str(cfg.auth.secret):
@@ -219,9 +194,9 @@ async def _keys(args: argparse.Namespace, cfg: Config) -> int:
 
 
 async def _health(args: argparse.Namespace, cfg: Config) -> int:
-    from proxy.admin import health_report, health_table
-    from proxy.health import SharedHealth
-    from proxy.state import StoreUnavailable
+    from proxy.admin.api import health_report, health_table
+    from proxy.state.health import SharedHealth
+    from proxy.state.store import StoreUnavailable
 
     store = _admin_store(args, cfg, "/admin/health")
     if store is None:
@@ -240,7 +215,7 @@ async def _health(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo
+    from proxy.cli.demo import run_demo
 
     return run_demo(host=args.host, port=args.port)
 
@@ -265,7 +240,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8080)
     d.set_defaults(func=cmd_demo)
-    from proxy import limits_cli
+    from proxy.cli import limits as limits_cli
 
     def with_redis(c: argparse.ArgumentParser) -> argparse.ArgumentParser:
         # SUPPRESS: `keys --config F create` and `keys create --config F` both work (a nested parser's
@@ -293,7 +268,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command not in ("serve", "demo", "mock-provider"):
-        from proxy.logs import configure_logging
+        from proxy.telemetry.logs import configure_logging
 
         configure_logging(stream=sys.stderr)  # keep stdout for the command's own (JSON) output
     return int(args.func(args) or 0)

@@ -7,19 +7,20 @@ Contract:
   the attempt's `traceparent` sent upstream in place of the client's. Sampler: ParentBased
   TraceIdRatio(`sample_rate`). Rate-limit, failover, retry-budget, disconnect and pool decisions are
   span events; the routing choice is an attempt attribute. Spans are light records on the request
-  path (`proxy.tracing`), exported through the SDK's exporters (`proxy.telemetry_export`, which
+  path (`proxy.telemetry.tracing`), exported through the SDK's exporters (`proxy.telemetry.export`, which
   also owns their shutdown); nothing global is touched. A request's trace position (a `SpanStart`
-  tuple) waits in `ctx.trace` and its events in `ctx.extra["otel.events"]`; each span is made
+  tuple) waits in `ctx.trace` and its events in `ctx.trace_events`; each span is made
   once, complete, when it ends (an attempt's in `attempt_end`, the request's in `request_end`).
-- Metrics (`monitoring.metrics.enabled`): `proxy.metrics.GatewayMetrics`; pushed over OTLP too
-  when an endpoint is configured (`proxy.otlp.PrometheusBridge`).
-- Every hook is guarded: telemetry never raises into traffic. The observer also keeps
-  `ctx.extra["attempt_open"]` so the app can compute the overhead header mid-attempt, and
-  `ctx.trace_id` for the access log.
+- Metrics (`monitoring.metrics.enabled`): `proxy.telemetry.metrics.GatewayMetrics`; pushed over OTLP too
+  when an endpoint is configured (`proxy.telemetry.otlp.PrometheusBridge`).
+- Every hook is guarded: telemetry never raises into traffic, and traffic never depends on it:
+  the observer writes only its own fields (`ctx.trace`, `ctx.trace_id`, `ctx.trace_events`,
+  `ctx.client_traceparent`, `ctx.series`) and reads the rest (the attempt's time to first chunk
+  and error are the forwarder's and the relay's, on `ctx.attempt`).
 - Cost (a few microseconds a request): metrics go through one `Route` per (deployment, model,
   operation); a span sets only its own values (request id, overhead, tokens) and takes the rest
   (an attempt's number, status and error type included) from a shared, cached "shape"
-  (`proxy.span_shapes`: name and attribute dict per request or attempt kind), which the exporter
+  (`proxy.telemetry.span_shapes`: name and attribute dict per request or attempt kind), which the exporter
   also encodes once.
 """
 from __future__ import annotations
@@ -35,11 +36,11 @@ from opentelemetry.trace import SpanKind
 
 from config.models import Config, Deployment
 from proxy.context import RequestContext
-from proxy.metrics import GatewayMetrics, error_type
-from proxy.observer import Observer
-from proxy.span_shapes import SpanShapes
-from proxy.telemetry_export import Exporters
-from proxy.tracing import parse_traceparent
+from proxy.telemetry.metrics import GatewayMetrics, error_type
+from proxy.telemetry.observer import Observer
+from proxy.telemetry.span_shapes import SpanShapes
+from proxy.telemetry.export import Exporters
+from proxy.telemetry.tracing import parse_traceparent
 
 log = structlog.get_logger("llm_gateway.telemetry")
 _perf_counter, _time_ns = time.perf_counter, time.time_ns  # module globals: one lookup, not two, a hook
@@ -69,7 +70,7 @@ class GatewayObserver(Observer):
                     ctx.trace_id = f"{parsed[0]:032x}"
                 return None
             if traceparent is not None:
-                ctx.extra["client_traceparent"] = True  # attempts replace it
+                ctx.client_traceparent = True  # attempts replace it
             # the span itself is made once, when the request ends: its name and shape depend on the outcome
             begun = self.tracer.begin(traceparent, ctx.header(b"tracestate") if traceparent else None)
             ctx.trace = begun
@@ -120,14 +121,13 @@ class GatewayObserver(Observer):
                 error = (code or str(status)) if status >= 500 or (code and status < 400) else None
                 trace_id, span_id, parent_id, remote, _, state, _, start = handle
                 self.tracer.end((name, _SERVER, static, trace_id, span_id, parent_id,  # type: ignore[union-attr]
-                                 remote, state, start, _time_ns(), own, ctx.extra.get("otel.events"), error))
+                                 remote, state, start, _time_ns(), own, ctx.trace_events, error))
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="request_end")
 
     # --- attempts --------------------------------------------------------------------------------
     def attempt_start(self, ctx: RequestContext, dep: Deployment, url: str, headers: list[tuple[str, str]]) -> Any:
         """Returns (perf counter, the attempt span's id or 0, its shape or None, unix ns, the request's `SpanStart`)."""
-        ctx.extra["attempt_open"] = True
         started = _perf_counter()
         if self.tracer is None and self.metrics is None:
             return (started, 0, None, 0, None)
@@ -138,7 +138,7 @@ class GatewayObserver(Observer):
             if begun is None:
                 return (started, 0, kind, 0, None)
             span_id = _getrandbits(64) or 1  # the span is made when the attempt ends (sampled only)
-            if ctx.extra.get("client_traceparent"):
+            if ctx.client_traceparent:
                 headers[:] = [(k, v) for k, v in headers if k.lower() != "traceparent"]
             headers.append(("traceparent", f"00-{begun[6]}-{span_id.to_bytes(8, 'big').hex()}-"
                                            f"{'01' if begun[4] else '00'}"))
@@ -149,14 +149,11 @@ class GatewayObserver(Observer):
 
     def attempt_end(self, ctx: RequestContext, dep: Deployment, handle: Any, status: int | None,
                     error_type_: str | None) -> None:
-        ctx.extra["attempt_open"] = False
         try:
             started, span_id, kind, start, begun = handle if handle.__class__ is tuple else \
                 (_perf_counter(), 0, None, 0, None)
             seconds = _perf_counter() - started
             code = error_type(error_type_) if error_type_ else ""  # no call for a successful attempt
-            if code:
-                ctx.extra["attempt_error"] = code
             m = self.metrics
             if m is not None:
                 route = kind[2] if kind is not None else m.route(dep.name, ctx.model, ctx.operation)
@@ -179,7 +176,7 @@ class GatewayObserver(Observer):
                             own["gen_ai.usage.output_tokens"] = u.output_tokens
                         if u.cached_tokens:
                             own["gen_ai.usage.cache_read.input_tokens"] = u.cached_tokens
-                        ttfc = ctx.extra.get("ttfc")
+                        ttfc = ctx.attempt.ttfc if ctx.attempt is not None else None
                         if ttfc is not None:
                             own["gen_ai.response.time_to_first_chunk"] = ttfc
                     else:
@@ -191,7 +188,6 @@ class GatewayObserver(Observer):
             log.exception("telemetry_hook_failed", hook="attempt_end")
 
     def first_chunk(self, ctx: RequestContext, seconds: float) -> None:
-        ctx.extra["ttfc"] = seconds
         m = self.metrics
         if m is not None and ctx.deployment is not None:
             try:  # the gateway is the server here: request start to the first chunk sent
@@ -204,9 +200,9 @@ class GatewayObserver(Observer):
         """An event on the request's span (sampled only), made when the request ends."""
         begun = ctx.trace if ctx is not None else None
         if begun is not None and begun[4]:  # sampled
-            events = ctx.extra.get("otel.events")  # type: ignore[union-attr]
+            events = ctx.trace_events  # type: ignore[union-attr]
             if events is None:
-                events = ctx.extra["otel.events"] = []  # type: ignore[union-attr]
+                events = ctx.trace_events = []  # type: ignore[union-attr]
             events.append((name, attrs, _time_ns()))
 
     def failover(self, ctx: RequestContext, failed: Deployment, nxt: Deployment, reason: str) -> None:
@@ -288,7 +284,7 @@ class GatewayObserver(Observer):
         self.exporters.flush()
 
     async def aclose(self) -> None:
-        """Flush and stop the exporters (`proxy.telemetry_export.Exporters.aclose`)."""
+        """Flush and stop the exporters (`proxy.telemetry.export.Exporters.aclose`)."""
         await self.exporters.aclose()
 
 

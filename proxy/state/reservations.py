@@ -2,7 +2,7 @@
 the same turn, each still all or nothing, in arrival order, and exact.
 
 Contract:
-- `ReserveBatcher(runtime)` (calls go to `runtime.store`, which may be reopened); `reserve(block, record)` returns a future of this request's reply
+- `ReserveBatcher(owner)` (calls go to `owner.store`, which may be reopened); `reserve(block, record)` returns a future of this request's reply
   (reserve.lua's per-request reply). `block` is the request's KEYS as a tuple, shared by every
   request of one plan and sent once per batch; `record` is its ARGV record without the length and
   key offset (member, estimate, common scopes, concurrency cap, lease, probe lock, then the
@@ -24,9 +24,8 @@ import asyncio
 import functools
 from typing import Any
 
-from proxy.redis_wire import Packed, bulk, bulks
-from proxy.runtime import Runtime
-from proxy.state import StoreUnavailable
+from proxy.state.redis_wire import Packed, bulk, bulks
+from proxy.state.store import StoreOwner, StoreUnavailable
 
 MAX_BATCH = 128  # reserve.lua unpacks one ZADD argument pair per request and key
 
@@ -45,7 +44,7 @@ Waiter = tuple[Block, str, int, "asyncio.Future[Any]"]
 
 
 class ReserveBatcher:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: StoreOwner) -> None:
         self.runtime = runtime
         self.queue: list[Waiter] = []
 

@@ -35,7 +35,7 @@ import structlog
 from config.models import FAMILIES
 from proxy.context import Principal
 from proxy.errors import GatewayError
-from proxy.state import TAG, Store, StoreUnavailable
+from proxy.state.store import TAG, Store, StoreUnavailable
 
 log = structlog.get_logger("llm_gateway.keys")
 ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
