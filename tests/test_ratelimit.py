@@ -214,11 +214,32 @@ def test_admits_up_to_limit_then_native_429(backend: dict[str, Any], mock_upstre
     check_429(headers)
     check_openai_headers(headers, limit=5, remaining=0)
     assert err.code == "rate_limit_exceeded" and err.type == "requests"
+    assert "the gateway (global) on requests per min (RPM): Limit 5, Requested 1" in err.message, err.message
     # a refused request is not counted: the window still holds exactly five
     with pytest.raises(openai.RateLimitError):
         chat(client)
     if backend["name"] == "redis":
         assert store_usage(backend["url"], "global")["requests"] == 5
+
+
+def test_a_token_limit_says_so(backend: dict[str, Any], mock_upstream: str,
+                               make_gateway: Callable[..., str]) -> None:
+    """A 429 from a tokens limit names the scope and the limit, and OpenAI's `type` is `tokens`
+    (Anthropic and Bedrock clients get the same words in their own shapes)."""
+    base = make_gateway(gateway_yaml(mock_upstream, backend["url"], key_limits={"tokens_per_minute": 300}))
+    client = oai(base)
+    big = [{"role": "user", "content": "word " * 200}]  # ~250 estimated tokens with max_tokens
+    assert client.chat.completions.with_raw_response.create(model="gpt-4o", messages=big, max_tokens=8).status_code == 200
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=big, max_tokens=8)
+    err = info.value
+    assert err.type == "tokens" and err.code == "rate_limit_exceeded"
+    assert "key 'team-test' on tokens per min (TPM): Limit 300, Requested " in err.message, err.message
+    anth = anthropic.Anthropic(base_url=base, api_key=GATEWAY_KEY, max_retries=0)
+    with pytest.raises(anthropic.RateLimitError) as a_info:
+        anth.messages.create(model="claude-3-5-sonnet-20241022", max_tokens=8,
+                             messages=[{"role": "user", "content": "word " * 200}])
+    assert "on tokens per min (TPM): Limit 300" in a_info.value.message
 
 
 def test_tokens_reconciled_to_real_usage(backend: dict[str, Any], mock_upstream: str,

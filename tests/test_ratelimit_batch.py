@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from config import parse_config
-from proxy.state.reservations import ReserveBatcher
+from proxy.state.reservations import REQUESTS, TOKENS, ReserveBatcher
 from middlewares.ratelimit.plan import Plan
 from proxy.context import Principal
 from proxy.state.store import Store, StoreUnavailable, counter_keys, limits_key
@@ -57,11 +57,13 @@ def test_one_turn_is_one_call_and_exact(url: str) -> None:
     calls, replies = asyncio.run(scenario())
     if url:
         assert calls == 1, "40 reservations of one loop turn: one script call"
-    admitted = [int(r[0]) for r in replies]
-    assert admitted == [1] * 9 + [0] * 31, "the warm-up took 1 of 10; then arrival order, exactly"
+    admitted = [r.admitted for r in replies]
+    assert admitted == [True] * 9 + [False] * 31, "the warm-up took 1 of 10; then arrival order, exactly"
     # each reply is its own: the remaining count falls one by one, the refused ones say when to retry
-    assert [int(r[8]) for r in replies[:9]] == list(range(8, -1, -1))
-    assert all(int(r[2]) > 0 for r in replies[9:])
+    assert [r.requests.remaining for r in replies[:9]] == list(range(8, -1, -1))
+    assert all(r.retry_ms > 0 for r in replies[9:])
+    assert all((r.refused_scope, r.refused_limit) == (1, REQUESTS) for r in replies[9:]), "the global rpm refused them"
+    assert all((r.refused_scope, r.refused_limit) == (0, 0) for r in replies[:9])
 
 
 def test_plans_with_a_shared_key_count_it_once(url: str) -> None:
@@ -79,7 +81,7 @@ def test_plans_with_a_shared_key_count_it_once(url: str) -> None:
         return replies
 
     replies = asyncio.run(scenario())
-    assert [int(r[0]) for r in replies] == [1, 1, 1, 0], "global rpm 3 across both plans, in arrival order"
+    assert [r.admitted for r in replies] == [True, True, True, False], "global rpm 3 across both plans, in arrival order"
     if url:
         assert redis.Redis.from_url(url).zcard(counter_keys("global")[0]) == 3
 
@@ -97,7 +99,9 @@ def test_a_refused_request_reserves_nothing(url: str) -> None:
         await store.aclose()
         return replies
 
-    assert [int(r[0]) for r in asyncio.run(scenario())] == [1, 0, 1]
+    replies = asyncio.run(scenario())
+    assert [r.admitted for r in replies] == [True, False, True]
+    assert (replies[1].refused_scope, replies[1].refused_limit) == (1, TOKENS), "the global tpm refused it"
 
 
 def test_the_reply_names_the_most_constraining_scope_per_dimension(url: str) -> None:
@@ -122,13 +126,13 @@ def test_the_reply_names_the_most_constraining_scope_per_dimension(url: str) -> 
         await store.aclose()
         return replies
 
-    tight_reply, loose_reply, even_reply, live_reply = [[int(v) for v in r] for r in asyncio.run(scenario())]
-    assert tight_reply[6:10] == [2, 10, 9, 60000], "requests: the key's 10 rpm, 9 left, a full window to reset"
-    assert tight_reply[10:13] == [1, 100, 50], "tokens: the global 100 tpm, 50 left"
-    assert len(tight_reply) == 14, "no live limits: nothing more"
-    assert loose_reply[6] == 0 and loose_reply[10] == 0
-    assert even_reply[6:9] == [1, 2, 0] and even_reply[10] == 0
-    assert live_reply[10:13] == [2, 5000, 4999] and live_reply[14:] == [2, -1, 5000], \
+    tight_reply, loose_reply, even_reply, live_reply = asyncio.run(scenario())
+    assert tight_reply.requests == (2, 10, 9, 60000), "requests: the key's 10 rpm, 9 left, a full window to reset"
+    assert tight_reply.tokens[:3] == (1, 100, 50), "tokens: the global 100 tpm, 50 left"
+    assert tight_reply.live == (), "no live limits: nothing more"
+    assert loose_reply.requests is None and loose_reply.tokens is None
+    assert even_reply.requests[:3] == (1, 2, 0) and even_reply.tokens is None
+    assert live_reply.tokens[:3] == (2, 5000, 4999) and live_reply.live == (2, -1, 5000), \
         "the model (scope 2 here: no key) has a live 5000 tpm: its figures, and its effective limits"
 
 

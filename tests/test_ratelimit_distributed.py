@@ -430,7 +430,7 @@ def test_cancelled_limit_checks_corrupt_no_later_reply(redis_server: dict[str, A
                     continue
                 # {admitted, chosen, retry ms, now, marker, probe, scope, rpm, remaining, reset, scope, tpm, ...}
                 reply = [int(v) for v in reply[0]]  # the batch of one's only reply
-                if (len(reply) < 14 or reply[0] != 1 or reply[4] != 0 or reply[6] != 1
+                if (len(reply) < 16 or reply[0] != 1 or reply[4] != 0 or reply[6] != 1
                         or reply[7] != 10_000_000 + i or reply[11] != 20_000_000 + i):
                     wrong.append((i, reply))
                 else:

@@ -30,8 +30,8 @@ from typing import Any
 import structlog
 
 from config.models import Config, Deployment
-from proxy.state.reservations import Block, ReserveBatcher
-from middlewares.ratelimit.plan import Plan, encode, limit_arg, settle_keys
+from proxy.state.reservations import CONCURRENCY, NONE_MAY_SERVE, Block, ReserveBatcher, Reservation
+from middlewares.ratelimit.plan import Plan, encode, limit_arg, refusal, settle_keys
 from proxy.state.settlements import SettleBlock, Settlements
 from proxy.context import RequestContext, get_context
 from proxy.errors import GatewayError
@@ -121,15 +121,15 @@ class RateLimitMiddleware:
             reply = await self.batcher.reserve(plan.block, member, ctx.estimated_tokens)
         except StoreUnavailable:
             return self._fallback(ctx, common, candidates, member, plan.conc, plan.conc_key)
-        admitted, chosen, retry_ms, marker = reply[0], reply[1], reply[2], reply[4]  # Lua numbers: ints
+        chosen, retry_ms, marker = reply.chosen, reply.retry_ms, reply.marker
         headers = self._headers(ctx, reply, plan)
-        if not admitted and marker == -4:
+        if not reply.admitted and marker == NONE_MAY_SERVE:
             raise GatewayError("upstream_unavailable", "no deployment for this model can serve right now",
                                retry_after=retry_ms / 1000.0, headers={"retry-after": str(max(1, math.ceil(retry_ms / 1000)))})
-        if not admitted:
-            reason = {-2: "concurrent request limit", -3: "every deployment for this model is at its limit"}.get(marker, "rate limit")
+        if not reply.admitted:
+            reason, kind = refusal(ctx, reply, plan)
             self.runtime.observer.rate_limited(ctx, reason, "gateway")
-            raise self._reject(ctx, retry_ms / 1000.0, reason, headers, concurrency=marker == -2)
+            raise self._reject(ctx, retry_ms / 1000.0, reason, headers, concurrency=marker == CONCURRENCY, kind=kind)
         if candidates and chosen > 0:
             ctx.admitted = ctx.candidates[chosen - 1]
         ctx.reservation = {"member": member, "tokens": ctx.estimated_tokens, "store": "redis",
@@ -151,9 +151,9 @@ class RateLimitMiddleware:
                 except StoreUnavailable:
                     reply = None
                 if reply is not None:
-                    if not int(reply[0]) or int(reply[1]) < 1:
+                    if not reply.admitted or reply.chosen < 1:
                         return None
-                    chosen = deps[int(reply[1]) - 1]
+                    chosen = deps[reply.chosen - 1]
                     ctx.reservation["deployments"].append(chosen.name)
                     return chosen
             usable = self._locally_healthy(candidates)
@@ -184,7 +184,8 @@ class RateLimitMiddleware:
         ok, chosen, retry = self.local.reserve(common, usable, ctx.estimated_tokens, member, concurrency)
         if not ok:
             self.runtime.observer.rate_limited(ctx, "local fallback", "gateway")
-            raise self._reject(ctx, retry, "rate limit (local fallback)", [], concurrency=False)
+            raise self._reject(ctx, retry, "the gateway's rate limit (local fallback while Redis is unavailable)", [],
+                               concurrency=False)
         if usable and chosen >= 0:
             name = usable[chosen][0].split(":", 1)[1]
             ctx.admitted = next(d for d in ctx.candidates if d.name == name)
@@ -194,7 +195,7 @@ class RateLimitMiddleware:
         return []
 
     def _reject(self, ctx: RequestContext, retry: float, reason: str, headers: list[tuple[bytes, bytes]],
-                concurrency: bool) -> GatewayError:
+                concurrency: bool, kind: str = "requests") -> GatewayError:
         retry = max(retry, 0.001)
         seconds = min(60, max(1, math.ceil(retry)))
         extra = {k.decode(): v.decode() for k, v in headers}
@@ -202,27 +203,28 @@ class RateLimitMiddleware:
                       "x-should-retry": "true" if retry <= 60 else "false"})
         return GatewayError("policy_concurrency_limited" if concurrency else "policy_rate_limited",
                             f"Rate limit exceeded: {reason}. Retry after {seconds}s.",
-                            headers=extra, retry_after=retry, detail="requests")
+                            headers=extra, retry_after=retry, detail=kind)
 
-    def _headers(self, ctx: RequestContext, reply: list[Any], plan: Plan) -> list[tuple[bytes, bytes]]:
+    def _headers(self, ctx: RequestContext, reply: Reservation, plan: Plan) -> list[tuple[bytes, bytes]]:
         """The rate-limit headers of the most constraining scope per dimension (reserve.lua picks it)."""
         # The effective limits only change when someone changes them live: the reply lists the live
         # ones of the checked scopes, compared here as a whole with this plan's last reply.
-        live = reply[14:]
-        if self.last_limits.get(id(plan)) != (reply[1], live):
+        seen = (reply.chosen, reply.live)
+        if self.last_limits.get(id(plan)) != seen:
             self._note_limits(reply, plan)
-            self.last_limits[id(plan)] = (reply[1], live)
+            self.last_limits[id(plan)] = seen
         names = plan.names
-        r, t = reply[6], reply[10]
-        return ctx.adapter.rate_limit_headers((reply[7], reply[8], reply[9], names[r - 1]) if r else None,
-                                              (reply[11], reply[12], reply[13], names[t - 1]) if t else None)
+        r, t = reply.requests, reply.tokens
+        return ctx.adapter.rate_limit_headers((r.limit, r.remaining, r.reset_ms, names[r.scope - 1]) if r else None,
+                                              (t.limit, t.remaining, t.reset_ms, names[t.scope - 1]) if t else None)
 
-    def _note_limits(self, reply: list[Any], plan: Plan) -> None:
+    def _note_limits(self, reply: Reservation, plan: Plan) -> None:
         """Log each checked scope whose effective limits differ from what this replica saw before."""
-        live = {reply[k]: (reply[k + 1], reply[k + 2]) for k in range(14, len(reply) - 2, 3)}
+        rows = reply.live
+        live = {rows[k]: (rows[k + 1], rows[k + 2]) for k in range(0, len(rows) - 2, 3)}
         checked = list(range(len(plan.common)))
-        if reply[1] > 0:
-            checked.append(len(plan.common) + reply[1] - 1)
+        if reply.chosen > 0:
+            checked.append(len(plan.common) + reply.chosen - 1)
         seen_limits = self.seen_limits
         for position in checked:
             name = plan.names[position]

@@ -12,6 +12,8 @@ Contract:
   names and default limits (-1: none) by reply position (`names`, `defaults`), the key's concurrency cap and key, and reconcile.lua's keys
   and token limits for the common scopes (`settle`, a `ratelimit_settle.SettleBlock`). A plan is
   never mutated.
+- `refusal(ctx, reply, plan)`: what refused a request, in words (which scope, which limit, its value
+  and what was asked, as providers word it) and its kind (`requests` or `tokens`, OpenAI's 429 `type`).
 - `encode(common, candidates, conc_key)`: reserve.lua's KEYS and per-scope ARGV tail in the layout
   its header documents (per scope: request log, token TAT, live-limit hash, and for a candidate its
   health and probe keys; with a concurrency cap, its key last). `settle_keys(scope)`: what reconcile.lua
@@ -22,8 +24,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from proxy.context import Principal
-from proxy.state.reservations import Block
+from proxy.context import Principal, RequestContext
+from proxy.state.reservations import ALL_AT_LIMIT, CONCURRENCY, TOKENS, Block, Reservation
 from proxy.state.settlements import SettleBlock
 from proxy.state.health import PROBE_LOCK_MS, health_key, probe_key
 from proxy.state.store import concurrency_key, counter_keys, limits_key
@@ -84,3 +86,29 @@ class Plan:
         self.block = Block(tuple(keys), [len(self.common), self.conc or 0, lease_ms, PROBE_LOCK_MS, *limits])
         self.settle = SettleBlock([k for name, _, _ in self.common for k in settle_keys(name)],
                                   [limit_arg(tpm) for _, _, tpm in self.common])
+
+
+def _scope_words(name: str) -> str:
+    kind, _, rest = name.partition(":")
+    return {"key": f"key {rest!r}", "model": f"model {rest!r}", "provider": f"deployment {rest!r}",
+            "team": f"team {rest!r}"}.get(kind, "the gateway (global)")
+
+
+def refusal(ctx: RequestContext, reply: Reservation, plan: "Plan") -> tuple[str, str]:
+    """Which limit refused the request, in words, and whether it was a requests or a tokens limit."""
+    if reply.marker == CONCURRENCY:
+        return f"key {ctx.principal.key_id!r} is at its concurrent request limit ({plan.conc})", "requests"  # type: ignore[union-attr]
+    position, tokens = reply.refused_scope, reply.refused_limit == TOKENS
+    if not position:
+        return "rate limit", "requests"
+    rows = reply.live  # the effective (live) limits of scopes that have one; else the plan's defaults
+    live = {rows[k]: (rows[k + 1], rows[k + 2]) for k in range(0, len(rows) - 2, 3)}
+    rpm, tpm = live.get(position, plan.defaults[position - 1])
+    if tokens:
+        what = f"tokens per min (TPM): Limit {tpm}, Requested {ctx.estimated_tokens}"
+    else:
+        what = f"requests per min (RPM): Limit {rpm}, Requested 1"
+    words = f"{_scope_words(plan.names[position - 1])} on {what}"
+    if reply.marker == ALL_AT_LIMIT:
+        words = f"every deployment for this model is at its limit ({words})"
+    return words, "tokens" if tokens else "requests"

@@ -2,8 +2,9 @@
 the same turn, each still all or nothing, in arrival order, and exact.
 
 Contract:
-- `ReserveBatcher(owner)` (calls go to `owner.store`, which may be reopened); `reserve(block, record)` returns a future of this request's reply
-  (reserve.lua's per-request reply). `block` is the request's KEYS as a tuple, shared by every
+- `ReserveBatcher(owner)` (calls go to `owner.store`, which may be reopened); `reserve(block, member,
+  tokens)` returns a future of this request's `Reservation` (reserve.lua's per-request reply, by
+  name: callers never index a Lua reply). `block` is the request's KEYS as a tuple, shared by every
   request of one plan and sent once per batch; `record` is its ARGV record without the length and
   key offset (member, estimate, common scopes, concurrency cap, lease, probe lock, then the
   per-scope default limits).
@@ -22,12 +23,47 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.state.redis_wire import Packed, bulk, bulks
 from proxy.state.store import StoreOwner, StoreUnavailable
 
 MAX_BATCH = 128  # reserve.lua unpacks one ZADD argument pair per request and key
+# Why a request was not admitted (`Reservation.marker`)
+LIMITED, CONCURRENCY, ALL_AT_LIMIT, NONE_MAY_SERVE = 0, -2, -3, -4
+REQUESTS, TOKENS = 1, 2  # `Reservation.refused_limit`
+
+
+class Figure(NamedTuple):
+    """The most constraining checked scope in one dimension (requests or tokens)."""
+
+    scope: int  # 1-based position among the plan's scopes (common first, then candidates)
+    limit: int
+    remaining: int
+    reset_ms: int
+
+
+class Reservation(NamedTuple):
+    """reserve.lua's reply for one request (layout: the script's header)."""
+
+    admitted: bool
+    chosen: int  # 1-based candidate position, 0 = none
+    retry_ms: int
+    now_ms: int
+    marker: int  # LIMITED (also when admitted), CONCURRENCY, ALL_AT_LIMIT, NONE_MAY_SERVE
+    probe: bool  # this request is the half-open circuit's probe
+    requests: Figure | None
+    tokens: Figure | None
+    refused_scope: int  # 1-based scope position whose limit refused it (0: none)
+    refused_limit: int  # REQUESTS or TOKENS (0: none)
+    live: tuple[int, ...]  # (scope position, rpm, tpm) per checked scope with a live limit set
+
+    @classmethod
+    def of(cls, r: list[Any]) -> "Reservation":
+        return cls(r[0] == 1, r[1], r[2], r[3], r[4], r[5] == 1,
+                   Figure(r[6], r[7], r[8], r[9]) if r[6] else None,
+                   Figure(r[10], r[11], r[12], r[13]) if r[10] else None,
+                   r[14], r[15], tuple(r[16:]))
 
 
 class Block:
@@ -81,7 +117,7 @@ class ReserveBatcher:
             return
         for (*_, fut), reply in zip(batch, replies):
             if not fut.done():
-                fut.set_result(reply)
+                fut.set_result(Reservation.of(reply))
 
 
 def _deliver(batch: list[Waiter], done: "asyncio.Future[Any]") -> None:
@@ -90,7 +126,7 @@ def _deliver(batch: list[Waiter], done: "asyncio.Future[Any]") -> None:
         return
     for (*_, fut), reply in zip(batch, done.result()):
         if not fut.done():
-            fut.set_result(reply)
+            fut.set_result(Reservation.of(reply))
 
 
 def _fail(batch: list[Waiter], exc: BaseException) -> None:

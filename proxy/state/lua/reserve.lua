@@ -15,13 +15,16 @@
 --       health HASH, probe lock. Then, when max concurrent > 0, one concurrency ZSET.
 -- Returns one reply per record, in order: {admitted, chosen candidate (1-based, 0 = none),
 --          retry_after_ms, now_ms, marker, probe, requests: scope index, rpm, remaining, reset ms,
---          tokens: scope index, tpm, remaining, reset ms, live...}; marker 0 ok/limited, -2
+--          tokens: scope index, tpm, remaining, reset ms, refused scope index, refused dimension,
+--          live...}; marker 0 ok/limited, -2
 --          concurrency, -3 every candidate at its limit, -4 no candidate may serve now (open
 --          circuit / probe in progress). The requests and tokens figures are the most constraining
 --          checked scope's (the lowest remaining share of a limit above 0, the first on a tie;
 --          scope index 0 when none applies); the checked scopes are the common ones and the chosen
---          candidate. live: {scope index, rpm, tpm} (effective limits) for each checked scope with
---          a live limit set, so the caller can tell a live change without the defaults echoed.
+--          candidate. Refused: on a refusal by a limit, the scope whose limit set the retry time
+--          (0 when admitted) and which of its limits: 1 requests, 2 tokens. live: {scope index,
+--          rpm, tpm} (effective limits) for each checked scope with a live limit set, so the caller
+--          can tell a live change without the defaults echoed.
 local WINDOW = 60000
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -98,7 +101,8 @@ local function limits(pl, i)
   return l[1] or pl.lims[2 * i - 1], l[2] or pl.lims[2 * i]
 end
 
--- Check scope i for a request of `tokens`: ok and retry ms; its 7 stats are appended to `rows`,
+-- Check scope i for a request of `tokens`: ok, retry ms and the refusing limit (0 none, 1 requests,
+-- 2 tokens: the one that needs the longer wait); its 7 stats are appended to `rows`,
 -- and its effective limits to `live_rows` when a live limit is set for it.
 local function check(pl, i, tokens, rows, live_rows)
   local b = pl.bases[i]
@@ -108,7 +112,7 @@ local function check(pl, i, tokens, rows, live_rows)
     local k = #live_rows
     live_rows[k + 1], live_rows[k + 2], live_rows[k + 3] = i, rpm, tpm
   end
-  local ok, retry = true, 0
+  local ok, retry, dim = true, 0, 0
   local s_rpm, s_rem, s_reset, s_tpm, s_trem, s_treset = -1, -1, 0, -1, -1, 0
   if rpm >= 0 then
     local g = log_of(KEYS[b + 1])
@@ -127,6 +131,7 @@ local function check(pl, i, tokens, rows, live_rows)
         end
         retry = math.max(retry, at + WINDOW - now)
       end
+      dim = 1
     end
     s_rpm, s_rem, s_reset = rpm, math.max(0, rpm - count - 1), reset
   end
@@ -137,7 +142,9 @@ local function check(pl, i, tokens, rows, live_rows)
     if tpm > 0 then new_tat = tat + math.min(tokens, tpm) * WINDOW / tpm end
     if tpm == 0 or new_tat - now > WINDOW then
       ok = false
-      retry = math.max(retry, tpm == 0 and WINDOW or math.ceil(new_tat - now - WINDOW))
+      local wait = tpm == 0 and WINDOW or math.ceil(new_tat - now - WINDOW)
+      if dim == 0 or wait > retry then dim = 2 end
+      retry = math.max(retry, wait)
     end
     local used = (tpm > 0) and math.floor((new_tat - now) * tpm / WINDOW) or 0
     s_tpm, s_trem, s_treset = tpm, math.max(0, tpm - used), math.ceil(new_tat - now)
@@ -145,7 +152,7 @@ local function check(pl, i, tokens, rows, live_rows)
   local k = #rows
   rows[k + 1], rows[k + 2], rows[k + 3], rows[k + 4], rows[k + 5], rows[k + 6], rows[k + 7] =
     i, s_rpm, s_rem, s_reset, s_tpm, s_trem, s_treset
-  return ok, retry
+  return ok, retry, dim
 end
 
 -- Reserve scope i (checked and admitted): a log entry and the token charge, in memory.
@@ -165,8 +172,9 @@ local function apply(pl, i, member, tokens)
   end
 end
 
--- The reply's tail: the most constraining checked scope per dimension, then the live rows.
-local function finish(out, rows, live_rows)
+-- The reply's tail: the most constraining checked scope per dimension, the refusing limit, then
+-- the live rows.
+local function finish(out, rows, live_rows, refused, dim)
   local br, bt, br_share, bt_share = 0, 0, 0, 0
   for k = 1, #rows, 7 do
     local rpm, tpm = rows[k + 1], rows[k + 4]
@@ -183,7 +191,8 @@ local function finish(out, rows, live_rows)
   else
     out[11], out[12], out[13], out[14] = 0, -1, -1, 0
   end
-  for k = 1, #live_rows do out[14 + k] = live_rows[k] end
+  out[15], out[16] = refused or 0, dim or 0
+  for k = 1, #live_rows do out[16 + k] = live_rows[k] end
   return out
 end
 
@@ -192,9 +201,10 @@ local function reserve(pl, member, tokens)
   local out = {0, 0, 0, now, 0, 0}
   local rows, live_rows = {}, {}
   local C, n = pl.C, pl.n
-  local retry = 0
+  local retry, refused, dim = 0, 0, 0
   for i = 1, C do
-    local ok, rr = check(pl, i, tokens, rows, live_rows)
+    local ok, rr, d = check(pl, i, tokens, rows, live_rows)
+    if not ok and (refused == 0 or rr > retry) then refused, dim = i, d end
     if not ok then retry = math.max(retry, rr) end
   end
   local conc = nil
@@ -207,7 +217,7 @@ local function reserve(pl, member, tokens)
   end
   if retry > 0 then
     out[3] = retry
-    return finish(out, rows, live_rows)
+    return finish(out, rows, live_rows, refused, dim)
   end
 
   -- Deployment choice: circuit state first (0 open, 1 closed, 2 half-open), then own limits.
@@ -228,11 +238,11 @@ local function reserve(pl, member, tokens)
     end
     -- The last deployment is never ejected; below 50% healthy, panic mode uses them all.
     local ignore = (D == 1) or ((D - unhealthy) * 2 < D)
-    local best = -1
+    local best, best_i, best_dim = -1, 0, 0
     for i = C + 1, n do
       if ignore or state[i] ~= 0 then
         local mark, live_mark = #rows, #live_rows
-        local ok, rr = check(pl, i, tokens, rows, live_rows)
+        local ok, rr, d = check(pl, i, tokens, rows, live_rows)
         if ok and state[i] == 2 and not ignore then
           ok = redis.call('SET', KEYS[pl.bases[i] + 5], member, 'NX', 'PX', pl.probe_ms) ~= false
           if ok then probe = 1 end
@@ -244,13 +254,13 @@ local function reserve(pl, member, tokens)
         -- only the chosen candidate is reported
         for k = #rows, mark + 1, -1 do rows[k] = nil end
         for k = #live_rows, live_mark + 1, -1 do live_rows[k] = nil end
-        if rr > 0 and (best < 0 or rr < best) then best = rr end
+        if rr > 0 and (best < 0 or rr < best) then best, best_i, best_dim = rr, i, d end
       end
     end
     if chosen == 0 then
       -- -3: every candidate is at its own limit; -4: none may serve now (circuit or probe lock)
       if best > 0 then out[3], out[5] = best, -3 else out[3], out[5] = 1000, -4 end
-      return finish(out, rows, live_rows)
+      return finish(out, rows, live_rows, best_i, best_dim)
     end
   end
   for i = 1, C do apply(pl, i, member, tokens) end
