@@ -50,7 +50,8 @@ def scope_keys(scope: str, deployment: bool) -> tuple[bytes, ...]:
 
 def settle_keys(scope: str) -> tuple[bytes, bytes]:
     """What reconcile.lua touches in one scope: its token TAT and its live-limit hash."""
-    return scope_keys(scope, False)[1:3]
+    keys = scope_keys(scope, False)
+    return keys[1], keys[2]
 
 
 def encode(common: list[Scope], candidates: list[Scope], conc_key: str | None) -> tuple[list[bytes], list[bytes]]:

@@ -121,8 +121,11 @@ class ReserveBatcher:
 
 
 def _deliver(batch: list[Waiter], done: "asyncio.Future[Any]") -> None:
-    if done.cancelled() or done.exception() is not None:
-        _fail(batch, done.exception() if not done.cancelled() else StoreUnavailable("reservation cancelled"))
+    if done.cancelled():
+        _fail(batch, StoreUnavailable("reservation cancelled"))
+        return
+    if (exc := done.exception()) is not None:
+        _fail(batch, exc)
         return
     for (*_, fut), reply in zip(batch, done.result()):
         if not fut.done():

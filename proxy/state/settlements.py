@@ -19,6 +19,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import structlog
@@ -89,7 +90,7 @@ class Settlements:
                 log.error("reconcile_failed", count=len(batch), error=repr(exc))
                 continue
             self.in_flight.append(sent)
-            sent.add_done_callback(lambda f, n=len(batch): self._answered(f, n))
+            sent.add_done_callback(functools.partial(self._answered, count=len(batch)))
         # No explicit flush: the connection writes at the end of this loop turn, in one write with
         # any reservations made in the same turn (one syscall less per settlement batch under load).
 

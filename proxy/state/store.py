@@ -61,7 +61,8 @@ def done_key(member: str) -> str:
 class StoreOwner(Protocol):
     """Whatever holds the process's current `Store` (the runtime, which may reopen it)."""
 
-    store: "Store"
+    @property
+    def store(self) -> "Store": ...
 
 
 class StoreUnavailable(Exception):
