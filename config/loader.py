@@ -5,7 +5,9 @@ Contract:
   that reads the environment.
 - A provider with an unset `${VAR}` (no default) is disabled with a warning naming the variable; an
   unset variable anywhere else is an error.
-- Every error is a `ConfigError` whose message names the file, the line and the dotted field.
+- Every error is a `ConfigError` whose message names the file, the line and the dotted field. The
+  loader reports every problem it finds in one pass: the raised error's `errors` lists them all in
+  file order (one line each in its message), the first one's location being the error's own.
 - Durations accept `500ms`, `60s`, `2m`, `1h` or a bare number of seconds; sizes accept `32MiB` etc.
 - Only `yaml.SafeLoader` is used.
 """
@@ -36,12 +38,31 @@ DEFAULT_PATH = Path("config/gateway.yaml")
 
 
 class ConfigError(ValueError):
-    """A config problem, located as `file:line: field: message`."""
+    """A config problem, located as `file:line: field: message`; `errors` holds it and any others found."""
 
     def __init__(self, source: str, line: int | None, field: str, message: str) -> None:
         self.source, self.line, self.field = source, line, field
         where = f"{source}:{line}" if line else source
+        self.errors: list[ConfigError] = [self]
         super().__init__(f"{where}: {field}: {message}" if field else f"{where}: {message}")
+
+    @classmethod
+    def of(cls, errors: list["ConfigError"]) -> "ConfigError":
+        """One error standing for several: the first (in file order) locates it; the message lists all."""
+        unique = list({str(e): e for e in sorted(errors, key=lambda e: e.line or 0)}.values())
+        if len(unique) == 1:
+            return unique[0]
+        combined = cls(unique[0].source, unique[0].line, unique[0].field, "")
+        combined.args = ("\n".join(str(e) for e in unique),)
+        combined.errors = unique
+        return combined
+
+
+class _Reported(Exception):
+    """A value could not be built because of errors already recorded in `_Doc.errors`."""
+
+
+_FAILED = object()
 
 
 class _Doc:
@@ -51,6 +72,21 @@ class _Doc:
         self.source, self.env = source, env
         self.lines: dict[str, int] = {}
         self.unset: dict[str, list[str]] = {}
+        self.errors: list[ConfigError] = []
+
+    def report(self, path: str, message: str) -> None:
+        """Record a problem and go on, so that one run names every problem of the file."""
+        self.errors.append(self.error(path, message))
+
+    def attempt(self, build: Any, *args: Any) -> Any:
+        """`build(*args)`, or `_FAILED` with its error recorded: one bad value never hides the next."""
+        try:
+            return build(*args)
+        except ConfigError as exc:
+            self.errors.append(exc)
+        except _Reported:
+            pass
+        return _FAILED
 
     def error(self, path: str, message: str) -> ConfigError:
         line = self.lines.get(path)
@@ -93,7 +129,8 @@ class _Doc:
                 child = f"{path}.{key}" if path else key
                 self.lines[child] = key_node.start_mark.line + 1
                 if key in out:
-                    raise self.error(child, "duplicate key")
+                    self.report(child, "duplicate key")
+                    continue
                 out[key] = self.walk(value_node, child)
             return out
         if isinstance(node, yaml.SequenceNode):
@@ -159,7 +196,8 @@ def _convert(doc: _Doc, path: str, hint: Any, value: Any, name: str) -> Any:
         if not isinstance(value, list):
             raise doc.error(path, "expected a list")
         (item,) = typing.get_args(hint)
-        return [_convert(doc, f"{path}[{i}]", item, v, "") for i, v in enumerate(value)]
+        items = [doc.attempt(_convert, doc, f"{path}[{i}]", item, v, "") for i, v in enumerate(value)]
+        return [i for i in items if i is not _FAILED]  # a bad item is reported and left out
     if origin is dict:
         if value is None:
             return {}
@@ -198,21 +236,26 @@ def _build(doc: _Doc, path: str, cls: type, data: Any, skip: tuple[str, ...] = (
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)} - set(skip)
     kwargs: dict[str, Any] = {}
-    for key, value in data.items():
+    failed: set[str] = set()
+    for key, value in data.items():  # a bad field is reported and keeps its default: the others are still checked
         child = f"{path}.{key}" if path else key
         if key not in names:
             shown = sorted((names - _INTERNAL) | ({"deployments"} if cls is m.Deployment else set()))
-            raise doc.error(child, f"unknown field (expected one of: {', '.join(shown)})")
+            doc.report(child, f"unknown field (expected one of: {', '.join(shown)})")
+            continue
         try:
             kwargs[key] = _convert(doc, child, hints[key], value, key)
-        except ValueError as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise doc.error(child, str(exc)) from None
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        except (ValueError, _Reported) as exc:  # a ConfigError is located already; other ValueErrors here
+            failed.add(key)
+            if isinstance(exc, ValueError):
+                doc.errors.append(exc if isinstance(exc, ConfigError) else doc.error(child, str(exc)))
+    required = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in failed]
     if missing:
         raise doc.error(path, f"missing required field {', '.join(repr(n) for n in missing)}")
+    if required:  # a required field was there but invalid (already reported)
+        raise _Reported
     return cls(**kwargs)
 
 
@@ -241,7 +284,7 @@ def _provider(doc: _Doc, name: str, data: Any) -> m.Deployment:
     if kind == "bedrock" and not dep.region and not dep.base_url:
         dep.region = "us-east-1"
     if dep.region and not re.fullmatch(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$", dep.region):
-        raise doc.error(f"{path}.region", f"invalid AWS region {dep.region!r}")
+        doc.report(f"{path}.region", f"invalid AWS region {dep.region!r}")
     if not dep.base_url:
         defaults = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com",
                     "ollama": "http://localhost:11434"}
@@ -250,9 +293,9 @@ def _provider(doc: _Doc, name: str, data: Any) -> m.Deployment:
         elif kind in defaults:
             dep.base_url = defaults[kind]
         else:
-            raise doc.error(f"{path}.base_url", f"deployments of type {kind} need a base_url")
-    if not re.fullmatch(r"^https?://[^/?#@\s]+(/[^?#\s]*)?$", dep.base_url):
-        raise doc.error(f"{path}.base_url", f"not an http(s) URL without query or credentials: {dep.base_url!r}")
+            doc.report(f"{path}.base_url", f"deployments of type {kind} need a base_url")
+    if dep.base_url and not re.fullmatch(r"^https?://[^/?#@\s]+(/[^?#\s]*)?$", dep.base_url):
+        doc.report(f"{path}.base_url", f"not an http(s) URL without query or credentials: {dep.base_url!r}")
     dep.base_url = dep.base_url.rstrip("/")
     unset = sorted({v for p, names in doc.unset.items() if p.startswith(path + ".") for v in names})
     if unset:
@@ -274,26 +317,31 @@ def parse_config(text: str, source: str = "<config>", env: Mapping[str, str] | N
     if not isinstance(raw, dict):
         raise ConfigError(source, 1, "", "the top level must be a mapping")
     cfg = m.Config(source=Path(source) if source != "<config>" else None)
-    for key, value in raw.items():
+    for key, value in raw.items():  # every section is checked, whatever the others hold
         if key in _TOP:
-            setattr(cfg, key, _convert(doc, key, _TOP[key], value, key))
+            if (section := doc.attempt(_convert, doc, key, _TOP[key], value, key)) is not _FAILED:
+                setattr(cfg, key, section)
         elif key == "app":
             cfg.app = value if isinstance(value, dict) else {}
         elif key != "providers":
-            raise doc.error(key, f"unknown section (expected one of: app, providers, {', '.join(_TOP)})")
+            doc.report(key, f"unknown section (expected one of: app, providers, {', '.join(_TOP)})")
     providers = raw.get("providers") or {}
     if not isinstance(providers, dict):
-        raise doc.error("providers", "expected a mapping of deployment name to settings")
-    cfg.providers = [_provider(doc, name, data) for name, data in providers.items()]
+        doc.report("providers", "expected a mapping of deployment name to settings")
+        providers = {}
+    built = [doc.attempt(_provider, doc, name, data) for name, data in providers.items()]
+    cfg.providers = [dep for dep in built if dep is not _FAILED]
     for path, names in doc.unset.items():
         if not path.startswith("providers."):
-            raise doc.error(path, f"variable {', '.join(names)} is not set")
+            doc.report(path, f"variable {', '.join(names)} is not set")
     otel = cfg.monitoring.otel
     if not otel.endpoint:  # the standard OTel variables, when the config names no collector
         otel.endpoint = doc.env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
         if doc.env.get("OTEL_EXPORTER_OTLP_PROTOCOL") in ("grpc", "http/protobuf"):
             otel.protocol = doc.env["OTEL_EXPORTER_OTLP_PROTOCOL"]
     _validate(doc, cfg)
+    if doc.errors:
+        raise ConfigError.of(doc.errors)
     for dep in cfg.providers:
         if not dep.enabled and dep.disabled_reason:
             cfg.warnings.append(f"provider {dep.name!r} disabled: {dep.disabled_reason}")
@@ -303,7 +351,7 @@ def parse_config(text: str, source: str = "<config>", env: Mapping[str, str] | N
 def _validate(doc: _Doc, cfg: m.Config) -> None:
     def choice(path: str, value: str, allowed: tuple[str, ...]) -> None:
         if value not in allowed:
-            raise doc.error(path, f"{value!r} is not one of: {', '.join(a for a in allowed if a)}")
+            doc.report(path, f"{value!r} is not one of: {', '.join(a for a in allowed if a)}")
 
     for path, name in [("gateway.routing_strategy", cfg.gateway.routing_strategy)] + [
             (f"gateway.routing_overrides.{model}", value) for model, value in cfg.gateway.routing_overrides.items()]:
@@ -314,27 +362,27 @@ def _validate(doc: _Doc, cfg: m.Config) -> None:
     choice("auth.mode", cfg.auth.mode, ("keys", "none"))
     choice("monitoring.otel.protocol", cfg.monitoring.otel.protocol, ("grpc", "http/protobuf"))
     if not 0.0 <= cfg.monitoring.tracing.sample_rate <= 1.0:
-        raise doc.error("monitoring.tracing.sample_rate", "must be between 0 and 1")
+        doc.report("monitoring.tracing.sample_rate", "must be between 0 and 1")
     if cfg.state.replicas < 1:
-        raise doc.error("state.replicas", "must be at least 1")
+        doc.report("state.replicas", "must be at least 1")
     seen: set[str] = set()
     for i, key in enumerate(cfg.auth.keys):
         path = f"auth.keys[{i}]"
         if not _NAME.match(key.id) or key.id in seen:
-            raise doc.error(f"{path}.id", f"missing, malformed or duplicate key id {key.id!r}")
+            doc.report(f"{path}.id", f"missing, malformed or duplicate key id {key.id!r}")
         seen.add(key.id)
         if not re.fullmatch(r"[0-9a-f]{64}", key.sha256.lower()):
-            raise doc.error(f"{path}.sha256", "must be the 64-hex-digit sha256 of the key")
+            doc.report(f"{path}.sha256", "must be the 64-hex-digit sha256 of the key")
         key.sha256 = key.sha256.lower()
         if bool(key.aws_access_key_id) != bool(key.aws_secret_access_key):
-            raise doc.error(path, "aws_access_key_id and aws_secret_access_key go together")
+            doc.report(path, "aws_access_key_id and aws_secret_access_key go together")
         for family in key.families:
             choice(f"{path}.families", family, m.FAMILIES)
     for dep in cfg.providers:  # names templated into upstream paths are validated here and per request
         pattern = {"azure_openai": _AZURE_DEPLOYMENT, "bedrock": _BEDROCK_MODEL}.get(dep.type)
         for model, name in dep.deployment_map.items():
             if pattern is not None and not pattern.fullmatch(name):
-                raise doc.error(f"providers.{dep.name}.deployments.{model}", f"invalid deployment name {name!r}")
+                doc.report(f"providers.{dep.name}.deployments.{model}", f"invalid deployment name {name!r}")
 
 
 def resolve_path(path: str | os.PathLike[str] | None) -> Path:

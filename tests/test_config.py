@@ -386,7 +386,7 @@ providers:
     dumped = yaml.safe_load(result.stdout)
     assert dumped["providers"]["openai"]["api_key"] == "***"
     assert dumped["providers"]["openai"]["enabled"] is True
-    assert dumped["state"]["redis_url"] == "***"
+    assert dumped["state"]["redis_url"] == "redis://:***@localhost:6379/0"  # only the password is masked
     assert dumped["auth"]["admin_key"] == "***"
     assert dumped["auth"]["keys"][0]["aws_secret_access_key"] == "***"
     assert dumped["providers"]["bedrock"]["aws_access_key_id"] == "AKIAEXAMPLE000000001"  # an id, not a secret

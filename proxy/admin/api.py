@@ -3,7 +3,8 @@
 Contract: without a configured admin key every `/admin/*` path is 404. With one, a missing or wrong
 key is 401 (compared in constant time). Answers are JSON. Endpoints:
 - `GET /admin/limits`: every live limit override; `PUT /admin/limits/{scope}` with
-  `{requests_per_minute, tokens_per_minute}`; `DELETE /admin/limits/{scope}`.
+  `{requests_per_minute, tokens_per_minute}` (400 when the scope names nothing this gateway has, see
+  `unknown_scope`, unless `?force=true`); `DELETE /admin/limits/{scope}`.
 - `GET /admin/keys` (managed keys, never a secret); `POST /admin/keys` with
   `{name, models, families, rpm, tpm, max_concurrent, metadata, log_bodies}` answers like `keys create --json`
   (`{id, key, aws_access_key_id, aws_secret_access_key}`, shown this once); `GET|DELETE /admin/keys/{id}`.
@@ -38,6 +39,25 @@ SCOPE = re.compile(r"^(global|(key|model|provider):[A-Za-z0-9][A-Za-z0-9._:/@+-]
 
 def valid_scope(scope: str) -> bool:
     return bool(SCOPE.fullmatch(scope))
+
+
+async def unknown_scope(config: Config, scope: str, keys: KeyStore) -> str | None:
+    """Why a well-formed `scope` names nothing of this gateway, or None when it does (or may).
+
+    `provider:<name>` must be a configured deployment (enabled or not: the CLI may lack the
+    variables a replica has), `model:<name>` a model a deployment serves (`Deployment.serves`: any
+    name passes when a deployment lists no models), `key:<id>` a static key or a managed key in the
+    store; `global` always exists."""
+    kind, _, name = scope.partition(":")
+    if kind == "provider" and all(d.name != name for d in config.providers):
+        return f"no deployment is named {name!r} (configured: {', '.join(d.name for d in config.providers) or 'none'})"
+    if kind == "model" and not any(d.serves(name) for d in config.providers):
+        served = sorted({m for d in config.providers for m in d.models})
+        return f"no deployment serves model {name!r} (served: {', '.join(served) or 'none'})"
+    if kind == "key" and all(k.id != name for k in config.auth.keys) and await keys.get(name) is None:
+        static = ", ".join(k.id for k in config.auth.keys) or "none"
+        return f"no static or managed key has id {name!r} (static: {static}; managed: `llm-gateway keys list`)"
+    return None
 
 
 def fingerprint(admin_key: str) -> str:
@@ -87,6 +107,7 @@ class AdminApp:
         self.actor = fingerprint(self.key) if self.key else ""
         self.runtime = runtime
         self.secret = str(config.auth.secret)
+        self.config = config
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any, path: str) -> None:
         if not self.key:
@@ -106,8 +127,9 @@ class AdminApp:
             if not message.get("more_body"):
                 break
         method = scope["method"]
+        force = b"force=true" in scope.get("query_string", b"").split(b"&")
         try:
-            status, payload = await self._route(method, path, body)
+            status, payload = await self._route(method, path, body, force)
         except StoreUnavailable:
             status, payload = 503, {"error": {"message": "state store unavailable", "type": "unavailable"}}
         except Exception:  # noqa: BLE001 - never a traceback to the caller
@@ -150,7 +172,7 @@ class AdminApp:
         except StoreUnavailable:
             return 200, health_report(health.local, True)
 
-    async def _route(self, method: str, path: str, body: bytes) -> tuple[int, Any]:
+    async def _route(self, method: str, path: str, body: bytes, force: bool = False) -> tuple[int, Any]:
         store = self.runtime.store
         if path == "/admin/keys" or path.startswith("/admin/keys/"):
             return await self._keys(method, path, body)
@@ -170,9 +192,12 @@ class AdminApp:
                         raise ValueError
                 except (orjson.JSONDecodeError, ValueError, AttributeError):
                     return 400, {"error": {"message": "body must be {requests_per_minute, tokens_per_minute} with non-negative integers", "type": "invalid_request_error"}}
+                problem = await unknown_scope(self.config, scope, KeyStore(store, self.secret))
+                if problem and not force:
+                    return _bad(f"{problem}; nothing was set (add ?force=true to set it anyway)")
                 await live_limits.set_limit(store, scope, rpm, tpm)
                 log.info("limit_changed", actor="admin-api", admin_fingerprint=self.actor, scope=scope,
-                         requests_per_minute=rpm, tokens_per_minute=tpm)
+                         requests_per_minute=rpm, tokens_per_minute=tpm, **({"forced": problem} if problem else {}))
                 return 200, {"scope": scope, "limits": await live_limits.get_limit(store, scope)}
             if method == "DELETE":
                 cleared = await live_limits.clear_limit(store, scope)

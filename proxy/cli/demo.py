@@ -3,12 +3,14 @@ one process, on loopback, with nothing to configure.
 
 Contract: starts the simulated provider on a free 127.0.0.1 port, loads `config/examples/demo.yaml`
 against it (one demo key, no Redis), serves the gateway on `host:port`, prints a copy-paste curl
-command and Python SDK snippet per family, and serves until Ctrl-C.
+command and Python SDK snippet per family, and serves until Ctrl-C. The banner says how to install the
+SDKs the snippets use (the `sdk` extra) and names those missing from this interpreter.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import socket
 from pathlib import Path
 
@@ -21,6 +23,7 @@ DEMO_KEY = "gw-demo-key"
 DEMO_AKID = "GWDEMO00000000000001"
 DEMO_AWS_SECRET = "gw-demo-aws-secret"
 _CONFIG = Path(config_package.__file__).resolve().parent / "examples" / "demo.yaml"
+SDKS = ("openai", "anthropic", "boto3", "ollama")  # the `sdk` extra of pyproject.toml
 
 
 def _free_port() -> int:
@@ -29,11 +32,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def sdk_note() -> str:
+    missing = [name for name in SDKS if importlib.util.find_spec(name) is None]
+    note = "The Python snippets use the official SDKs: pip install 'llm-edge-gateway[sdk]' (in a checkout: pip install -e '.[sdk]')"
+    return note + (f"\n  not installed here: {', '.join(missing)}" if missing else "")
+
+
 def snippets(base: str) -> str:
     k = DEMO_KEY
     return f"""
 LLM gateway demo on {base}  (simulated providers, embedded state; Ctrl-C to stop)
 Gateway key: {k}
+{sdk_note()}
 
 # OpenAI
 curl -s {base}/v1/chat/completions -H "Authorization: Bearer {k}" -H "Content-Type: application/json" \\

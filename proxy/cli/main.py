@@ -1,19 +1,27 @@
 """The `llm-gateway` command line.
 
 Contract (see DESIGN.md "CLI"): `serve`, `check-config`, `demo`, `mock-provider`, `limits`, `keys` and
-`health`. Every command takes `--config F`; the file comes from `--config`, then `LLM_GATEWAY_CONFIG`,
-then `./config/gateway.yaml`. Config errors print `file:line: field: message` and exit 1. Secrets are
-masked in every dump. `keys create` prints the new key's secrets once (stdout) and nothing else there;
-audit lines go to stderr and never carry a secret.
+`health`. Every command that reads a gateway config takes `--config F` (`demo` runs its built-in config
+and `mock-provider` its flags: both refuse `--config`); the file comes from `--config`, then
+`LLM_GATEWAY_CONFIG`, then `./config/gateway.yaml`. Config errors print every problem of the file, one
+`error: file:line: field: message` line each, and exit 1; the effective config is printed only when
+valid. Secrets are masked in every dump (of a Redis URL, only the password). `serve` prints one short
+block on stderr before it starts (address, config, state store, deployments, and every reason no request
+could succeed); a port that cannot be bound is one `error:` line and exit 1 (`serve`, `demo`,
+`mock-provider`). `keys create` prints the new key's secrets once (stdout) and nothing else there;
+audit lines go to stderr as JSON lines and never carry a secret.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import errno
 import os
+import socket
 import sys
 from typing import Any, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
 import yaml
@@ -34,11 +42,27 @@ def _masked(value: Any) -> Any:
     return value
 
 
+def masked_url(url: str) -> str:
+    """`url` with only its password masked: `redis://user:***@host:6379/0` (also `?password=`)."""
+    try:
+        parts = urlsplit(url)
+        userinfo, at, hostport = parts.netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}" if at and ":" in userinfo else parts.netloc
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*") \
+            if any(k.lower() == "password" for k, _ in pairs) else parts.query
+        if (netloc, query) == (parts.netloc, parts.query):
+            return url
+        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "") + \
+            (f"#{parts.fragment}" if parts.fragment else "")
+    except ValueError:
+        return "***"
+
+
 def effective_config(cfg: Config) -> str:
     data = _masked(cfg)
     data["providers"] = {d.pop("name"): d for d in data["providers"]}
-    if isinstance(data.get("state", {}).get("redis_url"), str) and cfg.state.redis_url:
-        data["state"]["redis_url"] = "***"
+    data["state"]["redis_url"] = masked_url(str(cfg.state.redis_url))
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -46,8 +70,69 @@ def _load(path: str | None) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for error in exc.errors:  # every problem of the file, one line each
+            print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def auth_problems(cfg: Config) -> list[str]:
+    """Every reason, visible in the config, why requests would be refused for want of a usable key."""
+    auth = cfg.auth
+    if auth.mode == "none":
+        return ["auth.mode is none: every request is accepted without a gateway key (development only)"]
+    problems = [f"auth.keys[{i}] ({k.id!r}): sha256 is all zeros, a placeholder no client key matches; set it to "
+                f"the sha256 of your key (printf %s \"$KEY\" | sha256sum)" for i, k in enumerate(auth.keys)
+                if set(k.sha256) == {"0"}]
+    if any(set(k.sha256) != {"0"} for k in auth.keys):
+        return problems
+    why = "no key is configured (auth.keys is empty)" if not auth.keys else "the only static keys are placeholders"
+    if not str(auth.secret):
+        problems.append(f"no request can succeed: {why} and managed keys are off (auth.secret / GATEWAY_SECRET "
+                        "is empty); set auth.keys[].sha256, or GATEWAY_SECRET and then `llm-gateway keys create`")
+    elif not str(cfg.state.redis_url) and not str(auth.admin_key):
+        problems.append(f"no request can succeed: {why}, and managed keys on the embedded store can only be made "
+                        "with /admin/keys, which is off without auth.admin_key; set GATEWAY_ADMIN_KEY or REDIS_URL")
+    return problems
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (None when it can), as one line that says what to do."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+            s.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return f"cannot listen on {host}:{port}: the port is already in use; choose another one with --port N"
+        if exc.errno == errno.EACCES:
+            return f"cannot listen on {host}:{port}: permission denied; choose a port above 1023 with --port N"
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host, or choose another --port"
+    except OverflowError:
+        return f"cannot listen on {host}:{port}: ports go from 0 to 65535; choose another one with --port N"
+    return None
+
+
+def _can_listen(host: str, port: int) -> bool:
+    """Checked before uvicorn starts: a taken port is one line, not uvicorn's error (or a traceback)."""
+    problem = bind_problem(host, port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+    return problem is None
+
+
+def startup_summary(cfg: Config, url: str, workers: int) -> str:
+    """The block `serve` prints before it starts: where, with what, and what would stop every request."""
+    redis = str(cfg.state.redis_url)
+    served = [f"{d.name} ({d.type}: {', '.join(d.models) if d.models else 'any model'})" for d in cfg.enabled_providers]
+    keys = [f"{len(cfg.auth.keys)} static", "managed keys " + ("on" if str(cfg.auth.secret) else "off (no auth.secret)"),
+            "admin API " + ("on" if str(cfg.auth.admin_key) else "off (no auth.admin_key)")]
+    lines = [f"llm-gateway serve: listening on {url} ({workers} worker{'s' if workers > 1 else ''})",
+             f"  config:      {resolve_path(cfg.source).resolve()}",
+             f"  state:       {masked_url(redis) if redis else 'embedded in-memory store (no Redis: one process)'}",
+             f"  deployments: {', '.join(served)}",
+             f"  keys:        auth.mode {cfg.auth.mode}; " + ", ".join(keys)]
+    lines += [f"warning: {w}" for w in cfg.warnings + auth_problems(cfg)]
+    return "\n".join(lines)
 
 
 # Without any config file, the admin commands still honour the documented variables.
@@ -63,12 +148,12 @@ def _load_lenient(path: str | None) -> Config:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    for warning in cfg.warnings:
+    for warning in cfg.warnings + auth_problems(cfg):
         print(f"warning: {warning}", file=sys.stderr)
-    print(effective_config(cfg), end="")
     if not cfg.enabled_providers:
         print(f"error: {resolve_path(args.config)}: providers: no provider is enabled", file=sys.stderr)
         return 1
+    print(effective_config(cfg), end="")  # only a valid config: a dump above an error would read as accepted
     return 0
 
 
@@ -89,15 +174,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from proxy.telemetry.metrics import prepare_multiprocess
         prepare_multiprocess()
     tls = {"ssl_certfile": cfg.server.certfile, "ssl_keyfile": cfg.server.keyfile} if cfg.server.certfile else {}
+    if not _can_listen(host, port):
+        return 1
+    shown = f"[{host}]" if ":" in host else host
+    print(startup_summary(cfg, f"{'https' if tls else 'http'}://{shown}:{port}", workers), file=sys.stderr, flush=True)
     uvicorn.run("proxy.cli.serve:app_factory", factory=True, host=host, port=port, workers=workers,
                 **tls, **uvicorn_options())
     return 0
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
-    from proxy.mock import options_from_args, serve_mock
+    from proxy.mock import describe, options_from_args, serve_mock
 
-    serve_mock(options_from_args(args), host=args.host, port=args.port)
+    if not _can_listen(args.host, args.port):
+        return 1
+    options = options_from_args(args)
+    print(describe(options, args.host, args.port), file=sys.stderr, flush=True)
+    serve_mock(options, host=args.host, port=args.port)
     return 0
 
 
@@ -115,10 +208,9 @@ def _admin_store(args: argparse.Namespace, cfg: Config, what: str) -> Any:
 
 
 def _audit() -> Any:
-    """Audit lines go to stderr: stdout carries only the output (JSON with --json)."""
-    import structlog
+    from proxy.cli.limits import audit_logger
 
-    return structlog.wrap_logger(structlog.PrintLogger(sys.stderr), logger_name="llm_gateway.keys")
+    return audit_logger("llm_gateway.keys")
 
 
 def add_keys_arguments(sub: Any, common: Any) -> None:
@@ -217,7 +309,20 @@ async def _health(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.cli.demo import run_demo
 
+    if not _can_listen(args.host, args.port):
+        return 1
     return run_demo(host=args.host, port=args.port)
+
+
+def _refuse_config(command: argparse.ArgumentParser, why: str) -> None:
+    """`--config` on a command that reads no gateway config: refused (exit 2) with what to do instead,
+    rather than accepted and ignored."""
+
+    class Refuse(argparse.Action):
+        def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+            parser.error(f"--config: {why}")
+
+    command.add_argument("--config", action=Refuse, default=None, help=argparse.SUPPRESS)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -236,7 +341,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int)
     s.set_defaults(func=cmd_serve)
     command("check-config", "validate and print the effective config, secrets masked").set_defaults(func=cmd_check_config)
-    d = command("demo", "gateway + simulated providers + embedded state in one command")
+    d = sub.add_parser("demo", help="gateway + simulated providers + embedded state in one command")
+    _refuse_config(d, "the demo reads no config file: it runs its built-in config/examples/demo.yaml against "
+                      "built-in simulated providers; to run your own config, use `llm-gateway serve --config F`")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8080)
     d.set_defaults(func=cmd_demo)
@@ -257,7 +364,8 @@ def parser() -> argparse.ArgumentParser:
     h = with_redis(command("health", "shared deployment health as the replicas see it"))
     h.add_argument("--json", action="store_true")
     h.set_defaults(func=lambda a: asyncio.run(_health(a, _load_lenient(a.config))))
-    m = command("mock-provider", "the simulated upstream (OpenAI, Anthropic, Bedrock, Ollama)")
+    m = sub.add_parser("mock-provider", help="the simulated upstream (OpenAI, Anthropic, Bedrock, Ollama)")
+    _refuse_config(m, "the simulated provider reads no gateway config: its flags set its behaviour (see --help)")
     from proxy.mock import add_mock_arguments
 
     add_mock_arguments(m)

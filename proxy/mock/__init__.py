@@ -5,7 +5,8 @@ Public API:
 - `MockOptions`: global behaviour (protocols, chunking, latency, faults, auth, models, recording).
   Per request, header `x-mock-<option>` overrides any option in `HEADER_OPTIONS`.
 - `build_mock_app(options) -> ASGI callable` (a `MockApp`; its `records` deque holds the requests).
-- `add_mock_arguments(parser)` / `options_from_args(ns)`: the CLI surface, including --host/--port.
+- `add_mock_arguments(parser)` / `options_from_args(ns)`: the CLI surface, including --host/--port;
+  `describe(options, host, port)`: the short block the CLI prints at start (address, families, faults).
 - `serve_mock(options, host, port)`: run it under uvicorn (uvloop/httptools when installed, no
   access log). `main(argv)` does parse + serve.
 Control endpoints (not recorded): GET/DELETE /__mock/requests, GET /__mock/health.
@@ -19,7 +20,7 @@ import logging
 from proxy.mock.app import HEADER_OPTIONS, PROTOCOLS, MockApp, MockOptions, MockStreamCut
 
 __all__ = ["HEADER_OPTIONS", "PROTOCOLS", "MockApp", "MockOptions", "MockStreamCut", "add_mock_arguments",
-           "build_mock_app", "main", "options_from_args", "serve_mock", "DEFAULT_PORT"]
+           "build_mock_app", "describe", "main", "options_from_args", "serve_mock", "DEFAULT_PORT"]
 
 DEFAULT_PORT = 8788
 
@@ -88,6 +89,23 @@ def options_from_args(ns: argparse.Namespace) -> MockOptions:
         api_key=ns.api_key, aws_access_key_id=ns.aws_access_key_id,
         aws_secret_access_key=ns.aws_secret_access_key, models=models, record=ns.record,
     )
+
+
+def describe(options: MockOptions, host: str, port: int) -> str:
+    """What `llm-gateway mock-provider` says before it serves: where, which families, which faults."""
+    base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    faults = [f"status {options.fault_status} on {options.fault_rate if options.fault_rate is not None else 1:g} "
+              f"of requests"] if options.fault_status else []
+    faults += [f"{name.replace('_', ' ')} {value:g}" for name, value in (
+        ("latency_ms", options.latency_ms), ("stall_ms", options.stall_ms), ("cut_after", options.cut_after),
+        ("stream_error_after", options.stream_error_after)) if value]
+    auth = "requires " + " and ".join(n for n, v in (("--api-key", options.api_key),
+                                                     ("SigV4 from --aws-access-key-id", options.aws_access_key_id)) if v) \
+        if options.api_key or options.aws_access_key_id else "accepts any credential"
+    return "\n".join([
+        f"llm-gateway mock-provider: simulated {', '.join(p for p in PROTOCOLS if p in options.protocols)} on {base}",
+        f"  deployment base_url: openai {base}/v1, anthropic/bedrock/ollama {base}",
+        f"  faults: {', '.join(faults) or 'none'}; {auth}; requests {'recorded' if options.record else 'not recorded'}"])
 
 
 def serve_mock(options: MockOptions, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
