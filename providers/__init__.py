@@ -2,7 +2,7 @@
 
 Contract: `route(raw_path, has_anthropic_version)` returns `(family, family_relative_raw_path)` or
 None for a path no family owns. Prefixed paths (`/openai/v1/...`, `/anthropic/v1/...`,
-`/bedrock/model/...`, `/ollama/api/...`) and the bare ones follow the contract in DESIGN.md.
+`/bedrock/model/...`, `/ollama/api/...`) and the bare ones follow the path table in the README ("Point an SDK at the gateway").
 `build_adapters()` returns one adapter instance per family.
 """
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Contract: `Runtime` is built once per app from the config and handed to every middleware as `deps`.
 Resources open on first use (a Starlette `Mount` forwards no lifespan events) and close in
 `aclose()`, after the `drains` (queued work that still needs them) have run. It holds no per-request state.
-The upstream client is always an `httpx.AsyncClient`; its wire transport is chosen by the
+The forwarder drives the upstream wire (an httpx transport) directly; `client`, an `httpx.AsyncClient`
+over the same wire, serves the few calls off the hot path (model lists). The wire is chosen by the
 `transport` argument, else `gateway.upstream_transport`: `httptools` (the default, chosen by
 measurement: `proxy.upstream.wire.WireTransport`), `aiohttp` (`proxy.upstream.transport.AiohttpTransport`) or `httpx`
 (httpcore). A callable returning an `httpx.AsyncBaseTransport` is also

@@ -139,3 +139,89 @@ def redis_server(tmp_path: Any) -> Iterator[dict[str, Any]]:
     finally:
         info["proc"].kill()
         info["proc"].wait()
+
+
+# --- Test layers: every test file's markers, from one table ------------------------------------------
+# Kinds (one per file; a file that mixes kinds takes its heaviest):
+#   unit         no server process, no socket: pure functions, in-process ASGI on stub apps, the CLI's
+#                offline commands (check-config), ruff
+#   e2e          real sockets in one process: uvicorn serving the gateway, simulated upstreams, the
+#                official SDKs (or one `llm-gateway serve`/`demo` subprocess, no Redis)
+#   distributed  several gateway processes (replicas, `--workers N`) and/or a test-owned redis-server
+# plus `slow`: the file holds a test that typically takes more than 5 s (setup and teardown included,
+# from `pytest --durations=0`, or from the sleeps it must wait out).
+# A test file missing here fails collection: add it with its kind. Files whose own `pytestmark` names
+# a kind keep theirs and need no entry (test_layers.py: unit; test_overhead_header.py: e2e).
+LAYERS = ("unit", "e2e", "distributed", "slow")
+TEST_FILE_MARKERS: dict[str, tuple[str, ...]] = {
+    "test_admin.py": ("distributed", "slow"),
+    "test_anthropic_e2e.py": ("e2e", "slow"),  # the old-SDK test builds a venv with `anthropic<2` once
+    "test_bad_input.py": ("e2e",),
+    "test_bedrock_e2e.py": ("e2e",),
+    "test_breaker.py": ("distributed", "slow"),
+    "test_cancel.py": ("unit",),
+    "test_cli_demo.py": ("e2e", "slow"),
+    "test_compose.py": ("e2e",),
+    "test_config.py": ("unit",),
+    "test_contract_defects.py": ("distributed", "slow"),
+    "test_cross_deployment.py": ("e2e",),
+    "test_disconnects.py": ("e2e", "slow"),
+    "test_edge_limits.py": ("e2e", "slow"),
+    "test_edge_requests.py": ("e2e",),
+    "test_eventstream.py": ("unit",),
+    "test_failover.py": ("e2e",),
+    "test_first_hour.py": ("distributed", "slow"),
+    "test_fuzz_inputs.py": ("e2e", "slow"),
+    "test_hardening.py": ("e2e",),
+    "test_hop_by_hop.py": ("e2e",),
+    "test_keys.py": ("distributed", "slow"),
+    "test_leak_audit.py": ("distributed", "slow"),
+    "test_lint.py": ("unit",),
+    "test_mock_provider.py": ("e2e",),
+    "test_no_cycles.py": ("e2e",),
+    "test_observability.py": ("distributed", "slow"),  # `serve --workers 2` for the multiprocess counts
+    "test_ollama_e2e.py": ("e2e",),
+    "test_openai_e2e.py": ("e2e",),
+    "test_plugin_mount.py": ("e2e",),
+    "test_ratelimit.py": ("distributed", "slow"),
+    "test_ratelimit_batch.py": ("distributed",),
+    "test_ratelimit_distributed.py": ("distributed", "slow"),
+    "test_ratelimit_hotpath.py": ("distributed",),
+    "test_redis_wire.py": ("distributed",),
+    "test_smoke_e2e.py": ("e2e",),
+    "test_strategies.py": ("e2e",),  # table-driven unit tests plus two through a real gateway
+    "test_streaming_unbuffered.py": ("e2e",),
+    "test_telemetry_logs.py": ("unit",),
+    "test_telemetry_spans.py": ("unit",),
+    "test_tls.py": ("e2e", "slow"),
+    "test_usage_tap.py": ("unit",),
+    "test_wire.py": ("e2e",),  # scripted TCP servers on 127.0.0.1
+    "test_wire_failures.py": ("e2e",),
+}
+
+
+def _own_layers(module: Any) -> set[str]:
+    """The kinds a test module names in its own `pytestmark`."""
+    marks = getattr(module, "pytestmark", [])
+    return {m.name for m in (marks if isinstance(marks, list) else [marks])} & set(LAYERS)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects anything
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unlisted: set[str] = set()
+    for item in items:
+        module = getattr(item, "module", None)
+        name = item.path.name
+        if module is None or not name.startswith("test_") or _own_layers(module):
+            continue
+        kinds = TEST_FILE_MARKERS.get(name)
+        if kinds is None:
+            unlisted.add(name)
+            continue
+        for kind in kinds:
+            item.add_marker(kind)
+    if unlisted:
+        pytest.exit(f"test file(s) not classified: {', '.join(sorted(unlisted))}. Add each to TEST_FILE_MARKERS in "
+                    f"tests/conftest.py with its markers (unit, e2e or distributed, plus slow when a test "
+                    f"typically takes more than 5 s), or give the module its own `pytestmark`.",
+                    returncode=pytest.ExitCode.USAGE_ERROR)

@@ -1,4 +1,5 @@
-"""Unit tests of providers/eventstream.py against the AWS event-stream encoding (WIRE.md §2.3).
+"""Unit tests of providers/eventstream.py against the AWS event-stream encoding
+(`application/vnd.amazon.eventstream`: prelude, headers, payload, CRC32s).
 
 botocore's own parser (`botocore.eventstream.EventStreamBuffer`, which checks both CRC32s) is the
 reference: frames we write must parse there, and frames written independently here (with every

@@ -1,6 +1,6 @@
 """The whole request path frees everything by reference counting: no reference cycles per request.
 
-`llm-gateway serve` raises the young-generation GC threshold (proxy/cli/main.py) on the strength of
+`llm-gateway serve` raises the young-generation GC threshold (proxy/cli/serve.py) on the strength of
 this: cyclic garbage per request would then pile up between collections. The app is driven
 in process (raw ASGI calls, so neither uvicorn's objects nor a test client's are counted) against
 the simulated provider over real TCP: streamed and plain, all four families' paths, a native error,

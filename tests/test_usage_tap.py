@@ -1,6 +1,6 @@
 """Unit tests of the adapters' usage taps: realistic response bytes in, token counts out.
 
-Each fixture is written by hand after WIRE.md §2-§3 and fed through `adapter.tap(ctx, headers)` in
+Each fixture is written by hand after the providers' documented stream formats and usage fields, and fed through `adapter.tap(ctx, headers)` in
 chunks of 1 byte, 7 bytes and whole, so no count may depend on where a chunk boundary falls. A tap
 reads a copy of the bytes; whatever an upstream sends, it must never raise.
 """

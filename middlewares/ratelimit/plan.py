@@ -7,10 +7,10 @@ Contract:
 - `Plan(global_limits, providers, principal, model, deployments, lease_ms)`: the common scopes (`global`,
   `key:<id>` with the key's policy, `model:<name>`), which must all admit a request, and the
   candidate scopes (`provider:<name>`, in routing order), of which the first that admits it is
-  reserved. It holds reserve.lua's KEYS and constant ARGV tail as a `ratelimit_batch.Block`
+  reserved. It holds reserve.lua's KEYS and constant ARGV tail as a `proxy.state.reservations.Block`
   (`block`: values and RESP, made once; a batch sends a plan's keys once), the scope
   names and default limits (-1: none) by reply position (`names`, `defaults`), the key's concurrency cap and key, and reconcile.lua's keys
-  and token limits for the common scopes (`settle`, a `ratelimit_settle.SettleBlock`). A plan is
+  and token limits for the common scopes (`settle`, a `proxy.state.settlements.SettleBlock`). A plan is
   never mutated.
 - `refusal(ctx, reply, plan)`: what refused a request, in words (which scope, which limit, its value
   and what was asked, as providers word it) and its kind (`requests` or `tokens`, OpenAI's 429 `type`).

@@ -1,6 +1,6 @@
 """The `llm-gateway` command line.
 
-Contract (see DESIGN.md "CLI"): `serve`, `check-config`, `demo`, `mock-provider`, `limits`, `keys` and
+Contract (README "CLI reference"): `serve`, `check-config`, `demo`, `mock-provider`, `limits`, `keys` and
 `health`. Every command that reads a gateway config takes `--config F` (`demo` runs its built-in config
 and `mock-provider` its flags: both refuse `--config`); the file comes from `--config`, then
 `LLM_GATEWAY_CONFIG`, then `./config/gateway.yaml`. Config errors print every problem of the file, one

@@ -15,7 +15,7 @@ Contract:
   connection, and one probe per `PROBE_INTERVAL` reconnects until Redis answers. While it is open,
   calls raise `StoreUnavailable` at once and callers apply `state.on_redis_error`.
 - Every key shares the hash tag `{llmgw}` so scripts work on Redis Cluster; every key has a TTL
-  except the live-limit hashes that ops own.
+  except the live-limit and managed-key hashes that ops own.
 """
 from __future__ import annotations
 
