@@ -2,9 +2,10 @@
 
 Contract:
 - An attempt that fails before any byte reached the client (connect error, timeout before the
-  first byte, a retryable status: 429, 500/502/503/504/529, or an in-band stream error
-  held back before the first content) is retried on the next healthy candidate that is within its
-  own limits (`ctx.admit_deployment`), else on the same deployment (after a 429 only once; a billing
+  first byte, a plain answer whose head came but whose body did not start within `first_byte`, a
+  retryable status: 429, 500/502/503/504/529, a status that cannot be relayed such as 999, or an
+  in-band stream error held back before the first content) is retried on the next healthy
+  candidate that is within its own limits (`ctx.admit_deployment`), else on the same deployment (after a 429 only once; a billing
   quota such as OpenAI `insufficient_quota` only moves to another deployment). After the first byte nothing is
   retried: the error layer ends the stream with the family's error frame.
 - Backoff is exponential with full jitter; a `Retry-After` is honoured when it fits the deadline.
@@ -12,8 +13,9 @@ Contract:
   `x-stainless-read-timeout` when lower.
 - Retry budget (Envoy's rule): retries in flight <= 20% of active requests + 3, and over time at
   most 0.2 retries per request + 3, so an outage cannot multiply load.
-- Every attempt's outcome feeds the shared circuit breaker. The final failure is native: the last
-  upstream response verbatim, or the gateway's error, with `x-gateway-attempts`, and
+- Every attempt's outcome feeds the shared circuit breaker (a provider 429 with `Retry-After`
+  ejects the deployment until then; a 429 relayed as is counts neither way). The final failure
+  is native: the last upstream response verbatim, or the gateway's error, with `x-gateway-attempts`, and
   `x-should-retry: false` once the gateway has failed over.
 """
 from __future__ import annotations
@@ -114,7 +116,9 @@ class FailoverMiddleware:
                 try:
                     await self.app(scope, receive, send)
                     attempt = ctx.attempt
-                    health.record(dep.name, "fail" if attempt is not None and attempt.outcome == "transient" else "ok")
+                    outcome = attempt.outcome if attempt is not None else None
+                    if outcome not in ("rate_limited", "quota"):  # a 429 relayed as is tells nothing of health
+                        health.record(dep.name, "fail" if outcome == "transient" else "ok")
                     if attempt is not None and attempt.ttfb is not None:
                         health.observe_ttfb(dep.name, attempt.ttfb)
                     return

@@ -7,6 +7,8 @@ Contract:
   and the finish reason.
 - The upstream gets `Authorization: Bearer` only when the deployment has an api_key.
 - Errors are `{"error": "..."}`; after the first byte a final `{"error": ...}` line.
+- `/api/tags` names every model the way Ollama does: a configured name without a tag is listed
+  with `:latest` (routing treats `llama3.2` and `llama3.2:latest` as one model: `Deployment.serves`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ from providers.base import Adapter, UpstreamRequest, UsageTap, forward_request_h
 _MODEL_PATHS = {"/api/chat": "chat", "/api/generate": "text_completion", "/api/embed": "embeddings",
                 "/api/embeddings": "embeddings", "/api/show": "other"}
 _STREAMING_BY_DEFAULT = {"/api/chat", "/api/generate"}
+
+
+def _with_tag(name: str) -> str:
+    """Ollama's full name: no tag means ":latest" (a ":" before the last "/" is a registry port)."""
+    return name if ":" in name.rpartition("/")[2] else name + ":latest"
 
 
 def _count(value: object) -> int:
@@ -114,8 +121,9 @@ class OllamaAdapter(Adapter):
 
     def model_list_response(self, models: list[str]) -> bytes:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        names = list(dict.fromkeys(_with_tag(m) for m in models))  # as Ollama lists them; one entry per name
         return orjson.dumps({"models": [
-            {"name": m, "model": m, "modified_at": stamp, "size": 0, "digest": "", "details": {}} for m in models]})
+            {"name": m, "model": m, "modified_at": stamp, "size": 0, "digest": "", "details": {}} for m in names]})
 
     def models_from_response(self, body: bytes) -> list[str]:
         data = orjson.loads(body).get("models") or []

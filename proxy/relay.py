@@ -5,10 +5,17 @@ Contract (`relay(ctx, attempt, response, send, observer)`, called by the forward
   `ctx.may_retry` and it is retryable (transient, rate limited, or a quota another deployment may
   not have) it raises `UpstreamFailure` with the native response kept, else it is sent verbatim
   (or translated for a cross-family deployment) with the `x-gateway-*` headers.
+- A status that cannot be relayed (a final 1xx, or outside 100-599 such as `999`) is a retryable
+  `upstream_error` (a native 502 when it is the last attempt), never a head sent to the client.
 - Otherwise the head goes out with the `x-gateway-*` headers (hop-by-hop and account headers
-  dropped), then every chunk as it arrives. With `ctx.hold_stream` a stream's first events are held
-  until the adapter's verdict says healthy (an in-band error or a stall there is a retryable
-  failure). Only the documented OpenAI usage-chunk filter changes bytes.
+  dropped), then every chunk as it arrives. The commit point (the head sent) is:
+  - a plain (non-stream) answer: its first BODY byte. The head is held until then; a stall past
+    the deployment's `first_byte` timeout (counted from the attempt's start, bounded by the
+    deadline) or a break before it is a retryable failure, like one before the head. An error
+    status is read whole within the same budget (what arrived by then is used).
+  - a stream: its head, or with `ctx.hold_stream` its first events, held until the adapter's
+    verdict says healthy (an in-band error or a stall there is a retryable failure).
+  Only the documented OpenAI usage-chunk filter changes bytes.
 - The adapter's usage tap sees every byte; a tap that raises is switched off, never the relay.
   Counts that are not non-negative integers are dropped. For a key with `log_bodies`, the response
   body's first `BODY_LOG_LIMIT` bytes (as the upstream sent them, with their content-encoding; an
@@ -44,12 +51,14 @@ async def relay(ctx: RequestContext, attempt: Attempt, response: httpx.Response,
     raw_headers = [(k.lower(), v) for k, v in response.headers.raw]
     adapter = ctx.adapter
     status = response.status_code
+    if not 200 <= status <= 599:  # ASGI servers (and HTTP clients) cannot take it: a bad upstream answer
+        raise UpstreamFailure("upstream_error", f"deployment {ctx.deployment.name!r} answered an invalid "  # type: ignore[union-attr]
+                              f"HTTP status ({status})", kind="transient")
     ctx.status = status
-    held = b""
     # The rate limiter's headers replace the upstream's own (the error layer adds them to the response).
     replaced = adapter.rate_limit_prefixes if ctx.response_headers else ()
     if status >= 400:
-        body = await _read_bounded(response, ERROR_BODY_LIMIT)
+        body = await _read_bounded(response, ERROR_BODY_LIMIT, _first_byte_budget(ctx, attempt))
         kind = adapter.classify(status, raw_headers, body)
         native = adapter.error_response(ctx, status, forward_response_headers(raw_headers, drop_length=True,
                                                                               replaced=replaced), body)
@@ -74,7 +83,9 @@ async def relay(ctx: RequestContext, attempt: Attempt, response: httpx.Response,
     # re-wrap every chunk for nothing; our transports already raise httpx's exceptions.
     chunks = aiter(response.stream)  # type: ignore[arg-type]
     held = b""
-    if streaming and ctx.hold_stream:
+    if not streaming:  # a plain answer commits on its first body byte, not on its head
+        chunks = await _first_body(ctx, attempt, chunks)
+    elif ctx.hold_stream:
         held = await _hold(ctx, chunks, tap, flt)
     headers = adapter.response_headers(ctx, forward_response_headers(raw_headers, drop_length=flt is not None,
                                                                                replaced=replaced), streaming)
@@ -146,6 +157,41 @@ async def _send_error(ctx: RequestContext, attempt: Attempt, native: tuple[int, 
         ctx.response_body = bytearray(body[:BODY_LOG_LIMIT])
         ctx.response_encoding = next((v for k, v in headers if k == b"content-encoding"), b"").decode("latin-1")
     await send({"type": "http.response.body", "body": body})
+
+
+def _first_byte_budget(ctx: RequestContext, attempt: Attempt) -> float:
+    """What is left of the deployment's `first_byte` timeout for this attempt (bounded by the deadline)."""
+    now = time.perf_counter()
+    budget = ctx.deployment.timeouts.first_byte - (now - attempt.started)  # type: ignore[union-attr]
+    if ctx.deadline is not None:
+        budget = min(budget, ctx.deadline - now)
+    return max(0.001, budget)
+
+
+async def _first_body(ctx: RequestContext, attempt: Attempt, chunks: Any) -> Any:
+    """Wait for a plain answer's first body byte (its commit point); the chunks again, that one first.
+
+    A stall past the first-byte budget or a break before that byte is a retryable failure: nothing
+    has reached the client yet. A body that ends empty commits as it is."""
+    try:
+        async with asyncio.timeout(_first_byte_budget(ctx, attempt)):
+            first = await anext(chunks)
+    except StopAsyncIteration:
+        return chunks
+    except (httpx.TimeoutException, TimeoutError):
+        raise UpstreamFailure("upstream_timeout", f"deployment {ctx.deployment.name!r} sent no body in time",  # type: ignore[union-attr]
+                              kind="transient") from None
+    except httpx.HTTPError:
+        raise UpstreamFailure("upstream_unreachable", "the upstream connection broke before the body",
+                              kind="transient") from None
+    return _prepend(first, chunks)
+
+
+async def _prepend(first: bytes, chunks: Any) -> Any:
+    yield first
+    async for chunk in chunks:
+        yield chunk
+
 
 async def _hold(ctx: RequestContext, chunks: Any, tap: Any, flt: Any) -> bytes:
     """Read a stream's first events until the adapter can tell it is healthy (commit point).
@@ -235,14 +281,16 @@ def _finish(ctx: RequestContext, tap: Any) -> None:
             setattr(u, name, None)
 
 
-async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
+async def _read_bounded(response: httpx.Response, limit: int, seconds: float) -> bytes:
+    """An error body, whole up to `limit` bytes: what arrived within `seconds` (a stall ends it)."""
     body = b""
     try:
-        async for chunk in response.stream:  # type: ignore[union-attr]
-            body += chunk
-            if len(body) >= limit:
-                break
-    except httpx.HTTPError:
+        async with asyncio.timeout(seconds):
+            async for chunk in response.stream:  # type: ignore[union-attr]
+                body += chunk
+                if len(body) >= limit:
+                    break
+    except (httpx.HTTPError, TimeoutError):
         pass
     return body
 

@@ -7,7 +7,11 @@ Contract:
   provider 429/529 carrying `Retry-After` (until then); repeat ejections last 30 s x n
   (`gateway.circuit_base_ejection`), capped at 300 s, with jitter. The reservation script
   (`reserve.lua`) reads the same hash, so every replica skips an open deployment from its next
-  request on; exactly one replica wins the half-open probe.
+  request on; exactly one replica wins the half-open probe. A success closes an open circuit only
+  once its ejection is over (the probe's): one that was in flight when a 429 opened it does not.
+- This replica's own ejections count in `snapshot()` at once (a throttle before its Redis write
+  lands, a failure as soon as the script answers), and a refresh read from Redis never overwrites
+  a fresher one of them with an older view.
 - While Redis is unavailable each replica keeps the same breaker locally (`locally_open`), and
   Redis being down causes no errors.
 - `observe_ttfb`, `begin`/`end` keep shared EWMA and in-flight figures, pushed in one pipeline per
@@ -70,6 +74,7 @@ class SharedHealth:
         self.base_ejection_ms = int(config.gateway.circuit_base_ejection * 1000) or BASE_EJECTION_MS
         self.local: dict[str, DeploymentStats] = {n: DeploymentStats() for n in self.names}
         self.shared: dict[str, DeploymentStats] = {n: DeploymentStats() for n in self.names}
+        self.ejected: dict[str, float] = {}  # this replica's latest known ejection end per deployment (epoch s)
         self.tasks: set[asyncio.Task[Any]] = set()
         self._pending_inflight: dict[str, int] = {}
         self._pending_ttfb: dict[str, float] = {}
@@ -99,8 +104,10 @@ class SharedHealth:
     def _record_local(self, dep: str, outcome: str, retry_after: float | None) -> None:
         s = self.local.setdefault(dep, DeploymentStats())
         now = time.time()
-        if outcome == "ok":
-            s.fails, s.open_until = 0, 0.0
+        if outcome == "ok":  # closes the circuit only once the ejection is over (see health.lua)
+            s.fails = 0
+            if s.open_until <= now:
+                s.open_until = 0.0
             return
         eject = 0.0
         if outcome == "throttle" and retry_after:
@@ -115,6 +122,16 @@ class SharedHealth:
                 log.warning("circuit_opened", deployment=dep, scope="local", seconds=round(eject, 1))
                 self.observer.circuit_changed(dep, True)
             s.open_until, s.fails, s.ejections = max(s.open_until, now + eject), 0, s.ejections + 1
+            if outcome == "throttle":  # the provider said when: every request from now on, not from the next refresh
+                self._eject(dep, now + eject)
+
+    def _eject(self, dep: str, until: float) -> None:
+        """Count an ejection in the shared view now, and keep it over older refreshed views."""
+        if until > self.ejected.get(dep, 0.0):
+            self.ejected[dep] = until
+        shared = self.shared.get(dep)
+        if shared is not None and until > shared.open_until:
+            shared.open_until = until
 
     async def _record_shared(self, dep: str, outcome: str, retry_after: float | None) -> None:
         keys = [health_key(dep), probe_key(dep)]
@@ -127,6 +144,8 @@ class SharedHealth:
         except Exception:  # noqa: BLE001 - health bookkeeping must never hurt traffic
             log.exception("health_record_failed", deployment=dep)
             return
+        if state % 2:  # open, as of this write: the snapshot need not wait for the next refresh
+            self._eject(dep, open_until / 1000)
         if state >= 2:
             self.state_changes += 1
             self.observer.circuit_changed(dep, bool(state % 2))
@@ -212,11 +231,15 @@ class SharedHealth:
                 return await p.execute()
 
         rows = await self.store.call(op, deadline=max(self.store.timeout, 1.0))
+        now = time.time()
+        for dep in [d for d, until in self.ejected.items() if until <= now]:
+            del self.ejected[dep]
         for i, name in enumerate(self.names):
             (open_until, ejections, fails), (ttfb, inflight) = rows[2 * i], rows[2 * i + 1]
+            # The read may predate our own latest ejection (its write still on the way): keep the later end.
             self.shared[name] = DeploymentStats(
-                open_until=int(open_until or 0) / 1000, ejections=int(ejections or 0), fails=int(fails or 0),
-                ttfb_ewma=float(ttfb) if ttfb else None, inflight=max(0, int(inflight or 0)))
+                open_until=max(int(open_until or 0) / 1000, self.ejected.get(name, 0.0)), ejections=int(ejections or 0),
+                fails=int(fails or 0), ttfb_ewma=float(ttfb) if ttfb else None, inflight=max(0, int(inflight or 0)))
         return self.shared
 
     async def aclose(self) -> None:

@@ -2,6 +2,7 @@
 -- KEYS: 1 = health HASH (fails, open_until, ejections, last_change), 2 = probe lock key.
 -- ARGV: 1 outcome: "ok" | "fail" | "throttle"; 2 retry-after ms (throttle); 3 failure threshold;
 --       4 base ejection ms; 5 max ejection ms; 6 jitter in [0,1) supplied by the caller.
+-- An "ok" closes an open circuit only at or after open_until (the half-open probe's success).
 -- Returns {state, open_until_ms, ejections} with state 0 closed, 1 open; 2 = state changed now.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -12,9 +13,14 @@ local open_until = tonumber(redis.call('HGET', h, 'open_until') or '0')
 local ejections = tonumber(redis.call('HGET', h, 'ejections') or '0')
 local changed = 0
 if outcome == 'ok' then
-  if open_until > 0 then changed = 1 end
-  fails, open_until = 0, 0
-  redis.call('DEL', KEYS[2])
+  -- An open circuit closes only once its ejection (or Retry-After) is over: a success before then
+  -- is a request that was already in flight when it opened, or one sent in panic mode.
+  fails = 0
+  if open_until <= now then  -- closed already, or the half-open probe succeeded
+    if open_until > 0 then changed = 1 end
+    open_until = 0
+    redis.call('DEL', KEYS[2])
+  end
 else
   local eject_for = 0
   if outcome == 'throttle' and tonumber(ARGV[2]) > 0 then
