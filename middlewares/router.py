@@ -71,7 +71,7 @@ class RouterMiddleware:
             models.extend(m for m in listed if m not in models)
         principal = ctx.principal
         if principal is not None and principal.models:
-            models = [m for m in models if m in principal.models]
+            models = [m for m in models if principal.allows(ctx.family, m)]
         body = ctx.adapter.model_list_response(models)
         ctx.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": [

@@ -77,7 +77,15 @@ class Principal:
     def allows(self, family: str, model: str | None) -> bool:
         if self.families and family not in self.families:
             return False
-        return not self.models or model is None or model in self.models
+        if not self.models or model is None or model in self.models:
+            return True
+        # Ollama: a name without a tag means ":latest", in an allowlist as in routing
+        return family == "ollama" and _tagged(model) in map(_tagged, self.models)
+
+
+def _tagged(name: str) -> str:
+    """An Ollama name with its tag ("llama3.2" is "llama3.2:latest"; a ":" before the last "/" is a port)."""
+    return name if ":" in name.rpartition("/")[2] else name + ":latest"
 
 
 @dataclass(slots=True)

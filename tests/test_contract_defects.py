@@ -380,3 +380,14 @@ def test_ollama_names_without_a_tag_mean_latest(ollama_pair: tuple[MockApp, Mock
     with pytest.raises(ollama.ResponseError) as info:  # another tag is another model
         client.chat(model="llama3.2:1b", messages=[{"role": "user", "content": HELLO}], stream=False)
     assert info.value.status_code == 404
+
+
+def test_an_ollama_allowlist_reads_a_name_without_a_tag_as_latest() -> None:
+    """A key allowed `llama3.2` may call `llama3.2:latest` and the reverse; another tag stays out."""
+    from proxy.context import Principal
+
+    short, full = Principal("a", models=("llama3.2",)), Principal("b", models=("llama3.2:latest",))
+    for p in (short, full):
+        assert p.allows("ollama", "llama3.2") and p.allows("ollama", "llama3.2:latest")
+        assert not p.allows("ollama", "llama3.2:1b")
+    assert not short.allows("openai", "llama3.2:latest"), "only Ollama names have implied tags"
