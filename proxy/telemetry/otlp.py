@@ -8,11 +8,16 @@ Contract:
 - `fast_span_exporter(otel, resource)`: the SDK's OTLP span exporter (transport, retries, settings)
   fed with spans it encoded itself from span records (`encode_records`, `proxy.telemetry.spanwire.SpanEncoder`);
   over gRPC through a stub that sends those bytes as they are (`_BytesTraceStub`, also after the
-  SDK reconnects). On an SDK whose internals differ, the SDK's own exporter and encoder.
-- `settle_environment(exporter, url)`: over http/protobuf the exporter's `requests` session gets
-  its proxies, CA bundle and netrc credentials from the environment once, at start, instead of
-  on every POST (where that look-up was ~30% of a batch's HTTP cost). Then, for a plain `http://`
-  collector that needs none of them, the span exporter posts through the SDK's urllib3 transport.
+  SDK reconnects). Over http/protobuf the proxies, CA bundle and netrc credentials the `requests`
+  transport would look up on every POST are resolved once, and the session is handed in through
+  the exporter's `session=` argument; a plain `http://` collector that needs none of them gets the
+  SDK's urllib3 transport instead (no credential provider configured in either case).
+- Private SDK names this relies on, present in the versions pyproject.toml pins (1.45.x) and
+  checked by tests/test_otlp_fences.py: the HTTP exporter's `_client.export(bytes)` and `_transport=`
+  keyword (`opentelemetry.exporter.http.transport._urllib3`); the gRPC exporter's `_translate_data`,
+  `_stub`, `_client`, `_channel` and `_initialize_channel_and_stub`; `MetricReader._set_collect_callback`.
+  Where one is missing the slower public path is taken (or, for the metrics bridge, OTLP metrics
+  are off) and `otel_fast_path_unavailable` is logged once per path with the installed version.
 - `PrometheusBridge`: turns the Prometheus registry into OTLP `MetricsData` (cumulative), so each
   metric is recorded once and pushed by a standard `PeriodicExportingMetricReader`
   (`OTEL_METRIC_EXPORT_INTERVAL` honoured) with this process's `service.instance.id`.
@@ -21,8 +26,10 @@ from __future__ import annotations
 
 import os
 import time
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import structlog
 from opentelemetry.sdk.metrics.export import (AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric,
                                               MetricReader, MetricsData, NumberDataPoint, ResourceMetrics,
                                               ScopeMetrics, Sum)
@@ -32,6 +39,22 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from config.models import OtelSettings
 from proxy.telemetry.spanwire import SpanEncoder
 from proxy.telemetry.tracing import SCOPE  # one instrumentation scope for spans and metrics
+
+log = structlog.get_logger("llm_gateway.telemetry")
+_warned: set[str] = set()
+
+
+def _fallback(path: str, cost: str) -> None:
+    """Say once per process that a fast path is off: an SDK upgrade must not slow export down unseen."""
+    if path in _warned:
+        return
+    _warned.add(path)
+    try:
+        installed = version("opentelemetry-exporter-otlp-proto-common")
+    except PackageNotFoundError:
+        installed = "unknown"
+    log.warning("otel_fast_path_unavailable", path=path, cost=cost, opentelemetry=installed,
+                detail="the installed OpenTelemetry SDK lacks an internal this path uses; see pyproject.toml")
 
 
 def _url(otel: OtelSettings, signal: str) -> str:
@@ -46,12 +69,16 @@ def _url(otel: OtelSettings, signal: str) -> str:
     return f"{base}/v1/{signal}"
 
 
-def span_exporter(otel: OtelSettings) -> SpanExporter:
+def _span_class(otel: OtelSettings) -> type[SpanExporter]:
     if otel.protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore[assignment]
-    return OTLPSpanExporter(endpoint=_url(otel, "traces"))
+    return OTLPSpanExporter
+
+
+def span_exporter(otel: OtelSettings) -> SpanExporter:
+    return _span_class(otel)(endpoint=_url(otel, "traces"))  # type: ignore[call-arg]
 
 
 def metric_exporter(otel: OtelSettings) -> Any:
@@ -71,7 +98,12 @@ class PrometheusBridge:
         self.start = time.time_ns()
 
     def attach(self, reader: MetricReader) -> MetricReader:
-        reader._set_collect_callback(self.collect)  # the SDK's reader hook: our registry is the only source
+        hook = getattr(reader, "_set_collect_callback", None)  # the SDK's reader hook: our registry is the only source
+        if not callable(hook):
+            _fallback("metrics bridge", "no OTLP metrics (Prometheus /metrics still served)")
+            reader.shutdown()  # nothing to collect: stop its export thread
+            return reader
+        hook(self.collect)
         return reader
 
     def _attrs(self, labels: dict[str, str]) -> dict[str, str]:
@@ -120,48 +152,38 @@ class PrometheusBridge:
         return points
 
 
-def settle_environment(exporter: Any, url: str) -> None:
-    """Read the environment's HTTP settings for `url` once, not on every POST.
+def _http_exporter(cls: Any, url: str) -> Any:
+    """The http/protobuf span exporter with the environment's HTTP settings for `url` read once.
 
-    The SDK's HTTP exporters post through a `requests.Session`, which by default looks up proxies
-    (`*_PROXY`, `NO_PROXY`), the CA bundle (`REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`) and `~/.netrc`
-    on each request: a scan of the whole environment twice per POST, about a third of the exporter
-    thread's CPU per batch. They are resolved here for the exporter's one URL, with the session's
-    own settings winning as before, and the session stops asking. A session of another shape
-    (another SDK transport) is left alone."""
-    session = getattr(getattr(getattr(exporter, "_client", None), "_transport", None), "_session", None)
-    if session is None or not getattr(session, "trust_env", False):
-        return
-    try:
-        from requests.utils import get_netrc_auth
+    The SDK's requests transport looks up proxies (`*_PROXY`, `NO_PROXY`), the CA bundle
+    (`REQUESTS_CA_BUNDLE`, `CURL_CA_BUNDLE`) and `~/.netrc` on each POST (about a third of the export
+    thread's CPU per batch). Resolved here instead, into a session handed to the exporter, with the
+    SDK's own certificate settings (`OTEL_EXPORTER_OTLP_*CERTIFICATE`) still first. Over plain http
+    with none of them, the SDK's urllib3 transport: measured 0.35 against 0.65 us a span (requests)."""
+    if any(os.environ.get(f"OTEL_PYTHON_EXPORTER_OTLP_HTTP{s}_CREDENTIAL_PROVIDER") for s in ("", "_TRACES")):
+        return cls(endpoint=url)  # the provider's session may sign requests or mount adapters: the SDK's way
+    import requests
+    from requests.utils import get_netrc_auth
 
-        settings = session.merge_environment_settings(url, {}, None, session.verify, None)
-        auth = get_netrc_auth(url) if session.auth is None else None
-        session.proxies, session.verify = settings["proxies"], settings["verify"]
-        if auth:
-            session.auth = auth
-        session.trust_env = False
-    except Exception:  # noqa: BLE001 - the per-request lookups still work
-        return
+    session = requests.Session()
+    settings = session.merge_environment_settings(url, {}, None, True, None)
+    auth = get_netrc_auth(url)
+    if url.startswith("http://") and not auth and not any(settings["proxies"].values()):
+        try:
+            from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
 
-
-def _lean(exporter: Any, cls: Any, url: str) -> Any:
-    """Over plain http, with no proxy, netrc credentials or session from the environment for this URL,
-    the SDK's urllib3 transport instead of its requests one: a batch's POST costs ~40% less CPU
-    (measured: 0.46 -> 0.28 us a span), for the same retries and settings. Anything else keeps requests."""
-    session = getattr(getattr(getattr(exporter, "_client", None), "_transport", None), "_session", None)
-    if (session is None or not url.startswith("http://") or session.trust_env or session.auth is not None
-            or session.cert is not None or any(session.proxies.values())
-            or any(os.environ.get(f"OTEL_PYTHON_EXPORTER_OTLP_HTTP{s}_CREDENTIAL_PROVIDER") for s in ("", "_TRACES"))):
-        return exporter  # a credential provider's session (entry point) may sign or mount adapters
-    try:
-        from opentelemetry.exporter.http.transport._urllib3 import Urllib3HTTPTransport
-
-        lean = cls(endpoint=url, _transport=Urllib3HTTPTransport())
-    except Exception:  # noqa: BLE001 - an SDK without that transport or keyword: requests it is
-        return exporter
-    exporter.shutdown()
-    return lean
+            lean = cls(endpoint=url, _transport=Urllib3HTTPTransport())
+            session.close()
+            return lean
+        except Exception:  # noqa: BLE001 - an SDK without that transport or keyword: requests it is
+            pass
+        _fallback("http urllib3 transport", "~0.3 us a span (requests instead)")
+    session.proxies, session.trust_env = settings["proxies"], False
+    if auth:
+        session.auth = auth
+    own = any(os.environ.get(f"OTEL_EXPORTER_OTLP{s}_CERTIFICATE") for s in ("", "_TRACES"))
+    bundle = settings["verify"] if isinstance(settings["verify"], str) and not own else None
+    return cls(endpoint=url, session=session, certificate_file=bundle)
 
 
 _TRACE_EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -183,40 +205,49 @@ def fast_span_exporter(otel: OtelSettings, resource: Resource) -> SpanExporter:
     """The SDK's OTLP exporter (transport, retries, env settings), fed by `SpanEncoder`.
 
     `encode_records(records)` encodes span records (where the processor prepares them) and `export`
-    takes what it returns. On an SDK whose internals differ, the SDK's own exporter (and encoder) is returned
-    instead."""
-    base = type(span_exporter(otel))
+    takes what it returns. On an SDK whose internals differ, the SDK's own exporter (and encoder,
+    ~30 us a span) is returned instead, and that is logged once."""
+    base: Any = _span_class(otel)
     encoder = SpanEncoder(resource, SCOPE)
+    url = _url(otel, "traces")
+    over_grpc = otel.protocol == "grpc"
 
     class FastExporter(base):  # type: ignore[valid-type, misc]
         encode_records = staticmethod(encoder.spans)  # span records -> encoded spans, which `export` takes
+        closed = False
 
-        def _translate_data(self, data: Any) -> Any:  # gRPC
+        def _translate_data(self, data: Any) -> Any:  # gRPC: the SDK's `export` (retries, reconnects) asks here
             if self._stub is _BytesTraceStub:
                 return encoder.request(data)
             from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
             return ExportTraceServiceRequest.FromString(encoder.request(data))  # the SDK's stub serializes it again
 
-        def export(self, spans: Any) -> SpanExportResult:
-            if otel.protocol == "grpc":
-                return self._export(spans)  # the SDK's retries and checks, with `_translate_data` above
-            if getattr(self, "_shutdown", False):
-                return SpanExportResult.FAILURE
-            return SpanExportResult.SUCCESS if self._client.export(encoder.request(spans)).success \
-                else SpanExportResult.FAILURE
+        if not over_grpc:
+            def export(self, spans: Any) -> SpanExportResult:  # the SDK's retrying HTTP client, given our bytes
+                if self.closed:
+                    return SpanExportResult.FAILURE
+                return SpanExportResult.SUCCESS if self._client.export(encoder.request(spans)).success \
+                    else SpanExportResult.FAILURE
 
-    exporter = FastExporter(endpoint=_url(otel, "traces"))
-    if otel.protocol == "grpc" and callable(getattr(exporter, "_initialize_channel_and_stub", None)) \
-            and getattr(exporter, "_stub", None) is not None:
-        exporter._stub = _BytesTraceStub  # the SDK's reconnection makes its client from `_stub` too
-        exporter._client = _BytesTraceStub(exporter._channel)
-    if otel.protocol != "grpc":
-        settle_environment(exporter, _url(otel, "traces"))
-        exporter = _lean(exporter, FastExporter, _url(otel, "traces"))
-    internals = getattr(exporter, "_export", None) if otel.protocol == "grpc" else \
-        getattr(getattr(exporter, "_client", None), "export", None)
-    if callable(internals):
+            def shutdown(self) -> None:
+                self.closed = True
+                super().shutdown()
+
+    if over_grpc:
+        exporter = FastExporter(endpoint=url)
+        usable = callable(getattr(exporter, "_export", None)) and callable(getattr(base, "_translate_data", None))
+        if usable and callable(getattr(exporter, "_initialize_channel_and_stub", None)) \
+                and getattr(exporter, "_stub", None) is not None and getattr(exporter, "_channel", None) is not None:
+            exporter._stub = _BytesTraceStub  # the SDK's reconnection makes its client from `_stub` too
+            exporter._client = _BytesTraceStub(exporter._channel)
+        elif usable:
+            _fallback("grpc bytes stub", "~0.8 us a span (each batch parsed into protobuf objects again)")
+    else:
+        exporter = _http_exporter(FastExporter, url)
+        usable = callable(getattr(getattr(exporter, "_client", None), "export", None))
+    if usable:
         return exporter
     exporter.shutdown()
-    return base(endpoint=_url(otel, "traces"))
+    _fallback("span encoder", "~30 us a span (the SDK's own encoder)")
+    return base(endpoint=url)
