@@ -199,7 +199,7 @@ def gateway_config(workdir: Path, upstream: str, port: int, tag: str, transport:
                    redis_url: str = "") -> Path:
     """The bench gateway; with `redis_url`, limits on every scope (high enough never to refuse)."""
     path = workdir / f"gateway-{tag}.yaml"
-    transport = transport if transport in ("httptools", "httpx", "aiohttp") else "aiohttp"
+    transport = transport if transport in ("httptools", "aiohttp") else "aiohttp"
     lim = "{requests_per_minute: 100000000, tokens_per_minute: 1000000000000}"
     global_limit, key_limit, dep_limit = (f", rate_limit: {lim}", f"\n      rate_limit: {lim}", f", rate_limit: {lim}") \
         if redis_url else ("", "", "")
@@ -632,8 +632,8 @@ def phase_memory(args: argparse.Namespace, workdir: Path, servers: list[Server],
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
-    p.add_argument("--transports", default="httptools,aiohttp,httpx,httpx_aiohttp",
-                   help="gateway upstream transports to measure (httptools, aiohttp, httpx, httpx_aiohttp); "
+    p.add_argument("--transports", default="httptools,aiohttp,httpx_aiohttp",
+                   help="gateway upstream transports to measure (httptools, aiohttp, httpx_aiohttp); "
                         "the first one also runs with --limits")
     p.add_argument("--streams", type=int, default=40, help="streams at c=1 (c=16 runs 16 x streams/4)")
     p.add_argument("--memory", action="store_true", help="also measure gateway RSS after 10k and 100k requests (slow)")

@@ -101,7 +101,7 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--transport", default="httptools", help="gateway.upstream_transport (httptools, aiohttp, httpx)")
+    p.add_argument("--transport", default="httptools", help="gateway.upstream_transport (httptools, aiohttp)")
     p.add_argument("--protocol", default="http/protobuf", choices=("http/protobuf", "grpc"),
                    help="OTLP protocol of the `on` gateway and its sink (default http/protobuf)")
     p.add_argument("--together", action="store_true",

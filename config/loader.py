@@ -358,7 +358,7 @@ def _validate(doc: _Doc, cfg: m.Config) -> None:
         if "." not in name and ":" not in name:  # a dotted name is a custom strategy by import path
             choice(path, name, m.ROUTING_STRATEGIES)
     choice("state.on_redis_error", cfg.state.on_redis_error, m.REDIS_ERROR_MODES)
-    choice("gateway.upstream_transport", cfg.gateway.upstream_transport, ("httptools", "aiohttp", "httpx"))
+    choice("gateway.upstream_transport", cfg.gateway.upstream_transport, ("httptools", "aiohttp"))
     choice("auth.mode", cfg.auth.mode, ("keys", "none"))
     choice("monitoring.otel.protocol", cfg.monitoring.otel.protocol, ("grpc", "http/protobuf"))
     if not 0.0 <= cfg.monitoring.tracing.sample_rate <= 1.0:

@@ -6,9 +6,11 @@ Resources open on first use (a Starlette `Mount` forwards no lifespan events) an
 The forwarder drives the upstream wire (an httpx transport) directly; `client`, an `httpx.AsyncClient`
 over the same wire, serves the few calls off the hot path (model lists). The wire is chosen by the
 `transport` argument, else `gateway.upstream_transport`: `httptools` (the default, chosen by
-measurement: `proxy.upstream.wire.WireTransport`), `aiohttp` (`proxy.upstream.transport.AiohttpTransport`) or `httpx`
-(httpcore). A callable returning an `httpx.AsyncBaseTransport` is also
-accepted (benchmarks). An unknown name fails at construction.
+measurement: `proxy.upstream.wire.WireTransport`) or `aiohttp` (`proxy.upstream.transport.AiohttpTransport`).
+The former `httpx` choice (httpcore) was dropped: it hands stray bytes after a response to the next
+request on that connection as its answer, never resends on the keep-alive close race, and cost 7x
+the CPU a request (tests/test_wire.py, README). A callable returning an `httpx.AsyncBaseTransport`
+is still accepted (benchmarks). An unknown name fails at construction.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from proxy.telemetry.observer import Observer
 from proxy.state.store import Store
 
 
-TRANSPORTS = ("httptools", "aiohttp", "httpx")
+TRANSPORTS = ("httptools", "aiohttp")
 _KEEPALIVE_EXPIRY = 30.0
 
 
@@ -70,14 +72,10 @@ class Runtime:
                 from proxy.upstream.wire import WireTransport
 
                 self._wire = WireTransport(max_connections=size, keepalive_expiry=_KEEPALIVE_EXPIRY)
-            elif self.transport == "aiohttp":
+            else:
                 from proxy.upstream.transport import AiohttpTransport
 
                 self._wire = AiohttpTransport(max_connections=size, keepalive_expiry=_KEEPALIVE_EXPIRY)
-            else:
-                self._wire = httpx.AsyncHTTPTransport(
-                    trust_env=False, limits=httpx.Limits(max_connections=size, max_keepalive_connections=size,
-                                                         keepalive_expiry=_KEEPALIVE_EXPIRY))
         return self._wire
 
     @property

@@ -146,7 +146,7 @@ def upstream() -> Iterator[tuple[StreamingUpstream, str]]:
         yield fake, base
 
 
-@pytest.fixture(scope="module", params=["httptools", "aiohttp", "httpx"])
+@pytest.fixture(scope="module", params=["httptools", "aiohttp"])
 def gateway_app(request: pytest.FixtureRequest, upstream: tuple[StreamingUpstream, str]) -> Iterator[tuple[GatewayApp, str]]:
     """The gateway with a small upstream pool (a leak starves it fast), on each wire transport."""
     app = build_app(parse_config(_config(upstream[1], request.param), "test.yaml", {}))

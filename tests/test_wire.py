@@ -138,7 +138,6 @@ async def test_early_hints_are_skipped(wire: Wires) -> None:
 
 
 async def test_bytes_after_a_response_are_never_the_next_answer(wire: Wires) -> None:
-    wire.gap("httpx", "h11 keeps the stray bytes and hands them to the next request on that connection")
     extra = OK.replace(b'{"ok":true}', b'{"no":true}')
     async with server(keep_alive(OK + extra, OK)) as srv:
         transport = wire()

@@ -61,7 +61,6 @@ async def test_a_reused_connection_closed_unanswered_is_resent_once_a_fresh_one_
         state["requests"].append(await read_request(reader))
         writer.transport.abort()  # the race with an idle-timeout close: the request was never read
 
-    wire.gap("httpx", "httpcore never resends, so the idle-close race reaches the caller as an error")
     async with server(handler) as srv:
         transport = wire()
         await fetch(transport, request(srv["url"]))  # connection 1, then kept alive

@@ -10,9 +10,7 @@ Contract:
   connection's handler has returned.
 - `pool_stats(wire)` is (connections busy, connections open) for any of the transports: what a leak
   check looks at. Connections a transport has not yet noticed are closed still count as open.
-- `Wires` (the tests' `wire` fixture) opens transports of one kind and closes them after the test;
-  `gap(name, reason)` marks the running test as a known, strict failure of that transport (it
-  fails the run when the transport starts passing, so the note cannot outlive the defect).
+- `Wires` (the tests' `wire` fixture) opens transports of one kind and closes them after the test.
 """
 from __future__ import annotations
 
@@ -43,11 +41,6 @@ def open_transport(name: str, *, max_connections: int = 100,
         from proxy.upstream.transport import AiohttpTransport
 
         return AiohttpTransport(max_connections=max_connections, keepalive_expiry=30.0, ssl_context=ssl_context)
-    if name == "httpx":
-        return httpx.AsyncHTTPTransport(
-            verify=ssl_context if ssl_context is not None else True, trust_env=False,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
-                                keepalive_expiry=30.0))
     raise AssertionError(f"no byte-level harness for upstream transport {name!r}: add it here")
 
 
@@ -61,10 +54,6 @@ class Wires:
     def __call__(self, **kwargs: Any) -> httpx.AsyncBaseTransport:
         self.opened.append(open_transport(self.name, **kwargs))
         return self.opened[-1]
-
-    def gap(self, name: str, reason: str) -> None:
-        if self.name == name:
-            self.node.applymarker(pytest.mark.xfail(strict=True, reason=f"{name}: {reason}"))
 
     async def aclose(self) -> None:
         for transport in self.opened:
