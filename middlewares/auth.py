@@ -6,7 +6,8 @@ Contract:
   `proxy.state.keys` (HMAC digests with `auth.secret`; only when `auth.secret` is set, otherwise they are
   ignored and a warning is logged at startup). SigV4 clients (boto3) are verified by recomputing the
   signature with the key's secret over the received Host, raw path and query, signed headers and body;
-  `X-Amz-Date` must be within 15 minutes.
+  `X-Amz-Date` must be within 15 minutes. The Authorization header is parsed and the access key id
+  resolved before the body is read: only a known identity makes the gateway buffer a body to check.
 - Missing key: 401 (Bedrock: 403 MissingAuthenticationTokenException); unknown key: 401
   (Bedrock: UnrecognizedClientException); bad/expired/other-body/garbled signature: Bedrock 403
   InvalidSignatureException. All native to the inbound family; no input makes it a 500.
@@ -95,8 +96,7 @@ class AuthMiddleware:
         if not self.enabled:
             ctx.principal = self.anonymous
         elif getattr(ctx.adapter, "sigv4", False) and (ctx.header(b"authorization") or "").startswith("AWS4-HMAC-SHA256"):
-            await read_body(ctx, receive, self.max_body)
-            ctx.principal = await self._sigv4(ctx, scope)
+            ctx.principal = await self._sigv4(ctx, scope, receive)
         else:
             ctx.principal = await self._key(ctx)
         await self.app(scope, receive, send)
@@ -113,7 +113,7 @@ class AuthMiddleware:
                 return principal
         raise GatewayError("caller_invalid_credentials", "invalid gateway API key")
 
-    async def _sigv4(self, ctx: RequestContext, scope: dict[str, Any]) -> Principal:
+    async def _sigv4(self, ctx: RequestContext, scope: dict[str, Any], receive: Any) -> Principal:
         header = ctx.header(b"authorization") or ""
         auth = sigv4.parse_authorization(header) if len(header) <= 4096 else None
         if auth is None or len(auth.access_key_id) > 128:
@@ -126,6 +126,8 @@ class AuthMiddleware:
         if found is None:
             raise GatewayError("caller_invalid_credentials", "The security token included in the request is invalid.")
         principal, secret = found
+        # Only now, for a known identity, is the body worth reading: the signature covers it.
+        await read_body(ctx, receive, self.max_body)
         raw = scope.get("raw_path") or scope["path"].encode()
         try:
             sigv4.verify(

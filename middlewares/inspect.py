@@ -2,8 +2,11 @@
 
 Contract:
 - The body is read once into `ctx.body`; past `gateway.max_body_bytes` it is a native 413.
-- A JSON body that does not parse is a native 400; so is a path segment decoding to `.`/`..`, and
-  a top-level field or header that tries to choose the upstream (`api_base`, `base_url`, ...).
+- A JSON body that does not parse is a native 400; so is a path segment decoding to `.`/`..`, a
+  top-level key spelled twice (`repeated_key`), and a top-level field or header that tries to choose
+  the upstream (`api_base`, `base_url`, ...).
+- Credential query parameters (`api_key`, `key`, `token`, ...: `providers.base.forward_query`) are
+  removed from `ctx.query` here, after auth and before anything is forwarded; the rest stays as sent.
 - The family adapter sets `ctx.model`, `ctx.stream` and `ctx.operation` (it may rewrite the body for
   the documented OpenAI `include_usage` case).
 - A model outside the principal's allowlist is a native 403.
@@ -13,6 +16,7 @@ Contract:
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -21,9 +25,45 @@ from config.models import Config
 from proxy.context import RequestContext, get_context, read_body
 from proxy.errors import GatewayError
 from proxy.runtime import Runtime
-from providers.base import check_path, reject_upstream_pickers
+from providers.base import check_path, forward_query, reject_upstream_pickers
 
 _OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict")
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return pairs
+
+
+def repeated_key(body: bytes, parsed: dict[str, Any]) -> str | None:
+    """The first top-level key `body` spells more than once, or None. orjson keeps the last value of a
+    repeated key while an upstream may keep the first: such a body could be routed on one model and served
+    by another. This runs on every JSON body, so cheap proofs of "no repeat" come first:
+    - the body is byte for byte what orjson writes for `parsed` (what the SDKs send): nothing was dropped;
+    - no ':' spelled as an escape, and as many ':' bytes as that canonical form: every member has its own
+      ':', and whitespace, escapes and number spellings add or remove none, so a dropped member would show;
+    otherwise (a repeat somewhere, at any depth, an escaped ':' or a body too deep for orjson to write)
+    the exact top-level check decides."""
+    try:
+        canonical = orjson.dumps(parsed)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper than it writes)
+        canonical = b""
+    if canonical == body:
+        return None
+    if canonical and body.count(b":") == canonical.count(b":") and (
+            b"\\" not in body or b"\\u003" not in body or (b"\\u003a" not in body and b"\\u003A" not in body)):
+        return None
+    try:
+        members = json.loads(body, object_pairs_hook=_pairs)
+    except RecursionError:
+        raise GatewayError("caller_invalid_request", "the request body nests too deeply") from None
+    except ValueError:  # orjson accepted it, so this is not expected; refuse rather than guess
+        raise GatewayError("caller_invalid_request", "the request body is not valid JSON") from None
+    seen: set[str] = set()
+    for key, _ in members:
+        if key in seen:
+            return key
+        seen.add(key)
+    return None
 
 
 def estimate_tokens(ctx: RequestContext, default_output: int) -> int:
@@ -50,6 +90,7 @@ class InspectMiddleware:
             return
         ctx = get_context(scope)
         check_path(ctx.path)
+        ctx.query = forward_query(ctx.query)  # after auth (SigV4 signs the query as sent), before any upstream
         await read_body(ctx, receive, self.max_body)
         if ctx.body:
             ctype = (ctx.header(b"content-type") or "").lower()
@@ -61,6 +102,11 @@ class InspectMiddleware:
                 except orjson.JSONDecodeError:
                     if declared_json or ctx.family != "openai":
                         raise GatewayError("caller_invalid_request", "the request body is not valid JSON") from None
+                if ctx.json.__class__ is dict:
+                    repeated = repeated_key(ctx.body, ctx.json)
+                    if repeated is not None:
+                        raise GatewayError("caller_invalid_request",
+                                           f"the request body repeats the top-level key {repeated[:64]!r}")
         reject_upstream_pickers(ctx)
         ctx.adapter.inspect(ctx)
         principal = ctx.principal

@@ -18,7 +18,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Protocol
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 from config.models import Deployment
 from proxy.context import RequestContext
@@ -35,6 +35,9 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip",
 }
 _TAPPABLE_ENCODINGS = ("gzip", "deflate", "identity")
+# Query parameters that carry a credential (compared lower-cased, after one percent-decoding): never forwarded,
+# never read as the gateway key. "key" and "token" are in every one of them: a cheap first test.
+CREDENTIAL_QUERY_PARAMS = frozenset({"api_key", "api-key", "key", "access_token", "token"})
 UPSTREAM_PICKERS = frozenset({"api_base", "api-base", "base_url", "base-url", "azure_endpoint", "api_key"})
 # Compared with case, '-' and '_' folded, so `API_BASE`, `baseUrl` or `azure-endpoint` are refused as well.
 _PICKER_BODY = frozenset({"apibase", "baseurl", "azureendpoint", "apikey"})
@@ -85,6 +88,19 @@ def forward_request_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[st
     kept = [p.strip() for p in (accept or "").split(",") if p.split(";")[0].strip().lower() in _TAPPABLE_ENCODINGS]
     out.append(("accept-encoding", ", ".join(kept) if kept else "identity"))
     return out
+
+
+def forward_query(query: str) -> str:
+    """The raw query string minus credential parameters (`CREDENTIAL_QUERY_PARAMS`, also as `name[]`); everything
+    else is kept byte for byte, in order (empty pieces and odd encodings included)."""
+    if not query:
+        return query
+    folded = query.lower()
+    if "key" not in folded and "token" not in folded and "%" not in folded:
+        return query  # the common case: no parameter name can spell a credential
+    kept = [piece for piece in query.split("&")
+            if unquote_plus(piece.partition("=")[0]).partition("[")[0].strip().lower() not in CREDENTIAL_QUERY_PARAMS]
+    return "&".join(kept)
 
 
 # Response headers that never reach the client:

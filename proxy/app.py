@@ -8,7 +8,8 @@ Contract:
   can both admit the request and reserve the first deployment whose own limits allow it.
 - `/healthz` (live) and `/readyz` (ready; reports degraded state but stays ready), `/metrics`
   (Prometheus text; 404 when `monitoring.metrics.enabled` is false) and `/admin/*` are answered
-  before the stack. Everything else goes to the stack, which 404s paths no family owns.
+  before the stack, matched on the raw (still percent-encoded) path: `/admin%2Fkeys` or `/%61dmin/keys`
+  is not the admin API. Everything else goes to the stack, which 404s paths no family owns.
 - The telemetry observer (`proxy.telemetry.observability`) is installed into the runtime here, before any
   store or health object captures it, and closed with the runtime.
 - Every stack response carries `x-gateway-overhead-ms` (unless `monitoring.overhead_header: false`),
@@ -77,7 +78,10 @@ class GatewayApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http":
-            path = scope["path"]
+            # Gateway routes match the raw path only, as a front proxy filtering paths sees it: a path that
+            # merely decodes to one (`/admin%2Fkeys`, `/%61dmin/keys`) goes to the stack, which 404s it.
+            raw = scope.get("raw_path")
+            path = raw.decode("latin-1").partition("?")[0] if raw else scope["path"]
             root = scope.get("root_path") or ""
             if root and path.startswith(root):
                 path = path[len(root):]

@@ -7,7 +7,8 @@ each other only through it; nothing per-request is ever kept on a middleware ins
 Every field has one owner, the layer that writes it (others only read):
 - errors (outermost): the identity fields, `response_status`, `response_streaming`;
 - auth: `principal`; inspect (through the adapter): `body`, `json`, `model`, `stream`, `operation`,
-  `model_list`, `strip_usage`, `estimated_tokens`;
+  `model_list`, `strip_usage`, `estimated_tokens`, and `query` (credential parameters removed, after
+  auth has verified a SigV4 signature over the query as sent);
 - router: `candidates`;
 - ratelimit: `admitted` (the deployment its reservation holds), `reservation`, `admit_deployment`,
   `response_headers`;
