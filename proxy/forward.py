@@ -1,4 +1,5 @@
-"""The terminal ASGI app: send one attempt upstream with httpx and relay the response unchanged.
+"""The terminal ASGI app: send one attempt upstream through the runtime's wire transport (httpx's
+transport API; the gateway's own HTTP/1.1 client by default) and relay the response unchanged.
 
 Contract:
 - Builds the upstream request with the inbound adapter for `ctx.deployment` (URL, auth, signing)
