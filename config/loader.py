@@ -29,8 +29,9 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-)?")  # the head of ${VAR} / 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.I)
 _SIZE_UNITS = {None: 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
-_DURATION_FIELDS = {"timeout", "connect", "first_byte", "idle", "redis_timeout", "circuit_base_ejection"}
-_SIZE_FIELDS = {"max_body_bytes"}
+_DURATION_FIELDS = {"timeout", "connect", "first_byte", "idle", "redis_timeout", "circuit_base_ejection",
+                    "header_timeout", "body_timeout"}
+_SIZE_FIELDS = {"max_body_bytes", "max_header_bytes"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _AZURE_DEPLOYMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _BEDROCK_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,2047}$")

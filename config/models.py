@@ -81,7 +81,17 @@ class Deployment:
     disabled_reason: str = ""
 
     def serves(self, model: str | None) -> bool:
-        return not self.models or model is None or model in self.models
+        if not self.models or model is None or model in self.models:
+            return True
+        if self.family != "ollama":
+            return False
+        # Ollama: a name without a tag means ":latest" ("llama3.2" is "llama3.2:latest"); a ":" before
+        # the last "/" is a registry port, not a tag.
+        def latest(name: str) -> str:
+            return name if ":" in name.rpartition("/")[2] else name + ":latest"
+
+        wanted = latest(model)
+        return any(latest(m) == wanted for m in self.models)
 
 
 @dataclass(slots=True)
@@ -91,7 +101,7 @@ class GatewaySettings:
     enable_failover: bool = True
     max_retries: int = 3
     failure_threshold: int = 5  # consecutive transient failures that open a deployment's circuit
-    upstream_transport: str = "httptools"  # httptools | aiohttp | httpx: the wire under the httpx API (see README)
+    upstream_transport: str = "httptools"  # httptools | aiohttp: the wire under the httpx API (see README)
     upstream_max_connections: int = 1000  # upstream connection pool size (per process)
     circuit_base_ejection: float = 30.0  # first ejection of an open circuit (s); the n-th lasts n x this, <= 300 s
     timeout: float = 60.0
@@ -165,6 +175,13 @@ class ServerSettings:
     workers: int = 1
     certfile: str = ""
     keyfile: str = ""
+    # Edge limits, enforced per connection by proxy/server before a request reaches the app; 0 turns one off.
+    max_connections: int = 16384  # open client connections per process; the next one gets a 503 and is closed
+    header_timeout: float = 20.0  # seconds for a whole request head (request line and headers), else 408
+    max_header_bytes: int = 65536  # URL plus header names and values, else 431 (414 for a URL alone over it)
+    max_headers: int = 100  # header fields per request, else 431
+    body_timeout: float = 20.0  # seconds a request body may go without a byte (and the min rate's grace), else 408
+    body_min_rate: int = 500  # bytes/s a body must average once body_timeout has passed, else 408
 
 
 @dataclass(slots=True)

@@ -160,7 +160,7 @@ SHA_A = "a" * 64
 ERRORS = [
     ("unknown field",
      "server:\n  port: 8080\n  bogus: 1\n" + OLLAMA,
-     "bad.yaml:3: server.bogus: unknown field (expected one of: certfile, host, keyfile, port, workers)"),
+     "bad.yaml:3: server.bogus: unknown field (expected one of: body_min_rate, body_timeout, certfile, header_timeout, host, keyfile, max_connections, max_header_bytes, max_headers, port, workers)"),
     ("unknown gateway field",
      "gateway:\n  timeout: 60s\n  bogus: 1\n" + OLLAMA,
      "bad.yaml:3: gateway.bogus: unknown field (expected one of: ..."),
@@ -435,3 +435,11 @@ def test_check_config_uses_the_environment_then_the_default_path(tmp_path: Path)
     missing = _check_config(cwd=tmp_path / "config", env={})
     assert missing.returncode == 1
     assert missing.stderr.startswith("error: config/gateway.yaml: cannot read config")
+
+
+def test_server_edge_limits_take_units() -> None:
+    cfg = parse_config("server: {header_timeout: 5s, body_timeout: 2, max_header_bytes: 32KiB, max_headers: 50}\n"
+                       + OLLAMA, "t.yaml", {})
+    s = cfg.server
+    assert (s.header_timeout, s.body_timeout, s.max_header_bytes, s.max_headers) == (5.0, 2.0, 32768, 50)
+    assert (s.max_connections, s.body_min_rate) == (16384, 500), "the defaults"

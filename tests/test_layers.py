@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("proxy.admin",),
     ("proxy.app", "proxy"),
     ("proxy.mock",),
+    ("proxy.server",),  # imports config only (and uvicorn): the HTTP server layer under the app
     ("proxy.cli",),
 )
 SEPARATE = {"proxy.upstream", "proxy.telemetry"}  # folders on one level that must not import each other
