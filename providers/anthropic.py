@@ -18,7 +18,7 @@ from urllib.parse import unquote
 
 import orjson
 
-from typing import Callable
+from typing import Any, Callable
 
 from config.models import Deployment
 from proxy.context import RequestContext
@@ -48,7 +48,7 @@ def read_usage(usage: object, into: RequestContext) -> None:
         u.output_tokens = usage["output_tokens"]
 
 
-def read_message(message: dict, into: RequestContext) -> None:
+def read_message(message: dict[str, Any], into: RequestContext) -> None:
     """A Messages API message (or a stream's `message_start` one): usage, model and stop reason."""
     read_usage(message.get("usage"), into)
     if message.get("model").__class__ is str:
@@ -173,7 +173,7 @@ class AnthropicAdapter(Adapter):
             return None
         return _Tap(ctx, b"event-stream" in ctype, encoding.decode("latin-1").strip().lower())
 
-    def _error(self, err: GatewayError) -> dict:
+    def _error(self, err: GatewayError) -> dict[str, Any]:
         kind = _STATUS_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
         return {"type": "error", "error": {"type": kind, "message": err.message}}
 

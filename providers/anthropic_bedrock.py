@@ -31,7 +31,7 @@ _EXCEPTION_TYPES = {"throttlingException": "rate_limit_error", "serviceUnavailab
                     "modelTimeoutException": "timeout_error", "validationException": "invalid_request_error"}
 
 
-def build_request(ctx: RequestContext, dep: Deployment, credentials: object) -> UpstreamRequest:
+def build_request(ctx: RequestContext, dep: Deployment, credentials: sigv4.SigningCredentials) -> UpstreamRequest:
     body = dict(ctx.json) if isinstance(ctx.json, dict) else {}
     body.pop("model", None)
     body.pop("stream", None)
@@ -46,7 +46,7 @@ def build_request(ctx: RequestContext, dep: Deployment, credentials: object) -> 
     url = f"{dep.base_url}/model/{segment}/{op}"
     headers = {"content-type": "application/json",
                ("x-amzn-bedrock-accept" if ctx.stream else "accept"): "application/json"}
-    signed = sigv4.sign(method="POST", url=url, body=raw, headers=headers, credentials=credentials,  # type: ignore[arg-type]
+    signed = sigv4.sign(method="POST", url=url, body=raw, headers=headers, credentials=credentials,
                         region=dep.region or "us-east-1")
     out = list(headers.items()) + list(signed.items())
     trace = ctx.header(b"traceparent")

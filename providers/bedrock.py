@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import re
+from typing import Any
 from urllib.parse import unquote
 
 import orjson
@@ -24,6 +25,7 @@ from config.models import Deployment
 from proxy.context import RequestContext
 from proxy.errors import GatewayError
 from providers import sigv4
+from providers.sigv4 import SigningCredentials
 from providers.base import Adapter, UpstreamRequest, UsageTap, forward_request_headers
 from providers.eventstream import FrameError, FrameReader, exception_frame
 
@@ -160,7 +162,7 @@ class BedrockAdapter(Adapter):
     sigv4 = True
 
     def __init__(self) -> None:
-        self._chains: dict[str, object] = {}  # deployment name -> botocore credential provider (setup cache)
+        self._chains: dict[str, Any] = {}  # deployment name -> botocore credential provider (setup cache)
 
     def credential(self, ctx: RequestContext) -> str | None:
         value = ctx.header(b"authorization") or ""
@@ -180,7 +182,7 @@ class BedrockAdapter(Adapter):
         if ctx.method == "POST" and ctx.body and ctx.json is None and op in _OPERATIONS:
             raise GatewayError("caller_invalid_request", "the request body must be JSON")
 
-    def credentials_for(self, dep: Deployment) -> object:
+    def credentials_for(self, dep: Deployment) -> SigningCredentials:
         if dep.aws_access_key_id:
             return _Static(dep.aws_access_key_id, dep.aws_secret_access_key, dep.aws_session_token or None)
         if dep.name not in self._chains:  # resolved once (the chain refreshes itself), None included
@@ -188,7 +190,7 @@ class BedrockAdapter(Adapter):
         chain = self._chains[dep.name]
         if chain is None:
             raise GatewayError("upstream_unavailable", "no AWS credentials available for the deployment")
-        return chain.get_frozen_credentials()  # type: ignore[attr-defined]
+        return chain.get_frozen_credentials()
 
     def upstream(self, ctx: RequestContext, dep: Deployment) -> UpstreamRequest:
         model_seg = ctx.path.split("/")[2]
@@ -201,7 +203,7 @@ class BedrockAdapter(Adapter):
         signed = {k: v for k, v in headers if k in _SIGNED}
         creds = self.credentials_for(dep)
         headers.extend(sigv4.sign(method=ctx.method, url=url, body=ctx.body, headers=signed,
-                                  credentials=creds, region=dep.region or "us-east-1").items())  # type: ignore[arg-type]
+                                  credentials=creds, region=dep.region or "us-east-1").items())
         return UpstreamRequest(ctx.method, url, headers, ctx.body)
 
     def tap(self, ctx: RequestContext, headers: list[tuple[bytes, bytes]]) -> UsageTap | None:

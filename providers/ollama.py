@@ -127,4 +127,4 @@ class OllamaAdapter(Adapter):
 
     def models_from_response(self, body: bytes) -> list[str]:
         data = orjson.loads(body).get("models") or []
-        return [m.get("model") or m.get("name") for m in data if isinstance(m, dict) and (m.get("model") or m.get("name"))]
+        return [m.get("model") or m["name"] for m in data if isinstance(m, dict) and (m.get("model") or m.get("name"))]

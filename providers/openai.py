@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import unquote
 
 import orjson
@@ -66,7 +66,8 @@ class _Tap:
             except orjson.JSONDecodeError:
                 continue
             if isinstance(obj, dict):
-                self._read(obj.get("response") if isinstance(obj.get("response"), dict) else obj)
+                response = obj.get("response")
+                self._read(response if isinstance(response, dict) else obj)
 
     def finish(self) -> None:
         if self.buf:
@@ -77,7 +78,7 @@ class _Tap:
             if isinstance(obj, dict):
                 self._read(obj)
 
-    def _read(self, obj: dict) -> None:
+    def _read(self, obj: dict[str, Any]) -> None:
         u = self.ctx.usage
         model = obj.get("model")
         if model.__class__ is str:
@@ -222,7 +223,7 @@ class OpenAIAdapter(Adapter):
     def error_frame(self, err: GatewayError) -> bytes:
         return b"data: " + orjson.dumps({"error": self._error(err)}) + b"\n\n"
 
-    def _error(self, err: GatewayError) -> dict:
+    def _error(self, err: GatewayError) -> dict[str, Any]:
         kind, code = _TYPES.get(err.code, ("server_error" if err.status >= 500 else "invalid_request_error", err.code))
         if err.detail in ("requests", "tokens"):
             kind = err.detail
@@ -264,7 +265,7 @@ def go_duration(ms: int) -> bytes:
     return b"%dm%bs" % (minutes, text) if minutes else text + b"s"
 
 
-def _inject_include_usage(raw: bytes, body: dict) -> bytes:
+def _inject_include_usage(raw: bytes, body: dict[str, Any]) -> bytes:
     if "stream_options" not in body:
         start = raw.index(b"{") + 1  # a minimal splice keeps every other byte as sent
         return raw[:start] + b'"stream_options":{"include_usage":true},' + raw[start:]

@@ -14,10 +14,11 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Protocol
 
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials, ReadOnlyCredentials
+from botocore.credentials import Credentials
 
 MAX_SKEW_SECONDS = 15 * 60
 _TS_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -120,13 +121,26 @@ def verify(
         raise SignatureMismatch("signature does not match")
 
 
+class SigningCredentials(Protocol):
+    """What `sign` reads: botocore's (frozen) credentials, or the bedrock adapter's static ones."""
+
+    @property
+    def access_key(self) -> str: ...
+
+    @property
+    def secret_key(self) -> str: ...
+
+    @property
+    def token(self) -> str | None: ...
+
+
 def sign(
     *,
     method: str,
     url: str,
     body: bytes,
     headers: dict[str, str],
-    credentials: ReadOnlyCredentials | Credentials,
+    credentials: SigningCredentials,
     region: str,
     service: str = "bedrock",
 ) -> dict[str, str]:

@@ -52,7 +52,7 @@ async def relay(ctx: RequestContext, attempt: Attempt, response: httpx.Response,
     adapter = ctx.adapter
     status = response.status_code
     if not 200 <= status <= 599:  # ASGI servers (and HTTP clients) cannot take it: a bad upstream answer
-        raise UpstreamFailure("upstream_error", f"deployment {ctx.deployment.name!r} answered an invalid "  # type: ignore[union-attr]
+        raise UpstreamFailure("upstream_error", f"deployment {ctx.deployment.name!r} answered an invalid "  # type: ignore[union-attr]  # the router set ctx.deployment
                               f"HTTP status ({status})", kind="transient")
     ctx.status = status
     # The rate limiter's headers replace the upstream's own (the error layer adds them to the response).
@@ -67,7 +67,7 @@ async def relay(ctx: RequestContext, attempt: Attempt, response: httpx.Response,
                               or (kind == "quota" and len(ctx.candidates) > len(set(ctx.tried)))):
             raise UpstreamFailure(
                 "upstream_rate_limited" if kind in ("rate_limited", "quota") else "upstream_error",
-                f"deployment {ctx.deployment.name!r} answered {status}",  # type: ignore[union-attr]
+                f"deployment {ctx.deployment.name!r} answered {status}",  # type: ignore[union-attr]  # the router set ctx.deployment
                 kind=kind, retry_after=retry_after_of(raw_headers), response=native)
         attempt.outcome = kind
         await _send_error(ctx, attempt, native, kind, send)
@@ -76,12 +76,12 @@ async def relay(ctx: RequestContext, attempt: Attempt, response: httpx.Response,
     streaming = any(t in ctype for t in _STREAM_TYPES)
     flt = adapter.stream_filter(ctx) if streaming else None
     inner = adapter.tap(ctx, raw_headers)
-    tap = _SafeTap(inner) if inner is not None else None
+    tap: _SafeTap | _Capture | None = _SafeTap(inner) if inner is not None else None
     if ctx.principal is not None and ctx.principal.log_bodies:  # the key asked for its bodies in the log
         tap = _Capture(ctx, tap, next((v for k, v in raw_headers if k == b"content-encoding"), b""))
     # The transport's byte stream itself (`Response.stream`): `aiter_raw` would re-chunk and
     # re-wrap every chunk for nothing; our transports already raise httpx's exceptions.
-    chunks = aiter(response.stream)  # type: ignore[arg-type]
+    chunks = aiter(response.stream)  # type: ignore[arg-type]  # an async transport's response: an AsyncByteStream
     held = b""
     if not streaming:  # a plain answer commits on its first body byte, not on its head
         chunks = await _first_body(ctx, attempt, chunks)
@@ -162,7 +162,7 @@ async def _send_error(ctx: RequestContext, attempt: Attempt, native: tuple[int, 
 def _first_byte_budget(ctx: RequestContext, attempt: Attempt) -> float:
     """What is left of the deployment's `first_byte` timeout for this attempt (bounded by the deadline)."""
     now = time.perf_counter()
-    budget = ctx.deployment.timeouts.first_byte - (now - attempt.started)  # type: ignore[union-attr]
+    budget = ctx.deployment.timeouts.first_byte - (now - attempt.started)  # type: ignore[union-attr]  # the router set ctx.deployment
     if ctx.deadline is not None:
         budget = min(budget, ctx.deadline - now)
     return max(0.001, budget)
@@ -179,7 +179,7 @@ async def _first_body(ctx: RequestContext, attempt: Attempt, chunks: Any) -> Any
     except StopAsyncIteration:
         return chunks
     except (httpx.TimeoutException, TimeoutError):
-        raise UpstreamFailure("upstream_timeout", f"deployment {ctx.deployment.name!r} sent no body in time",  # type: ignore[union-attr]
+        raise UpstreamFailure("upstream_timeout", f"deployment {ctx.deployment.name!r} sent no body in time",  # type: ignore[union-attr]  # the router set ctx.deployment
                               kind="transient") from None
     except httpx.HTTPError:
         raise UpstreamFailure("upstream_unreachable", "the upstream connection broke before the body",
@@ -198,7 +198,7 @@ async def _hold(ctx: RequestContext, chunks: Any, tap: Any, flt: Any) -> bytes:
 
     Returns the held bytes already tapped and filtered, ready to send."""
     held = b""
-    first_byte = ctx.deployment.timeouts.first_byte  # type: ignore[union-attr]
+    first_byte = ctx.deployment.timeouts.first_byte  # type: ignore[union-attr]  # the router set ctx.deployment
     if ctx.deadline is not None:
         first_byte = max(0.001, min(first_byte, ctx.deadline - time.perf_counter()))
     try:
@@ -286,7 +286,7 @@ async def _read_bounded(response: httpx.Response, limit: int, seconds: float) ->
     body = b""
     try:
         async with asyncio.timeout(seconds):
-            async for chunk in response.stream:  # type: ignore[union-attr]
+            async for chunk in response.stream:  # type: ignore[union-attr]  # an async transport's: an AsyncByteStream
                 body += chunk
                 if len(body) >= limit:
                     break

@@ -98,7 +98,7 @@ def _scope_words(name: str) -> str:
 def refusal(ctx: RequestContext, reply: Reservation, plan: "Plan") -> tuple[str, str]:
     """Which limit refused the request, in words, and whether it was a requests or a tokens limit."""
     if reply.marker == CONCURRENCY:
-        return f"key {ctx.principal.key_id!r} is at its concurrent request limit ({plan.conc})", "requests"  # type: ignore[union-attr]
+        return f"key {ctx.principal.key_id!r} is at its concurrent request limit ({plan.conc})", "requests"  # type: ignore[union-attr]  # only a key (ctx.principal) has a concurrency cap
     position, tokens = reply.refused_scope, reply.refused_limit == TOKENS
     if not position:
         return "rate limit", "requests"

@@ -74,7 +74,7 @@ async def _run(args: argparse.Namespace, cfg: Config) -> int:
     cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, redis_url=Secret(url), redis_timeout=max(cfg.state.redis_timeout, 2.0)))
     store = Store(cfg)
     try:
-        scope = getattr(args, "scope", None)
+        scope: Any = getattr(args, "scope", None)  # a str (required positional) for set, get and clear; None for list
         if scope is not None and not valid_scope(scope):
             print("error: scope must be global, key:<id>, model:<name> or provider:<name>", file=sys.stderr)
             return 1

@@ -57,13 +57,14 @@ def stream_events(msg_id: str, model: str, pieces: list[str], n_in: int,
     """The native stream as (head, deltas, tail) event dicts; content_block_start rides with delta 0."""
     start = message_json(msg_id, model, "", n_in, 1)
     start["content"], start["stop_reason"] = [], None
-    head = [{"type": "message_start", "message": start}]
-    deltas = [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}
-              for p in pieces]
-    tail = [{"type": "content_block_stop", "index": 0},
-            {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-             "usage": {k: v for k, v in usage(n_in, n_out).items() if k != "service_tier"}},
-            {"type": "message_stop"}]
+    head: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
+    deltas: list[dict[str, Any]] = [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}} for p in pieces]
+    tail: list[dict[str, Any]] = [
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+         "usage": {k: v for k, v in usage(n_in, n_out).items() if k != "service_tier"}},
+        {"type": "message_stop"}]
     return head, deltas, tail
 
 

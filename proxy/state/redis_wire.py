@@ -27,7 +27,7 @@ import asyncio
 import hashlib
 import math
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, final
 
 import hiredis
 from redis.asyncio.connection import RedisSSLContext, SSLConnection, parse_url
@@ -37,7 +37,7 @@ from redis.exceptions import ResponseError
 # asyncio and on uvloop (they order ready callbacks and I/O differently).
 GRACE_TURNS = 3
 # future, due, then for a script call its source and its packed numkeys/keys/args (for an EVAL resend)
-Entry = tuple[asyncio.Future, float, "bytes | None", "tuple[bytes, ...]", int]
+Entry = tuple["asyncio.Future[Any]", float, "bytes | None", "tuple[bytes, ...]", int]
 
 
 class WireError(Exception):
@@ -123,6 +123,7 @@ def bulk(value: bytes) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(value), value)
 
 
+@final  # no subclasses: `type(keys) is Packed` (RedisWire.script) narrows both ways for the type checker
 class Packed:
     """A script call's numkeys, KEYS and ARGV, already packed as RESP bulk strings: the limiter packs
     what repeats (a plan's keys and constant arguments) once and joins the pieces per batch."""
@@ -161,7 +162,7 @@ class RedisWire:
         self.timer_due = 0.0
 
     # --- calls ------------------------------------------------------------------------------------
-    def script(self, name: str, keys: "list[Any] | Packed", args: list[Any], timeout: float) -> asyncio.Future:
+    def script(self, name: str, keys: "list[Any] | Packed", args: list[Any], timeout: float) -> asyncio.Future[Any]:
         """EVALSHA `name` with `keys` and `args`, or with a `Packed` call (then `args` is empty)."""
         sha, source = self.scripts[name]
         if type(keys) is Packed:
@@ -174,7 +175,7 @@ class RedisWire:
                             timeout, source, body, count)
 
     def _submit(self, packed: bytes, timeout: float, source: bytes | None, body: tuple[bytes, ...],
-                count: int) -> asyncio.Future:
+                count: int) -> asyncio.Future[Any]:
         loop = self.loop
         if loop is None or loop.is_closed():  # first use, or a new event loop (tests)
             loop = self._rebind(asyncio.get_running_loop())
@@ -279,7 +280,7 @@ class RedisWire:
         loop = asyncio.get_running_loop()
         self.timer = None
         now, slack = loop.time(), 2 * self.lag()
-        expired: list[asyncio.Future] = []
+        expired: list[asyncio.Future[Any]] = []
         earliest = math.inf
         entries = [e for _, e in self.waiting]
         if self.conn is not None:
@@ -296,7 +297,7 @@ class RedisWire:
         if earliest < math.inf:
             self._arm(earliest)
 
-    def _expire(self, expired: list[asyncio.Future], turns: int) -> None:
+    def _expire(self, expired: list[asyncio.Future[Any]], turns: int) -> None:
         if turns:  # let a reply that is already on the socket land first
             asyncio.get_running_loop().call_soon(self._expire, expired, turns - 1)
             return
@@ -305,7 +306,7 @@ class RedisWire:
                 fut.set_exception(WireTimeout("deadline exceeded"))
 
 
-def _ssl_context(options: dict[str, Any]) -> Any:
+def _ssl_context(options: Mapping[str, Any]) -> Any:
     """redis-py's TLS semantics for the same URL (the admin path uses redis-py on the same URL)."""
     tls = {name[4:]: value for name, value in options.items() if name.startswith("ssl_")}
     tls.setdefault("cert_reqs", "required")

@@ -37,7 +37,7 @@ SHUTDOWN_WAIT = 3.0
 
 def resource() -> Resource:
     base = Resource.create({"service.instance.id": f"{socket.gethostname()}-{os.getpid()}"})
-    if base.attributes.get("service.name", "unknown_service").startswith("unknown_service"):
+    if str(base.attributes.get("service.name", "unknown_service")).startswith("unknown_service"):
         base = base.merge(Resource({"service.name": "llm-gateway"}))
     return base
 
@@ -50,17 +50,18 @@ class Exporters:
         self.processor: BoundedSpanProcessor | None = None
         self.reader: MetricReader | None = None
         self.closed = False
+        # Set whenever a branch below can run (`res is not None` there only tells the type checker so)
         res = resource() if (mon.otel.endpoint or span_exporter or metric_reader) else None
-        if mon.tracing.enabled and (span_exporter is not None or mon.otel.endpoint):
+        if mon.tracing.enabled and res is not None and (span_exporter is not None or mon.otel.endpoint):
             m = metrics
             self.processor = BoundedSpanProcessor(
-                span_exporter if span_exporter is not None else otlp.fast_span_exporter(mon.otel, res),  # type: ignore[arg-type]
-                res,  # type: ignore[arg-type]
+                span_exporter if span_exporter is not None else otlp.fast_span_exporter(mon.otel, res),
+                res,
                 on_drop=(lambda n: m.spans_dropped.inc(n)) if m else (lambda n: None),
                 on_fail=(lambda n: m.export_failures.inc(n)) if m else (lambda n: None))
             self.tracer = Tracer(mon.tracing.sample_rate, self.processor)
-        if metrics is not None and (metric_reader is not None or mon.otel.endpoint):
-            bridge = otlp.PrometheusBridge(metrics.registry, metrics.otel, ATTRIBUTES, res)  # type: ignore[arg-type]
+        if metrics is not None and res is not None and (metric_reader is not None or mon.otel.endpoint):
+            bridge = otlp.PrometheusBridge(metrics.registry, metrics.otel, ATTRIBUTES, res)
             reader = metric_reader if metric_reader is not None else \
                 PeriodicExportingMetricReader(otlp.metric_exporter(mon.otel))
             self.reader = bridge.attach(reader)

@@ -21,7 +21,7 @@ import functools
 import logging
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, MutableMapping
 
 import orjson
 import structlog
@@ -41,7 +41,7 @@ def _secret(name: object) -> bool:
     return lowered in _SECRET_NAMES or lowered.endswith(_SECRET_SUFFIXES)
 
 
-class Redacted(dict):  # type: ignore[type-arg]
+class Redacted(dict[str, Any]):
     """A dict whose secret-named fields are already masked (at any depth): rendered as it is."""
 
 
@@ -66,7 +66,7 @@ _safe: set[str] = {"request_id", "trace_id", "key_id", "key_metadata", "family",
 _PLAIN = frozenset({str, int, float, bool, type(None), Redacted})
 
 
-def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for name, value in list(event.items()):
         if _secret(name):
             event[name] = "***"
@@ -116,12 +116,12 @@ class _Clock:
 _clock = _Clock()
 
 
-def _timestamp(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event["timestamp"] = _clock.now()
     return event
 
 
-def render_access(_: Any, method: str, event: dict[str, Any]) -> bytes:
+def render_access(_: Any, method: str, event: MutableMapping[str, Any]) -> bytes:
     """The access line's whole processor chain: level, timestamp, redaction by name, JSON."""
     event["level"] = method
     event["timestamp"] = _clock.now()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from opentelemetry.sdk.metrics.export import (AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric,
@@ -39,6 +39,10 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from config.models import OtelSettings
 from proxy.telemetry.spanwire import SpanEncoder
 from proxy.telemetry.tracing import SCOPE  # one instrumentation scope for spans and metrics
+
+if TYPE_CHECKING:  # annotations only: the exporters are imported when used (the gRPC one loads grpc)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 
 log = structlog.get_logger("llm_gateway.telemetry")
 _warned: set[str] = set()
@@ -69,24 +73,24 @@ def _url(otel: OtelSettings, signal: str) -> str:
     return f"{base}/v1/{signal}"
 
 
-def _span_class(otel: OtelSettings) -> type[SpanExporter]:
+def _span_class(otel: OtelSettings) -> type[GrpcSpanExporter] | type[HttpSpanExporter]:
     if otel.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore[assignment]
-    return OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+        return GrpcSpanExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+    return HttpSpanExporter
 
 
 def span_exporter(otel: OtelSettings) -> SpanExporter:
-    return _span_class(otel)(endpoint=_url(otel, "traces"))  # type: ignore[call-arg]
+    return _span_class(otel)(endpoint=_url(otel, "traces"))
 
 
 def metric_exporter(otel: OtelSettings) -> Any:
     if otel.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter  # type: ignore[assignment]
-    return OTLPMetricExporter(endpoint=_url(otel, "metrics"))
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcMetricExporter
+        return GrpcMetricExporter(endpoint=_url(otel, "metrics"))
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetricExporter
+    return HttpMetricExporter(endpoint=_url(otel, "metrics"))
 
 
 class PrometheusBridge:
@@ -148,7 +152,7 @@ class PrometheusBridge:
                 counts.append(int(value - previous))
                 previous = value
             points.append(HistogramDataPoint(self._attrs(dict(key)), self.start, now, row["count"], row["sum"],
-                                             counts, bounds, None, None))  # type: ignore[arg-type]
+                                             counts, bounds, None, None))  # type: ignore[arg-type]  # min/max None: unset (not in Prometheus)
         return points
 
 
@@ -212,7 +216,7 @@ def fast_span_exporter(otel: OtelSettings, resource: Resource) -> SpanExporter:
     url = _url(otel, "traces")
     over_grpc = otel.protocol == "grpc"
 
-    class FastExporter(base):  # type: ignore[valid-type, misc]
+    class FastExporter(base):
         encode_records = staticmethod(encoder.spans)  # span records -> encoded spans, which `export` takes
         closed = False
 

@@ -169,7 +169,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             body = await request.aread()
         headers = _headers(request)
         parts = [timeouts.get(name) for name in ("connect", "write", "read")]
-        budget = None if None in parts else sum(parts)  # type: ignore[arg-type]
+        budget = None if None in parts else sum(parts)  # type: ignore[arg-type]  # `None in parts` ruled None out
         url = URL(str(request.url), encoded=True)
         await self._acquire(timeouts.get("pool"))
         try:
