@@ -101,14 +101,14 @@ class Forwarder:
             try:
                 await relay(ctx, attempt, response, send, observer)
             finally:  # the transport's stream, as relayed (httpx's Response.aclose adds a context per call)
-                await response.stream.aclose()  # type: ignore[union-attr]
+                await response.stream.aclose()  # type: ignore[union-attr]  # our transports' streams are async
         except asyncio.CancelledError:
             attempt.error = "client_disconnected" if ctx.client_disconnected else "cancelled"
             self._close(ctx, attempt, watch)
             if not ctx.client_disconnected:
                 observer.attempt_end(ctx, dep, span, ctx.status, "cancelled")
                 raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]  # inside a task by construction
             observer.client_disconnected(ctx)
             observer.attempt_end(ctx, dep, span, ctx.status, "client_disconnected")
         except GatewayError as err:

@@ -134,7 +134,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     # Connection events
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's own signature is looser
         cap = self.limits.max_connections
         if cap and len(self.connections) >= cap:  # this server's open connections, before this one
             self.transport = transport
