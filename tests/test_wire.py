@@ -11,30 +11,18 @@ from __future__ import annotations
 import asyncio
 import gzip
 import ssl
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 
 from config import parse_config
 from proxy.runtime import Runtime
+from tests.wirekit import anyio_backend, wire  # noqa: F401 - the shared fixtures
 from tests.wirekit import (NAMES, OK, PATH, Wires, fetch, handlers_done, header, keep_alive, open_transport, pool_stats,
                            read_request, request, server)
 
 pytestmark = pytest.mark.anyio  # anyio's pytest plugin (installed with httpx) runs the async tests
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(params=NAMES)
-async def wire(request: pytest.FixtureRequest) -> AsyncIterator[Wires]:
-    """Opens transports of the parametrized kind; all are closed when the test ends, pass or fail."""
-    wires = Wires(request, request.param)
-    yield wires
-    await wires.aclose()
 
 
 def test_every_configured_transport_is_covered_and_built_as_the_runtime_builds_it() -> None:

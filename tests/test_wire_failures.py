@@ -8,27 +8,15 @@ request the upstream never read goes out once more, and no failure leaves a conn
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.wirekit import NAMES, OK, Wires, fetch, keep_alive, pool_stats, read_request, request, server
+from tests.wirekit import anyio_backend, wire  # noqa: F401 - the shared fixtures
+from tests.wirekit import OK, Wires, fetch, keep_alive, pool_stats, read_request, request, server
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(params=NAMES)
-async def wire(request: pytest.FixtureRequest) -> AsyncIterator[Wires]:
-    """Opens transports of the parametrized kind; all are closed when the test ends, pass or fail."""
-    wires = Wires(request, request.param)
-    yield wires
-    await wires.aclose()
 
 
 async def test_an_idle_connection_the_peer_closed_is_not_used_again(wire: Wires) -> None:

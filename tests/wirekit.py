@@ -10,7 +10,8 @@ Contract:
   connection's handler has returned.
 - `pool_stats(wire)` is (connections busy, connections open) for any of the transports: what a leak
   check looks at. Connections a transport has not yet noticed are closed still count as open.
-- `Wires` (the tests' `wire` fixture) opens transports of one kind and closes them after the test.
+- `Wires` opens transports of one kind and closes them after the test; the `wire` fixture (one per
+  transport in `NAMES`) and `anyio_backend` are defined here and imported by the wire test files.
 """
 from __future__ import annotations
 
@@ -151,3 +152,16 @@ async def fetch(wire: httpx.AsyncBaseTransport, req: httpx.Request) -> tuple[htt
     finally:
         await response.aclose()
     return response, body
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=NAMES)
+async def wire(request: pytest.FixtureRequest) -> AsyncIterator[Wires]:
+    """Opens transports of the parametrized kind; all are closed when the test ends, pass or fail."""
+    wires = Wires(request, request.param)
+    yield wires
+    await wires.aclose()
