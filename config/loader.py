@@ -30,8 +30,8 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.I)
 _SIZE_UNITS = {None: 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2, "gb": 1000**3, "gib": 1024**3}
 _DURATION_FIELDS = {"timeout", "connect", "first_byte", "idle", "redis_timeout", "circuit_base_ejection",
-                    "header_timeout", "body_timeout"}
-_SIZE_FIELDS = {"max_body_bytes", "max_header_bytes"}
+                    "header_timeout", "body_timeout", "ttl", "coalesce_wait"}
+_SIZE_FIELDS = {"max_body_bytes", "max_header_bytes", "max_entry_bytes", "max_bytes"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _AZURE_DEPLOYMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _BEDROCK_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,2047}$")
@@ -136,7 +136,7 @@ class _Doc:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.walk(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
-        value = yaml.SafeLoader.construct_scalar(yaml.SafeLoader(""), node)  # type: ignore[arg-type]
+        value = yaml.SafeLoader.construct_scalar(yaml.SafeLoader(""), node)
         if "${" in value:
             expanded = self.expand(path, value)
             return yaml.safe_load(expanded) if node.style is None and expanded else expanded
@@ -187,7 +187,7 @@ def _convert(doc: _Doc, path: str, hint: Any, value: Any, name: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return None if value is None else _convert(doc, path, args[0], value, name)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a hint is a class, never an instance
         if value is None:
             return hint()
         return _build(doc, path, hint, value)
@@ -263,7 +263,7 @@ def _build(doc: _Doc, path: str, cls: type, data: Any, skip: tuple[str, ...] = (
 # Filled in by the loader itself, never from YAML.
 _INTERNAL = frozenset({"name", "family", "disabled_reason", "deployment_map"})
 _TOP = {"gateway": m.GatewaySettings, "state": m.StateSettings, "auth": m.AuthSettings,
-        "monitoring": m.MonitoringSettings, "server": m.ServerSettings}
+        "monitoring": m.MonitoringSettings, "server": m.ServerSettings, "cache": m.CacheSettings}
 
 
 def _provider(doc: _Doc, name: str, data: Any) -> m.Deployment:
@@ -366,6 +366,9 @@ def _validate(doc: _Doc, cfg: m.Config) -> None:
         doc.report("monitoring.tracing.sample_rate", "must be between 0 and 1")
     if cfg.state.replicas < 1:
         doc.report("state.replicas", "must be at least 1")
+    choice("cache.scope", cfg.cache.scope, m.CACHE_SCOPES)
+    if cfg.cache.ttl < 1:
+        doc.report("cache.ttl", "must be at least 1s")
     seen: set[str] = set()
     for i, key in enumerate(cfg.auth.keys):
         path = f"auth.keys[{i}]"

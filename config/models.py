@@ -131,6 +131,7 @@ class StaticKey:
     max_concurrent: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     log_bodies: bool = False  # this key's request and response bodies go into its access-log lines
+    cache: bool = True  # false: the response cache never serves nor stores this key's requests
 
 
 @dataclass(slots=True)
@@ -184,6 +185,23 @@ class ServerSettings:
     body_min_rate: int = 500  # bytes/s a body must average once body_timeout has passed, else 408
 
 
+CACHE_SCOPES = ("key", "team", "global")
+
+
+@dataclass(slots=True)
+class CacheSettings:
+    """`cache:` the response cache (README "Response cache")."""
+
+    enabled: bool = False
+    ttl: float = 3600.0  # seconds an entry lives, unless the request's x-gateway-cache-ttl says otherwise
+    scope: str = "key"  # key | team | global: who may read an entry another caller wrote
+    models: list[str] = field(default_factory=list)  # empty = every model
+    max_entry_bytes: int = 4 * 1024 * 1024  # larger answers are not stored
+    max_bytes: int = 256 * 1024 * 1024  # the embedded store's LRU bound
+    coalesce: bool = True  # identical requests in flight wait for the first one, across replicas
+    coalesce_wait: float = 30.0  # a waiting duplicate goes upstream itself after this
+
+
 @dataclass(slots=True)
 class Config:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
@@ -192,6 +210,7 @@ class Config:
     providers: list[Deployment] = field(default_factory=list)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     app: dict[str, object] = field(default_factory=dict)
     source: Path | None = None
     warnings: list[str] = field(default_factory=list)

@@ -13,6 +13,7 @@ Contract:
   `x-stainless-read-timeout` when lower.
 - Retry budget (Envoy's rule): retries in flight <= 20% of active requests + 3, and over time at
   most 0.2 retries per request + 3, so an outage cannot multiply load.
+- A request the response cache answers (`ctx.replay`) makes no attempt: the replay sends the answer.
 - Every attempt's outcome feeds the shared circuit breaker (a provider 429 with `Retry-After`
   ejects the deployment until then; a 429 relayed as is counts neither way). The final failure
   is native: the last upstream response verbatim, or the gateway's error, with `x-gateway-attempts`, and
@@ -93,6 +94,9 @@ class FailoverMiddleware:
             await self.app(scope, receive, send)
             return
         ctx = get_context(scope)
+        if ctx.replay is not None:  # answered from the response cache: no attempt, nothing to fail over
+            await ctx.replay(ctx, send)
+            return
         client = client_deadline(ctx)
         if client:  # answer before the client gives up: keep a margin for the reply to reach it
             client -= min(1.0, 0.1 * client)

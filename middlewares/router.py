@@ -9,6 +9,7 @@ Contract:
   last. `ctx.candidates` is the ordered list; the rate limiter's reservation then takes the first
   candidate that is healthy and within its own limits (`ctx.admitted`), and the failover loop
   starts there (or at the head when nothing was reserved) and walks the rest.
+- A request the response cache answers (`ctx.replay`) gets no candidates: nothing is routed.
 - A model list (`GET /v1/models`, `/api/tags`) is answered in the family's own shape with the union
   of the configured `models`; a deployment without a list is asked, and its answer merged.
 """
@@ -56,6 +57,9 @@ class RouterMiddleware:
         ctx = get_context(scope)
         if ctx.model_list:
             await self._model_list(ctx, send)
+            return
+        if ctx.replay is not None:  # answered from the response cache: no deployment, no candidates
+            await self.app(scope, receive, send)
             return
         ctx.candidates = self.candidates(ctx)
         if not ctx.candidates:

@@ -5,7 +5,7 @@ records it; the forwarder reports a stream's first chunk itself). After the requ
 `request_end` to the observer and, with `monitoring.access_log`, logs one JSON line: request id,
 trace id, key id and key metadata, family, operation, model, deployment, status, attempts, tokens,
 upstream time, overhead and total duration, and the outcome (`ok`, a closed error code, or
-`client_disconnected`). Never secrets; bodies only for a key with `log_bodies` (`request_body`,
+`client_disconnected`); with the response cache on, `cache` (hit, miss, bypass, coalesced). Never secrets; bodies only for a key with `log_bodies` (`request_body`,
 `response_body`: see `_bodies`). It sits outside auth so auth failures are
 seen too. Telemetry never changes what the client gets. The line goes through
 `proxy.telemetry.logs.access_logger()` (one fused structlog processor; the key metadata is redacted once per
@@ -108,6 +108,8 @@ def _log(log: AccessLogger, ctx: RequestContext, status: int, outcome: str) -> N
         "duration_ms": round(total * 100_000) / 100,
         "outcome": outcome,
     }
+    if ctx.cache_status is not None:  # the response cache is on
+        fields["cache"] = ctx.cache_status
     if principal is not None and principal.metadata:
         fields["key_metadata"] = redacted(principal.metadata, _METADATA_LIMIT)
     if principal is not None and principal.log_bodies:

@@ -3,7 +3,9 @@
 Contract:
 - Accepts a loaded `Config` or a path; returns `GatewayApp`, an ASGI callable.
 - The stack order is defined here and only here (outermost first):
-  errors -> telemetry -> auth -> inspect -> router -> ratelimit -> failover -> forwarder.
+  errors -> telemetry -> auth -> inspect -> cache -> router -> ratelimit -> failover -> forwarder.
+  The cache sits before routing: a hit (or a coalesced answer) still passes the rate limiter, which
+  counts one request and no tokens, and the failover layer replays it instead of any attempt.
   The router orders the candidate deployments before rate limiting so that one atomic Redis call
   can both admit the request and reserve the first deployment whose own limits allow it.
 - `/healthz` (live) and `/readyz` (ready; reports degraded state but stays ready), `/metrics`
@@ -28,6 +30,7 @@ import structlog
 
 from config import Config, ConfigError, load_config
 from middlewares.auth import AuthMiddleware
+from middlewares.cache import CacheMiddleware
 from middlewares.errors import ErrorMiddleware
 from middlewares.failover import FailoverMiddleware
 from middlewares.inspect import InspectMiddleware
@@ -44,7 +47,7 @@ from proxy.runtime import Runtime
 log = structlog.get_logger("llm_gateway")
 
 # Outermost first. Each entry is constructed as Middleware(app, config, deps=runtime).
-STACK = (ErrorMiddleware, TelemetryMiddleware, AuthMiddleware, InspectMiddleware, RouterMiddleware,
+STACK = (ErrorMiddleware, TelemetryMiddleware, AuthMiddleware, InspectMiddleware, CacheMiddleware, RouterMiddleware,
          RateLimitMiddleware, FailoverMiddleware)
 
 

@@ -17,7 +17,11 @@ Every field has one owner, the layer that writes it (others only read):
 - forwarder: `attempt` (one `Attempt` per upstream attempt), `attempts`, `tried`,
   `upstream_seconds`, `client_disconnected`; the relay: `status`, `committed`, `usage`, the
   attempt's `relayed`, `outcome` and `ttfc`, and a `log_bodies` key's `response_body`;
-- telemetry: `trace`, `trace_id`, `trace_events`, `client_traceparent`, `series`.
+- telemetry: `trace`, `trace_id`, `trace_events`, `client_traceparent`, `series`;
+- cache (`middlewares/cache.py`): `cache_status`, and `replay` for a request answered from the cache
+  (the router then picks no deployment and the failover layer calls it instead of any attempt); for
+  such a request it also sets `estimated_tokens` to 0 (no tokens reserved), and its replay, standing
+  in for the relay, sets `status` and `committed`.
 """
 from __future__ import annotations
 
@@ -164,6 +168,9 @@ class RequestContext:
     client_traceparent: bool = False  # the client sent one: attempts replace it upstream
     series: Any = None
     body_read: bool = False
+    cache_status: str | None = None  # hit | miss | bypass | coalesced (None: the cache is off)
+    # Answers this request from the cache: `await replay(ctx, send)` (holds no reference to the context).
+    replay: "Callable[[RequestContext, Any], Awaitable[None]] | None" = None
     header_map: dict[bytes, bytes] | None = None  # first value per name, built on the first lookup
 
     @property

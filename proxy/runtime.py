@@ -1,6 +1,7 @@
 """Shared, lazily opened resources of one gateway app: adapters, the upstream HTTP client, the store.
 
 Contract: `Runtime` is built once per app from the config and handed to every middleware as `deps`.
+It also holds the response cache's store (`cache`), which the cache layer and the admin API share.
 Resources open on first use (a Starlette `Mount` forwards no lifespan events) and close in
 `aclose()`, after the `drains` (queued work that still needs them) have run. It holds no per-request state.
 The forwarder drives the upstream wire (an httpx transport) directly; `client`, an `httpx.AsyncClient`
@@ -23,6 +24,7 @@ import httpx
 from config.models import Config
 from providers import build_adapters
 from providers.base import Adapter
+from proxy.cache import ResponseCache, open_cache
 from proxy.state.health import SharedHealth
 from proxy.telemetry.observer import Observer
 from proxy.state.store import Store
@@ -56,6 +58,7 @@ class Runtime:
         self._wire: httpx.AsyncBaseTransport | None = None
         self._store: Store | None = None
         self._health: SharedHealth | None = None
+        self._cache: ResponseCache | None = None
         self._lock = asyncio.Lock()
         self.closers: list[Any] = []
         self.drains: list[Any] = []  # run first on close, while the store is still open (queued settlements)
@@ -101,6 +104,13 @@ class Runtime:
             self._health = SharedHealth(self.config, self.store, self.config.gateway.failure_threshold, self.observer)
         return self._health
 
+    @property
+    def cache(self) -> ResponseCache:
+        """The response cache's store (`proxy.cache`): Redis when the state store has a URL, else in process."""
+        if self._cache is None:
+            self._cache = open_cache(self.config, self.store, self.observer)
+        return self._cache
+
     async def aclose(self) -> None:
         for drain in self.drains:
             try:  # bounded: a dead Redis fails these calls within its deadline
@@ -110,6 +120,9 @@ class Runtime:
         health, self._health = self._health, None
         if health is not None:
             await health.aclose()
+        cache, self._cache = self._cache, None
+        if cache is not None:  # before the store it writes through
+            await cache.aclose()
         store, self._store = self._store, None
         if store is not None:
             await store.aclose()

@@ -159,6 +159,9 @@ TEST_FILE_MARKERS: dict[str, tuple[str, ...]] = {
     "test_bad_input.py": ("e2e",),
     "test_bedrock_e2e.py": ("e2e",),
     "test_breaker.py": ("distributed", "slow"),
+    "test_cache_distributed.py": ("distributed", "slow"),
+    "test_cache_e2e.py": ("e2e", "slow"),
+    "test_cache_unit.py": ("unit",),
     "test_cancel.py": ("unit",),
     "test_cli_demo.py": ("e2e", "slow"),
     "test_compose.py": ("e2e",),
@@ -194,6 +197,7 @@ TEST_FILE_MARKERS: dict[str, tuple[str, ...]] = {
     "test_telemetry_logs.py": ("unit",),
     "test_telemetry_spans.py": ("unit",),
     "test_tls.py": ("e2e", "slow"),
+    "test_types.py": ("unit",),  # mypy in a subprocess (no server, no socket); also its own pytestmark
     "test_usage_tap.py": ("unit",),
     "test_wire.py": ("e2e",),  # scripted TCP servers on 127.0.0.1
     "test_wire_failures.py": ("e2e",),

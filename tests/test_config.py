@@ -173,7 +173,7 @@ ERRORS = [
     ("unknown section, line of its key",
      "gatway:\n  timeout: 1s\n" + OLLAMA,
      "bad.yaml:1: gatway: unknown section (expected one of: app, providers, gateway, state, auth, monitoring, "
-     "server)"),
+     "server, cache)"),
     ("bool",
      "gateway:\n  enable_failover: maybe\n" + OLLAMA,
      "bad.yaml:2: gateway.enable_failover: expected true or false, got 'maybe'"),

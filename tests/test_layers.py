@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("providers",),
     ("proxy.upstream", "proxy.telemetry"),  # independent of each other (SEPARATE)
     ("proxy.state",),
+    ("proxy.cache",),  # the response cache's stores and rules: config, kernel types, providers, telemetry, state
     ("proxy.runtime", "proxy.routing", "proxy.relay", "proxy.forward", "proxy.headers"),
     ("middlewares",),
     ("proxy.admin",),

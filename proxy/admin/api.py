@@ -8,6 +8,8 @@ key is 401 (compared in constant time). Answers are JSON. Endpoints:
 - `GET /admin/keys` (managed keys, never a secret); `POST /admin/keys` with
   `{name, models, families, rpm, tpm, max_concurrent, metadata, log_bodies}` answers like `keys create --json`
   (`{id, key, aws_access_key_id, aws_secret_access_key}`, shown this once); `GET|DELETE /admin/keys/{id}`.
+- `GET /admin/cache`: the response cache's stats; `DELETE /admin/cache?key_id=ID|namespace=N|all=true`
+  purges entries (`proxy.cache.ops.admin`).
 - `GET /admin/health`: the shared deployment health (`health_report`); the local view with
   `"degraded": true` when Redis is unavailable.
 Every call is logged with who (`admin_fingerprint`: a short hash of the admin key, never the key) and
@@ -26,6 +28,7 @@ from urllib.parse import unquote
 import orjson
 import structlog
 
+from proxy.cache import ops as cache_ops
 from proxy.state import live_limits
 from config.models import Config
 from proxy.state.health import DeploymentStats
@@ -129,7 +132,12 @@ class AdminApp:
         method = scope["method"]
         force = b"force=true" in scope.get("query_string", b"").split(b"&")
         try:
-            status, payload = await self._route(method, path, body, force)
+            if path == "/admin/cache":  # the response cache (`proxy.cache.ops`): stats, purge
+                status, payload = await cache_ops.admin(self.runtime.cache, method, scope.get("query_string", b""))
+                if method == "DELETE" and status == 200:
+                    log.info("cache_purged", admin_fingerprint=self.actor, **payload)
+            else:
+                status, payload = await self._route(method, path, body, force)
         except StoreUnavailable:
             status, payload = 503, {"error": {"message": "state store unavailable", "type": "unavailable"}}
         except Exception:  # noqa: BLE001 - never a traceback to the caller

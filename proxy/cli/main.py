@@ -1,7 +1,7 @@
 """The `llm-gateway` command line.
 
-Contract (README "CLI reference"): `serve`, `check-config`, `demo`, `mock-provider`, `limits`, `keys` and
-`health`. Every command that reads a gateway config takes `--config F` (`demo` runs its built-in config
+Contract (README "CLI reference"): `serve`, `check-config`, `demo`, `mock-provider`, `limits`, `keys`,
+`health` and `cache` (`proxy/cli/cache.py`). Every command that reads a gateway config takes `--config F` (`demo` runs its built-in config
 and `mock-provider` its flags: both refuse `--config`); the file comes from `--config`, then
 `LLM_GATEWAY_CONFIG`, then `./config/gateway.yaml`. Config errors print every problem of the file, one
 `error: file:line: field: message` line each, and exit 1; the effective config is printed only when
@@ -173,7 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if workers > 1:  # one /metrics for all workers: prometheus_client multiprocess mode (proxy/telemetry/metrics.py)
         from proxy.telemetry.metrics import prepare_multiprocess
         prepare_multiprocess()
-    tls = {"ssl_certfile": cfg.server.certfile, "ssl_keyfile": cfg.server.keyfile} if cfg.server.certfile else {}
+    tls: dict[str, Any] = {"ssl_certfile": cfg.server.certfile, "ssl_keyfile": cfg.server.keyfile} if cfg.server.certfile else {}
     if not _can_listen(host, port):
         return 1
     shown = f"[{host}]" if ":" in host else host
@@ -361,6 +361,10 @@ def parser() -> argparse.ArgumentParser:
     sub.choices["limits"].set_defaults(func=lambda a: limits_cli.run(a, _load_lenient(a.config)))
     add_keys_arguments(sub, with_redis)
     sub.choices["keys"].set_defaults(func=lambda a: asyncio.run(_keys(a, _load_lenient(a.config))))
+    from proxy.cli import cache as cache_cli
+
+    cache_cli.add_arguments(sub, with_redis)
+    sub.choices["cache"].set_defaults(func=lambda a: cache_cli.run(a, _load_lenient(a.config)))
     h = with_redis(command("health", "shared deployment health as the replicas see it"))
     h.add_argument("--json", action="store_true")
     h.set_defaults(func=lambda a: asyncio.run(_health(a, _load_lenient(a.config))))

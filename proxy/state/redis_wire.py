@@ -151,8 +151,8 @@ class RedisWire:
             self.hello.append(("AUTH", user, password or "") if user else ("AUTH", password))
         if options.get("db"):
             self.hello.append(("SELECT", int(options["db"])))
-        self.scripts = {name: (hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest().encode(), src.encode())
-                        for name, src in scripts.items()}
+        self.scripts: dict[str, tuple[bytes, bytes]] = {}
+        self.add_scripts(scripts)
         self.lag = lag
         self.loop: asyncio.AbstractEventLoop | None = None
         self.conn: _Conn | None = None  # connected and handshaken
@@ -160,6 +160,11 @@ class RedisWire:
         self.waiting: list[tuple[bytes, Entry]] = []  # queued until the connection is ready
         self.timer: asyncio.TimerHandle | None = None
         self.timer_due = 0.0
+
+    def add_scripts(self, scripts: dict[str, str]) -> None:
+        """More scripts callable by name (their SHA1 computed once; loaded by the first NOSCRIPT's EVAL)."""
+        self.scripts.update({name: (hashlib.sha1(src.encode(), usedforsecurity=False).hexdigest().encode(), src.encode())
+                             for name, src in scripts.items()})
 
     # --- calls ------------------------------------------------------------------------------------
     def script(self, name: str, keys: "list[Any] | Packed", args: list[Any], timeout: float) -> asyncio.Future[Any]:

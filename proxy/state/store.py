@@ -3,8 +3,8 @@
 Contract:
 - `Store(config)` connects lazily to `state.redis_url`; with no URL it runs the same Lua scripts in
   process on fakeredis (with lupa), on the same code path.
-- The hot path (`script`: the Lua scripts) goes through `proxy/state/redis_wire.py`, one
-  auto-pipelined connection shared by every caller; everything else (admin, live limits, usage,
+- The hot path (`script`: the Lua scripts, its own and those another room adds with `add_scripts`)
+  goes through `proxy/state/redis_wire.py`, one auto-pipelined connection shared by every caller; everything else (admin, live limits, usage,
   keys, health figures) through redis-py in `call`. NOSCRIPT after a flush, restart or failover is
   transparent on both (EVAL resend / redis-py's `Script`); no other call is ever resent.
 - Every call has its own deadline (`state.redis_timeout`, plus the measured event-loop lag). A reply
@@ -79,6 +79,7 @@ class Store:
         self._client: Any = None
         self._scripts: dict[str, Any] = {}
         self._wire: RedisWire | None = None
+        self._extra: dict[str, str] = {}  # other rooms' scripts on the hot-path connection (`add_scripts`)
         self._misses = 0
         self._open_until = 0.0
         self.degraded = False
@@ -115,8 +116,15 @@ class Store:
     def wire(self) -> RedisWire:
         """The hot path's pipelined connection (connects on first use)."""
         if self._wire is None:
-            self._wire = RedisWire(self.url, _sources(), lag=lambda: self.loop_lag)
+            self._wire = RedisWire(self.url, {**_sources(), **self._extra}, lag=lambda: self.loop_lag)
         return self._wire
+
+    def add_scripts(self, sources: dict[str, str]) -> None:
+        """Lua scripts of another room (the response cache) that `script`/`script_soon` then run by name on the
+        same pipelined connection, deadline and breaker (Redis only: the embedded store runs only its own)."""
+        self._extra.update(sources)
+        if self._wire is not None:
+            self._wire.add_scripts(sources)
 
     async def _watch_lag(self) -> None:
         loop = asyncio.get_running_loop()

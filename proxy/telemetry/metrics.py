@@ -6,7 +6,9 @@ Contract:
   every hook runs on the event loop thread), exposed through a prometheus_client collector; with
   several workers the metrics are prometheus_client's own multiprocess ones instead. OTLP push reads
   the same registry (`proxy.telemetry.otlp.PrometheusBridge`), so nothing is recorded twice.
-- Names: the six contract metrics take `monitoring.metrics.prefix` + `_` (`llm_gateway_llm_requests_total`);
+- Names: the six contract metrics and the response cache's four (`llm_cache_requests_total{result}`,
+  `llm_cache_saved_tokens_total`, `llm_cache_saved_cost_usd_total`, `llm_cache_bytes`) take
+  `monitoring.metrics.prefix` + `_` (`llm_gateway_llm_requests_total`);
   the GenAI histograms keep their semantic-convention names as Prometheus spells them
   (`gen_ai_client_token_usage`, `gen_ai_client_operation_duration_seconds`,
   `gen_ai_server_time_to_first_token_seconds`); the gateway's own metrics live under
@@ -136,6 +138,19 @@ class GatewayMetrics:
                                         "Spans dropped because the export queue was full.", ())
         self.export_failures = self._make(Counter, f"{ns}_telemetry_export_failures_total",
                                           "Spans whose OTLP export failed.", ())
+        # The response cache's (DESIGN-2 contract names, prefixed like the contract metrics above).
+        self.cache_requests = self._make(Counter, f"{p}llm_cache_requests_total",
+                                         "Requests by response-cache result (hit, miss, bypass, coalesced).", ("result",))
+        self.cache_saved_tokens = self._make(Counter, f"{p}llm_cache_saved_tokens_total",
+                                             "Tokens of the answers the cache served (hit or coalesced).", (),
+                                             unit="{token}")
+        self.cache_saved_cost = self._make(Counter, f"{p}llm_cache_saved_cost_usd_total",
+                                           "Cost of those answers at the answering deployment's price.", ())
+        self.cache_bytes = self._make(Gauge, f"{p}llm_cache_bytes", "Bytes the embedded response cache holds.", (),
+                                      multiprocess_mode="livesum")
+        if config.cache.enabled:  # every result shows from the start, at 0
+            for result in ("hit", "miss", "bypass", "coalesced"):
+                self.child(self.cache_requests, result)
         for dep in config.enabled_providers:
             self.health.labels(dep.name).set(1)
         self.limiter_degraded.labels(config.state.on_redis_error).set(0)

@@ -10,8 +10,10 @@ Contract:
   path (`proxy.telemetry.tracing`), exported through the SDK's exporters (`proxy.telemetry.export`, which
   also owns their shutdown); nothing global is touched. A request's trace position (a `SpanStart`
   tuple) waits in `ctx.trace` and its events in `ctx.trace_events`; each span is made
-  once, complete, when it ends (an attempt's in `attempt_end`, the request's in `request_end`).
-- Metrics (`monitoring.metrics.enabled`): `proxy.telemetry.metrics.GatewayMetrics`; pushed over OTLP too
+  once, complete, when it ends (an attempt's in `attempt_end`, the request's in `request_end`). The
+  request span carries `gateway.cache` (hit, miss, bypass, coalesced) when the response cache is on.
+- Metrics (`monitoring.metrics.enabled`): `proxy.telemetry.metrics.GatewayMetrics` (the response
+  cache's through `cache_result` and `cache_bytes`); pushed over OTLP too
   when an endpoint is configured (`proxy.telemetry.otlp.PrometheusBridge`).
 - Every hook is guarded: telemetry never raises into traffic, and traffic never depends on it:
   the observer writes only its own fields (`ctx.trace`, `ctx.trace_id`, `ctx.trace_events`,
@@ -59,6 +61,8 @@ class GatewayObserver(Observer):
         self.exporters = Exporters(config, self.metrics, span_exporter, metric_reader)
         self.tracer = self.exporters.tracer  # None: nothing is traced
         self.reader = self.exporters.reader  # the OTLP metric reader, if any (embedders and tests flush it)
+        self.cache_series: dict[str, Any] = {}  # the response cache's result counters, by result
+        self.cache_size: Any = None
 
     # --- request ---------------------------------------------------------------------------------
     def request_start(self, ctx: RequestContext, scope: dict[str, Any]) -> Any:
@@ -97,7 +101,7 @@ class GatewayObserver(Observer):
                 else:
                     route = m.route(None, ctx.model, ctx.operation)
                     route.finish(status, total, None, None)
-                self.overhead.observe(overhead if overhead > 0.0 else 0.0)  # type: ignore[union-attr]
+                self.overhead.observe(overhead if overhead > 0.0 else 0.0)  # type: ignore[union-attr]  # set with metrics
                 if code:
                     route.error(code).inc()
                 m.until_fold -= 1
@@ -112,6 +116,8 @@ class GatewayObserver(Observer):
                 name, static = self.shapes.servers.get(key) or self.shapes.server(key)
                 own = {"gateway.request_id": ctx.request_id,
                        "gateway.overhead_ms": round(overhead * 1_000_000) / 1000}
+                if ctx.cache_status is not None:
+                    own["gateway.cache"] = ctx.cache_status
                 if len(ctx.tried) > 1:
                     own["gateway.tried"] = tuple(ctx.tried)
                 if len(ctx.candidates) > 1:
@@ -120,7 +126,7 @@ class GatewayObserver(Observer):
                 # a cut stream is an error after a 200
                 error = (code or str(status)) if status >= 500 or (code and status < 400) else None
                 trace_id, span_id, parent_id, remote, _, state, _, start = handle
-                self.tracer.end((name, _SERVER, static, trace_id, span_id, parent_id,  # type: ignore[union-attr]
+                self.tracer.end((name, _SERVER, static, trace_id, span_id, parent_id,  # type: ignore[union-attr]  # sampled: a tracer exists
                                  remote, state, start, _time_ns(), own, ctx.trace_events, error))
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="request_end")
@@ -182,7 +188,7 @@ class GatewayObserver(Observer):
                     else:
                         final = (status, ctx.attempts, code, None, None)
                     static = kind[3].get(final) or self.shapes.attempt_final(kind, final)
-                    self.tracer.end((kind[0], _CLIENT, static, begun[0], span_id, begun[1],  # type: ignore[union-attr]
+                    self.tracer.end((kind[0], _CLIENT, static, begun[0], span_id, begun[1],  # type: ignore[union-attr]  # sampled: a tracer exists
                                      False, begun[5], start, _time_ns(), own, None, code or None))
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="attempt_end")
@@ -200,9 +206,9 @@ class GatewayObserver(Observer):
         """An event on the request's span (sampled only), made when the request ends."""
         begun = ctx.trace if ctx is not None else None
         if begun is not None and begun[4]:  # sampled
-            events = ctx.trace_events  # type: ignore[union-attr]
+            events = ctx.trace_events  # type: ignore[union-attr]  # begun implies ctx
             if events is None:
-                events = ctx.trace_events = []  # type: ignore[union-attr]
+                events = ctx.trace_events = []  # type: ignore[union-attr]  # begun implies ctx
             events.append((name, attrs, _time_ns()))
 
     def failover(self, ctx: RequestContext, failed: Deployment, nxt: Deployment, reason: str) -> None:
@@ -275,6 +281,31 @@ class GatewayObserver(Observer):
             self._event(ctx, "pool_saturated", {})
         except Exception:  # noqa: BLE001
             log.exception("telemetry_hook_failed", hook="pool_saturated")
+
+    def cache_result(self, ctx: RequestContext, result: str, saved_tokens: int, saved_cost_usd: float) -> None:
+        m = self.metrics
+        if m is not None:
+            try:
+                series = self.cache_series.get(result)  # once a request: the series, not a label lookup
+                if series is None:
+                    series = self.cache_series[result] = m.child(m.cache_requests, result)
+                series.inc()
+                if saved_tokens:
+                    m.cache_saved_tokens.inc(saved_tokens)
+                if saved_cost_usd:
+                    m.cache_saved_cost.inc(saved_cost_usd)
+            except Exception:  # noqa: BLE001
+                log.exception("telemetry_hook_failed", hook="cache_result")
+
+    def cache_bytes(self, size: int) -> None:
+        m = self.metrics
+        if m is not None:
+            try:
+                if self.cache_size is None:
+                    self.cache_size = m.child(m.cache_bytes)
+                self.cache_size.set(size)
+            except Exception:  # noqa: BLE001
+                log.exception("telemetry_hook_failed", hook="cache_bytes")
 
     # --- lifecycle -------------------------------------------------------------------------------
     def render_metrics(self) -> bytes | None:

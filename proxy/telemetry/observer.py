@@ -56,3 +56,9 @@ class Observer:
 
     def pool_saturated(self, ctx: RequestContext) -> None:
         pass
+
+    def cache_result(self, ctx: RequestContext, result: str, saved_tokens: int, saved_cost_usd: float) -> None:
+        """The response cache's decision (hit, miss, bypass, coalesced) and what a served answer saved."""
+
+    def cache_bytes(self, size: int) -> None:
+        """The embedded response cache now holds `size` bytes."""
