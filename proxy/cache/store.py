@@ -110,8 +110,8 @@ class SharedCache:
 
     async def lookup(self, req: CacheRequest, token: str | None) -> Lookup:
         keys = [req.entry_key, req.lock_key, req.waiters_key]
-        reply = await self.store.script("cache_lookup", keys,
-                                        [1 if req.read else 0, req.max_age_ms, token or "", self.lock_ms, INLINE_MAX])
+        reply = await self.store.script_soon("cache_lookup", keys,
+                                             [1 if req.read else 0, req.max_age_ms, token or "", self.lock_ms, INLINE_MAX])
         kind = int(reply[0])
         if kind not in (HIT, BIG):
             return Lookup(kind)
